@@ -1,0 +1,133 @@
+"""Training checkpoints: LoRA, optimizer, LR scheduler, loop position and RNG states, as safetensors + JSON.
+
+A checkpoint is written into a temporary folder and renamed into place, with a manifest of file sizes and hashes;
+only the newest ``keep`` are kept. Nothing here is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from sd3_adrpo.io import atomic_write_json
+
+PREFIX = "checkpoint-"
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for idx, per_param in state["state"].items():
+        for name, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    tensors = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"torch_cuda_{i}"] = s
+    np_state = np.random.get_state()
+    meta = {"python": repr(random.getstate()),
+            "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]]}
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    import ast
+
+    torch.set_rng_state(tensors["torch_cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+    random.setstate(ast.literal_eval(meta["python"]))
+    n = meta["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), *n[2:]))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(root: str | os.PathLike, step_name: int, model, optimizer, lr_scheduler, trainer_state: dict,
+                    keep: int) -> Path:
+    """Atomically write ``root/checkpoint-<step_name>`` and delete all but the newest ``keep`` checkpoints."""
+    root = Path(root)
+    final = root / f"{PREFIX}{step_name:06d}"
+    tmp = root / f".tmp-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(model), tmp / "trainable.safetensors")
+    opt_tensors, opt_meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(opt_tensors, tmp / "optimizer.safetensors")
+    rng_tensors, rng_meta = _rng_state()
+    save_file(rng_tensors, tmp / "rng.safetensors")
+    atomic_write_json(tmp / "state.json", {"trainer": trainer_state, "optimizer": opt_meta, "rng": rng_meta,
+                                           "lr_scheduler": lr_scheduler.state_dict()})
+    manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
+    atomic_write_json(tmp / "manifest.json", manifest)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    root = Path(root)
+    return sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir()) if root.is_dir() else []
+
+
+def verify_checkpoint(path: Path) -> None:
+    """Raise ValueError if a file listed in the manifest is missing, truncated or altered."""
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise ValueError(f"{path}: no manifest.json (incomplete checkpoint)")
+    for name, entry in json.loads(manifest_path.read_text()).items():
+        f = path / name
+        if not f.is_file() or f.stat().st_size != entry["bytes"] or _sha256(f) != entry["sha256"]:
+            raise ValueError(f"{path}: {name} is missing or corrupt")
+
+
+def load_checkpoint(path: str | os.PathLike, model, optimizer, lr_scheduler) -> dict:
+    """Restore model trainables, optimizer, scheduler and RNG from ``path``; return the trainer state dict."""
+    path = Path(path)
+    verify_checkpoint(path)
+    trainables = load_file(path / "trainable.safetensors")
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
+    if set(trainables) != expected:
+        raise ValueError(f"{path}: its trainable weights do not match this model's LoRA (different rank/targets?)")
+    model.load_state_dict(trainables, strict=False)
+    meta = json.loads((path / "state.json").read_text())
+    optimizer.load_state_dict(_unflatten_optimizer(load_file(path / "optimizer.safetensors"), meta["optimizer"]))
+    lr_scheduler.load_state_dict(meta["lr_scheduler"])
+    _set_rng_state(load_file(path / "rng.safetensors"), meta["rng"])
+    return meta["trainer"]

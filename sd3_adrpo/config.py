@@ -1,0 +1,301 @@
+"""One typed config for a training run: YAML file + ``--key value`` overrides, validated before any model loads.
+
+Every field's ``help`` is what ``python train_sd3_adrpo.py --help`` prints. ``validate()`` checks everything that
+can be checked without loading a model (files, folders, batch arithmetic, ranges), so a typo costs seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Bad configuration; the message says what to change."""
+
+
+def _f(default: Any, help: str, choices: Optional[tuple] = None):
+    meta = {"help": help}
+    if choices:
+        meta["choices"] = choices
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    # --- model -----------------------------------------------------------------------------------------------
+    pretrained_model: str = _f("stabilityai/stable-diffusion-3-medium-diffusers",
+                               "SD3 pipeline: a hub id or a local diffusers folder with the same layout")
+    revision: Optional[str] = _f(None, "hub revision (branch, tag or commit) of pretrained_model")
+    drop_t5: bool = _f(False, "do not load the T5 encoder (text_encoder_3); the T5 context is then zeros of "
+                              "length max_sequence_length, so keep that short")
+    max_sequence_length: Optional[int] = _f(None, "T5 tokens in the text context; default 256 with T5, 16 without")
+    mixed_precision: str = _f("no", "dtype of the frozen weights and of autocast: no (fp32), bf16 or fp16; "
+                                    "the LoRA weights and the optimizer stay fp32", ("no", "bf16", "fp16"))
+    lora_rank: int = _f(16, "LoRA rank r")
+    lora_alpha: Optional[float] = _f(None, "LoRA alpha (scale = alpha / r); default: equal to lora_rank")
+    lora_targets: list = _f(["to_q", "to_k", "to_v", "to_out.0"],
+                            "transformer modules that get LoRA (peft target_modules); add add_q_proj, add_k_proj, "
+                            "add_v_proj, to_add_out for the text stream")
+    gradient_checkpointing: bool = _f(False, "recompute transformer activations in backward to save memory")
+    # --- prompts ---------------------------------------------------------------------------------------------
+    train_prompts: str = _f("prompts/tiny_train.txt", "prompt file the RL loop samples from (.txt, .csv, .jsonl)")
+    eval_prompts: Optional[str] = _f("prompts/tiny_heldout.txt",
+                                     "held-out prompts for the periodic sample grid; null to skip grids")
+    # --- reward ----------------------------------------------------------------------------------------------
+    reward: str = _f("clip", "reward name from sd3_adrpo.rewards.REWARDS (clip, open_clip, ...)")
+    reward_model: str = _f("openai/clip-vit-large-patch14",
+                           "reward weights: hub id or local folder (clip); model name (open_clip)")
+    reward_pretrained: Optional[str] = _f(None, "open_clip only: pretrained tag (e.g. openai) or local weights file")
+    # --- the loop --------------------------------------------------------------------------------------------
+    num_iterations: int = _f(100, "online iterations (sample -> score -> advantages -> update)")
+    prompts_per_iteration: int = _f(8, "N distinct prompts sampled per iteration (per process)")
+    samples_per_prompt: int = _f(4, "K images per prompt: a group for the advantage baseline (>= 2)")
+    resolution: int = _f(512, "image height and width in pixels")
+    num_inference_steps: int = _f(10, "Euler ODE steps of each rollout")
+    guidance_scale: float = _f(4.5, "classifier-free guidance scale of rollouts (<= 1 disables CFG)")
+    rollout_batch_size: int = _f(16, "images generated per transformer call (memory knob, no effect on results)")
+    # --- ADRPO -----------------------------------------------------------------------------------------------
+    beta0: float = _f(1.0, "baseline divergence strength: loss = A*CFM + (beta0 - A)*W2")
+    adv_scale: str = _f("none", "advantage scaling after the group-mean baseline",
+                        ("none", "group_std", "batch_std"))
+    adv_clip: bool = _f(True, "clip advantages to [adv_clip_min, adv_clip_max]")
+    adv_clip_min: Optional[float] = _f(None, "lower advantage clip; default -beta0")
+    adv_clip_max: Optional[float] = _f(None, "upper advantage clip; default +beta0")
+    timestep_density: str = _f("uniform", "density of sigma for the loss (diffusers' SD3 samplers)",
+                               ("uniform", "logit_normal", "mode"))
+    logit_mean: float = _f(0.0, "logit_normal: mean")
+    logit_std: float = _f(1.0, "logit_normal: std")
+    mode_scale: float = _f(1.29, "mode: scale")
+    timestep_shift: float = _f(1.0, "shift applied to the drawn sigma: s*u / (1 + (s-1)*u); 1 = none")
+    # --- optimisation ----------------------------------------------------------------------------------------
+    learning_rate: float = _f(1e-4, "AdamW learning rate")
+    adam_beta1: float = _f(0.9, "AdamW beta1")
+    adam_beta2: float = _f(0.999, "AdamW beta2")
+    adam_weight_decay: float = _f(1e-4, "AdamW weight decay")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
+    lr_scheduler: str = _f("constant", "learning-rate schedule (diffusers.optimization names)",
+                           ("constant", "constant_with_warmup", "linear", "cosine"))
+    lr_warmup_steps: int = _f(0, "warm-up optimizer steps")
+    train_batch_size: int = _f(4, "samples per forward/backward (per process)")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    inner_epochs: int = _f(1, "passes over each iteration's samples")
+    seed: int = _f(0, "seed for LoRA init, prompt order, rollout noise and loss noise")
+    # --- outputs ---------------------------------------------------------------------------------------------
+    output_dir: str = _f("runs/adrpo", "run folder: metrics.jsonl, samples/, checkpoints/, final/")
+    overwrite_output_dir: bool = _f(False, "delete an existing, non-empty output_dir first (never done silently)")
+    resume_from: Optional[str] = _f(None, "continue a run: a checkpoint folder, or 'latest' (in output_dir)")
+    checkpoint_every: int = _f(50, "iterations between checkpoints (0: only at the end)")
+    checkpoints_total_limit: int = _f(3, "keep only the newest k checkpoints")
+    sample_every: int = _f(10, "iterations between held-out sample grids (0 disables)")
+    num_sample_prompts: int = _f(4, "held-out prompts in each grid (rows)")
+    sample_images_per_prompt: int = _f(4, "images per prompt in each grid (columns, fixed seeds)")
+    report_to: str = _f("none", "experiment tracker: none or wandb (WANDB_MODE=offline works without network)",
+                        ("none", "wandb"))
+    wandb_project: str = _f("sd3-adrpo", "wandb project name")
+    cpu: bool = _f(False, "run on CPU even when a GPU is present")
+
+    # ---------------------------------------------------------------------------------------------------------
+    @property
+    def samples_per_iteration(self) -> int:
+        return self.prompts_per_iteration * self.samples_per_prompt
+
+    @property
+    def clip_range(self) -> Optional[tuple[float, float]]:
+        if not self.adv_clip:
+            return None
+        lo = -self.beta0 if self.adv_clip_min is None else self.adv_clip_min
+        hi = self.beta0 if self.adv_clip_max is None else self.adv_clip_max
+        return (lo, hi)
+
+    @property
+    def t5_length(self) -> int:
+        if self.max_sequence_length is not None:
+            return self.max_sequence_length
+        return 16 if self.drop_t5 else 256
+
+    @property
+    def optimizer_steps_per_iteration(self) -> int:
+        return self.inner_epochs * self.samples_per_iteration // (self.train_batch_size * self.gradient_accumulation_steps)
+
+    def validate(self) -> "TrainConfig":
+        """Check everything checkable without loading a model. Raises ConfigError saying what to do."""
+        for name in ("num_iterations", "prompts_per_iteration", "resolution", "num_inference_steps",
+                     "rollout_batch_size", "train_batch_size", "gradient_accumulation_steps", "inner_epochs",
+                     "lora_rank", "num_sample_prompts", "sample_images_per_prompt", "checkpoints_total_limit"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("checkpoint_every", "sample_every", "lr_warmup_steps", "max_grad_norm", "learning_rate"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.samples_per_prompt < 2:
+            raise ConfigError(f"samples_per_prompt must be >= 2 (got {self.samples_per_prompt}): advantages are "
+                              "rewards minus their prompt group's mean, so a group of one always has A = 0")
+        if not self.beta0 > 0:
+            raise ConfigError(f"beta0 must be > 0 (got {self.beta0}): it is the baseline divergence strength")
+        if self.clip_range is not None and not self.clip_range[0] < self.clip_range[1]:
+            raise ConfigError(f"advantage clip range {self.clip_range} is empty: need adv_clip_min < adv_clip_max")
+        if self.resolution % 16:
+            raise ConfigError(f"resolution must be a multiple of 16 (VAE x8 times patch 2), got {self.resolution}")
+        micro = self.train_batch_size * self.gradient_accumulation_steps
+        if self.samples_per_iteration % micro:
+            raise ConfigError(
+                f"prompts_per_iteration * samples_per_prompt = {self.samples_per_iteration} samples per iteration "
+                f"do not divide into train_batch_size * gradient_accumulation_steps = {micro}: choose sizes so "
+                "that every optimizer step sees the same number of samples")
+        if self.timestep_shift <= 0:
+            raise ConfigError(f"timestep_shift must be > 0, got {self.timestep_shift}")
+        _check_model_source(self.pretrained_model, "pretrained_model", need="model_index.json")
+        from sd3_adrpo.rewards import REWARDS  # light import: no model is loaded
+
+        if self.reward not in REWARDS:
+            raise ConfigError(f"unknown reward {self.reward!r}; available: {', '.join(sorted(REWARDS))}")
+        if self.reward == "clip":
+            _check_model_source(self.reward_model, "reward_model", need="config.json")
+        for name in ("train_prompts", "eval_prompts"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{name}: no such file {path!r} (relative paths are from {os.getcwd()})")
+        if self.resume_from not in (None, "latest") and not Path(self.resume_from).is_dir():
+            raise ConfigError(f"resume_from: no such checkpoint folder {self.resume_from!r}")
+        out = Path(self.output_dir)
+        if out.exists() and any(out.iterdir()) and self.resume_from is None and not self.overwrite_output_dir:
+            raise ConfigError(f"output_dir {str(out)!r} exists and is not empty. Choose another output_dir, continue "
+                              "it with --resume_from latest, or pass --overwrite_output_dir true to delete it")
+        if self.resume_from and self.overwrite_output_dir:
+            raise ConfigError("resume_from and overwrite_output_dir contradict each other: pick one")
+        return self
+
+
+def looks_like_path(name: str) -> bool:
+    """A hub id is 'org/name' (or 'name'); anything absolute, relative-dotted, ~ or deeper is a local path."""
+    return (os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+            or os.path.exists(name))
+
+
+def _check_model_source(name: str, key: str, need: str) -> None:
+    if not looks_like_path(name):
+        return  # a hub id; from_pretrained resolves it (HF_HUB_OFFLINE=1 makes a missing one fail fast)
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"{key}: no such model folder {name!r}. Pass a hub id (org/name) or an existing local "
+                          "folder; for the tiny default run `python -m sd3_adrpo.tiny` first")
+    if not (path / need).is_file():
+        raise ConfigError(f"{key}: {name!r} has no {need}; it is not a diffusers/transformers model folder")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Parsing: YAML file, then command-line overrides. Both reject unknown keys with a suggestion.
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def _unknown_key(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _FIELDS, n=1, cutoff=0.6)
+    hint = f" Did you mean {close[0]!r}?" if close else " See --help for the keys."
+    return ConfigError(f"unknown config key {key!r} in {where}.{hint}")
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise ConfigError."""
+    tp = _TYPES[key]
+    optional = typing.get_origin(tp) is typing.Union and type(None) in typing.get_args(tp)
+    if optional:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and tp is not str):
+        if optional:
+            return None
+        raise ConfigError(f"{key} cannot be null")
+    try:
+        if tp is bool:
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if tp is list:
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list):
+                raise TypeError
+            return list(value)
+        if tp is str:
+            if isinstance(value, bool) and value is False and "no" in (_FIELDS[key].metadata.get("choices") or ()):
+                value = "no"  # YAML 1.1 reads a bare `no` as false
+            value = str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}") from None
+    choices = _FIELDS[key].metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def make_config(values: dict, where: str = "config") -> TrainConfig:
+    for key in values:
+        if key not in _FIELDS:
+            raise _unknown_key(key, where)
+    return TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Online RL fine-tuning of SD3 with ADRPO: sample -> score -> advantages -> LoRA update.",
+        epilog="Every key can be set in the YAML file given by --config and overridden as --key value.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+    parser.add_argument("--config", help="YAML file of key: value pairs (keys below)")
+    for name, f in _FIELDS.items():
+        tp = _TYPES[name]
+        choices = f.metadata.get("choices")
+        kind = "list, comma-separated" if tp is list else getattr(tp, "__name__", str(tp)).replace("typing.", "")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        parser.add_argument(f"--{name}", default=argparse.SUPPRESS, metavar=kind.upper() if not choices else None,
+                            choices=choices, help=f"{f.metadata['help']} (default: {default})")
+    return parser
+
+
+def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
+    """YAML (--config) first, then each --key value on top; unknown keys fail with a suggestion."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        key = unknown[0].lstrip("-").split("=")[0]
+        raise _unknown_key(key, "the command line") if unknown[0].startswith("--") else ConfigError(
+            f"unexpected argument {unknown[0]!r}: options are --key value")
+    values = load_yaml(args.config) if args.config else {}
+    where = args.config or "config"
+    if set(values) - set(_FIELDS):
+        raise _unknown_key(sorted(set(values) - set(_FIELDS))[0], where)
+    overrides = {k: (yaml.safe_load(v) if isinstance(v, str) and _TYPES[k] is not str else v)
+                 for k, v in vars(args).items() if k != "config"}
+    return make_config({**values, **overrides}, where)

@@ -1,0 +1,75 @@
+"""Prompt files and the per-iteration prompt sampler."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def load_prompts(path: str | os.PathLike) -> list[str]:
+    """Read prompts from .txt (one per line; blank lines and '#' comments skipped), .jsonl (a "prompt" field per
+    line) or .csv (a "prompt" column). Raises ValueError naming the file and line on malformed input."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e}); re-save it as UTF-8") from None
+    if suffix == ".jsonl":
+        prompts = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: invalid JSON ({e})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise ValueError(f"{path}:{n}: each line needs a string field \"prompt\"")
+            prompts.append(row["prompt"].strip())
+    elif suffix == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        if not reader.fieldnames or "prompt" not in reader.fieldnames:
+            raise ValueError(f"{path}: needs a header row with a 'prompt' column, got {reader.fieldnames}")
+        prompts = [row["prompt"].strip() for row in reader if row["prompt"] and row["prompt"].strip()]
+    else:
+        prompts = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts found")
+    return prompts
+
+
+class PromptSampler:
+    """Draws ``n`` distinct prompts per call: passes over the list in a seeded random order, reshuffled every pass.
+
+    Its whole state is (epoch, position), so a resumed run continues the same sequence.
+    """
+
+    def __init__(self, prompts: list[str], seed: int):
+        if not prompts:
+            raise ValueError("PromptSampler needs at least one prompt")
+        self.prompts, self.seed = list(prompts), seed
+        self.epoch, self.position = 0, 0
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.prompts))
+
+    def next(self, n: int) -> list[str]:
+        if n > len(self.prompts):
+            raise ValueError(f"asked for {n} distinct prompts per iteration but the prompt file has "
+                             f"{len(self.prompts)}; lower prompts_per_iteration")
+        if self.position + n > len(self.prompts):
+            self.epoch, self.position = self.epoch + 1, 0
+        idx = self._order(self.epoch)[self.position : self.position + n]
+        self.position += n
+        return [self.prompts[i] for i in idx]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

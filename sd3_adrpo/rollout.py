@@ -1,0 +1,130 @@
+"""Rollouts from the current policy: cached prompt embeddings, an Euler ODE sampler with CFG, VAE decoding.
+
+It runs the same arithmetic as ``StableDiffusion3Pipeline.__call__`` (tests check latents match) but encodes each
+prompt once and reuses it across samples and iterations, and keeps the clean latents x1 that the update trains on
+next to the uint8 images that the reward scores: the same samples, never regenerated.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+
+def make_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from a tuple of integers (e.g. seed, iteration, stream): reproducible across devices."""
+    seed = int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator().manual_seed(seed)
+
+
+@dataclass
+class Rollout:
+    """One iteration's samples, prompt-major: sample i belongs to prompt group ``group_ids[i]``."""
+
+    prompts: list[str]
+    group_ids: torch.Tensor  # (B,) int64
+    latents: torch.Tensor  # (B, C, h, w) clean x1 in the transformer's (scaled, shifted) latent space
+    images: torch.Tensor  # (B, H, W, 3) uint8, decoded from ``latents``
+    prompt_embeds: torch.Tensor  # (B, L, D)
+    pooled_embeds: torch.Tensor  # (B, D)
+
+
+class SD3Sampler:
+    """Samples from an SD3 pipeline's transformer (the policy: whatever adapters are enabled)."""
+
+    def __init__(self, pipe, device: torch.device, *, num_inference_steps: int, guidance_scale: float,
+                 max_sequence_length: int, batch_size: int):
+        self.pipe, self.device = pipe, torch.device(device)
+        self.steps, self.guidance_scale = num_inference_steps, guidance_scale
+        self.max_sequence_length, self.batch_size = max_sequence_length, batch_size
+        self.dtype = pipe.transformer.dtype
+        self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def do_cfg(self) -> bool:
+        return self.guidance_scale > 1.0
+
+    # -- prompts --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt_embeds, pooled) for each prompt; each distinct prompt goes through the text encoders once."""
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        for i in range(0, len(missing), self.batch_size):
+            chunk = missing[i : i + self.batch_size]
+            emb, _, pooled, _ = self.pipe.encode_prompt(
+                prompt=chunk, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False,
+                max_sequence_length=self.max_sequence_length)
+            for p, e, q in zip(chunk, emb.to(self.dtype), pooled.to(self.dtype)):
+                self._cache[p] = (e, q)
+        return (torch.stack([self._cache[p][0] for p in prompts]), torch.stack([self._cache[p][1] for p in prompts]))
+
+    # -- sampling -------------------------------------------------------------------------------------------
+    def latent_shape(self, resolution: int) -> tuple[int, int, int]:
+        size = resolution // self.pipe.vae_scale_factor
+        return (self.pipe.transformer.config.in_channels, size, size)
+
+    def sigmas(self, image_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(timesteps, sigmas) of the pipeline's scheduler for ``steps``, from a copy (the shared one is untouched)."""
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        sched = copy.deepcopy(self.pipe.scheduler)
+        kwargs = {}
+        if sched.config.get("use_dynamic_shifting", False):
+            c = sched.config
+            kwargs["mu"] = calculate_shift(image_tokens, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                                           c.get("base_shift", 0.5), c.get("max_shift", 1.16))
+        sched.set_timesteps(self.steps, device=self.device, **kwargs)
+        return sched.timesteps, sched.sigmas.to(self.device)
+
+    @torch.no_grad()
+    def denoise(self, noise: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """Integrate the policy's ODE from ``noise`` (sigma = 1) to clean latents x1, in chunks of batch_size."""
+        transformer = self.pipe.transformer
+        patch = transformer.config.patch_size
+        timesteps, sigmas = self.sigmas((noise.shape[-2] // patch) * (noise.shape[-1] // patch))
+        if self.do_cfg:
+            neg_e, neg_p = self.embed([""])
+        out = []
+        for s in range(0, noise.shape[0], self.batch_size):
+            x = noise[s : s + self.batch_size].to(self.device, self.dtype)
+            e, p = prompt_embeds[s : s + self.batch_size], pooled[s : s + self.batch_size]
+            if self.do_cfg:
+                e = torch.cat([neg_e.expand_as(e), e])
+                p = torch.cat([neg_p.expand_as(p), p])
+            for i, t in enumerate(timesteps):
+                inp = torch.cat([x, x]) if self.do_cfg else x
+                v = transformer(hidden_states=inp, timestep=t.expand(inp.shape[0]), encoder_hidden_states=e,
+                                pooled_projections=p, return_dict=False)[0]
+                if self.do_cfg:
+                    v_uncond, v_text = v.chunk(2)
+                    v = v_uncond + self.guidance_scale * (v_text - v_uncond)
+                # Euler step in fp32, as FlowMatchEulerDiscreteScheduler.step does
+                x = (x.float() + (sigmas[i + 1] - sigmas[i]) * v).to(v.dtype)
+            out.append(x)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Clean latents -> uint8 images (B, H, W, 3), rounded and clamped as the pipeline's postprocessing does."""
+        vae = self.pipe.vae
+        images = []
+        for s in range(0, latents.shape[0], self.batch_size):
+            z = latents[s : s + self.batch_size] / vae.config.scaling_factor + vae.config.shift_factor
+            x = vae.decode(z.to(vae.dtype), return_dict=False)[0]
+            x = ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
+            images.append(x.permute(0, 2, 3, 1).cpu())
+        return torch.cat(images)
+
+    def sample(self, prompts: list[str], samples_per_prompt: int, resolution: int,
+               generator: torch.Generator) -> Rollout:
+        """K = samples_per_prompt images for each prompt (prompt-major), noise drawn from ``generator``."""
+        expanded = [p for p in prompts for _ in range(samples_per_prompt)]
+        group_ids = torch.arange(len(prompts)).repeat_interleave(samples_per_prompt)
+        emb, pooled = self.embed(expanded)
+        noise = torch.randn((len(expanded), *self.latent_shape(resolution)), generator=generator)
+        latents = self.denoise(noise, emb, pooled)
+        return Rollout(prompts=expanded, group_ids=group_ids, latents=latents, images=self.decode(latents),
+                       prompt_embeds=emb, pooled_embeds=pooled)

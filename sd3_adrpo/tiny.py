@@ -1,0 +1,131 @@
+"""A tiny, randomly initialised SD3 pipeline and CLIP model, built offline in seconds.
+
+They use exactly the classes of the real models (``StableDiffusion3Pipeline`` with ``SD3Transformer2DModel``,
+a 16-channel ``AutoencoderKL``, two ``CLIPTextModelWithProjection`` encoders, ``CLIPModel`` for the reward), so
+the loading, LoRA, rollout, reward and checkpoint code paths are the ones that run on real SD3. The weights are
+random: images are noise-like and the CLIP reward is a fixed random function of (image, text). They stand in
+until the trained tiny world ships (it replaces them as the quick-start default).
+
+    python -m sd3_adrpo.tiny --out assets/tiny-random
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import os
+from pathlib import Path
+
+import torch
+
+# The OpenAI CLIP BPE vocabulary layout: 256 byte symbols, the same with an end-of-word marker, the merges, then
+# the two special tokens. open_clip ships the merges file, so the tokenizer is the real CLIP one.
+_N_MERGES = 49152 - 256 - 2
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable-unicode table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def clip_tokenizer(model_max_length: int = 77):
+    """The OpenAI CLIP tokenizer (``transformers.CLIPTokenizer``) built from the vocabulary open_clip ships."""
+    import open_clip
+    from transformers import CLIPTokenizer
+
+    path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")
+    merges = [tuple(m.split()) for m in lines[1 : _N_MERGES + 1]]
+    symbols = list(_bytes_to_unicode().values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = CLIPTokenizer(vocab=vocab, merges=merges)
+    tok.model_max_length = model_max_length
+    return tok
+
+
+def build_tiny_sd3(out: str | os.PathLike, seed: int = 0, text_len: int = 16) -> Path:
+    """Write a complete, random, tiny ``StableDiffusion3Pipeline`` folder (no T5) and return its path.
+
+    64 px images -> 16x16x16 latents (VAE downsamples 4x) -> 64 tokens of patch 2.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    text_cfg = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=2, max_position_embeddings=77, projection_dim=32, hidden_act="gelu")
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg))
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
+        pos_embed_max_size=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16), use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.0, scaling_factor=1.0, sample_size=64,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=text_encoder, tokenizer=clip_tokenizer(text_len),
+        text_encoder_2=text_encoder_2, tokenizer_2=clip_tokenizer(text_len),
+        text_encoder_3=None, tokenizer_3=None,
+    )
+    out = Path(out)
+    pipe.save_pretrained(out)
+    return out
+
+
+def build_tiny_clip(out: str | os.PathLike, seed: int = 0, image_size: int = 64) -> Path:
+    """Write a random tiny ``CLIPModel`` + ``CLIPProcessor`` folder, loadable like openai/clip-vit-large-patch14."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, max_position_embeddings=77),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=image_size, patch_size=8),
+        projection_dim=32,
+    )
+    model = CLIPModel(config)
+    processor = CLIPProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
+                                           crop_size={"height": image_size, "width": image_size}),
+        tokenizer=clip_tokenizer(77),
+    )
+    out = Path(out)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def build_all(out: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
+    """Build both tiny models under ``out`` (``sd3/`` and ``clip/``)."""
+    out = Path(out)
+    return {"sd3": build_tiny_sd3(out / "sd3", seed), "clip": build_tiny_clip(out / "clip", seed)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="assets/tiny-random", help="folder to write sd3/ and clip/ into")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    for name, path in build_all(args.out, args.seed).items():
+        print(f"wrote tiny random {name} to {path}")
+
+
+if __name__ == "__main__":
+    main()

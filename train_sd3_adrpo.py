@@ -1,0 +1,27 @@
+#!/usr/bin/env python
+"""Train a LoRA on SD3 with ADRPO.
+
+    python train_sd3_adrpo.py --config configs/tiny.yaml [--key value ...]
+
+``--help`` lists every key. See README.md.
+"""
+
+import sys
+
+from sd3_adrpo.config import ConfigError, parse_args
+
+
+def main(argv=None) -> int:
+    try:
+        cfg = parse_args(argv)
+        from sd3_adrpo.trainer import train
+
+        train(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
