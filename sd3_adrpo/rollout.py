@@ -50,15 +50,17 @@ class SD3Sampler:
     # -- prompts --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def embed(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt_embeds, pooled) for each prompt; each distinct prompt goes through the text encoders once."""
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
-        for i in range(0, len(missing), self.batch_size):
-            chunk = missing[i : i + self.batch_size]
-            emb, _, pooled, _ = self.pipe.encode_prompt(
-                prompt=chunk, prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False,
-                max_sequence_length=self.max_sequence_length)
-            for p, e, q in zip(chunk, emb.to(self.dtype), pooled.to(self.dtype)):
-                self._cache[p] = (e, q)
+        """(prompt_embeds, pooled) for each prompt; each distinct prompt goes through the text encoders once.
+
+        Prompts are encoded one at a time, so an embedding does not depend on which other prompts happened to share
+        its batch (batched matmuls round differently): a resumed run sees bit-identical embeddings.
+        """
+        for p in dict.fromkeys(prompts):
+            if p not in self._cache:
+                emb, _, pooled, _ = self.pipe.encode_prompt(
+                    prompt=[p], prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False,
+                    max_sequence_length=self.max_sequence_length)
+                self._cache[p] = (emb[0].to(self.dtype), pooled[0].to(self.dtype))
         return (torch.stack([self._cache[p][0] for p in prompts]), torch.stack([self._cache[p][1] for p in prompts]))
 
     # -- sampling -------------------------------------------------------------------------------------------

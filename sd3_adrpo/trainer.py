@@ -40,40 +40,44 @@ def velocity(transformer, x_t: torch.Tensor, sigmas: torch.Tensor, prompt_embeds
                        pooled_projections=pooled, return_dict=False)[0]
 
 
-def adrpo_batch_loss(transformer, base_transformer, x1, prompt_embeds, pooled, advantages, cfg: TrainConfig,
-                     generator: torch.Generator):
-    """ADRPO loss on a minibatch of rollout samples with one fresh (sigma, noise) draw each.
+def adrpo_batch_loss(transformer, base_transformer, x1, noise, sigmas, prompt_embeds, pooled, advantages,
+                     beta0: float):
+    """ADRPO loss on a minibatch of rollout samples, each with its own (sigma, noise) draw.
 
     ``base_transformer`` is the unwrapped module: with its adapter disabled it gives v_ref at the same (x_t, t, c).
     Returns (loss, per-sample CFM term, per-sample W2 term).
     """
-    noise = torch.randn(x1.shape, generator=generator).to(x1)
-    sigmas = sample_sigmas(len(x1), cfg.timestep_density, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
-                           mode_scale=cfg.mode_scale, shift=cfg.timestep_shift, generator=generator, device=x1.device)
     x_t, target = noised(x1, noise, sigmas)
     with torch.no_grad(), reference_mode(base_transformer):
         v_ref = velocity(base_transformer, x_t, sigmas, prompt_embeds, pooled)
     v_theta = velocity(transformer, x_t, sigmas, prompt_embeds, pooled)
-    return adrpo_fm_loss(v_theta.float(), v_ref.float(), target.float(), advantages.to(x1.device), cfg.beta0,
-                         return_terms=True)
+    return adrpo_fm_loss(v_theta.float(), v_ref.float(), target.float(), advantages, beta0, return_terms=True)
 
 
 def update(accelerator, transformer, base_transformer, optimizer, lr_scheduler, rollout: Rollout,
            advantages: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> dict:
-    """``inner_epochs`` passes over the rollout in shuffled minibatches; returns mean loss terms and grad norm."""
-    n = len(rollout.prompts)
+    """``inner_epochs`` passes over the rollout in shuffled minibatches; returns mean loss terms and grad norm.
+
+    Each pass draws one (sigma, noise) per sample up front, so the update does not depend on how the samples are
+    split into micro-batches (train_batch_size x gradient_accumulation_steps).
+    """
+    n, device = len(rollout.prompts), rollout.latents.device
     params = [p for p in transformer.parameters() if p.requires_grad]
     sums = {"loss": 0.0, "cfm": 0.0, "w2": 0.0}
     grad_norms, micro_batches = [], 0
+    advantages = advantages.to(device)
     transformer.train()
     for _ in range(cfg.inner_epochs):
         order = torch.randperm(n, generator=generator)
+        noise = torch.randn(rollout.latents.shape, generator=generator).to(rollout.latents)
+        sigmas = sample_sigmas(n, cfg.timestep_density, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
+                               mode_scale=cfg.mode_scale, shift=cfg.timestep_shift, generator=generator, device=device)
         for start in range(0, n, cfg.train_batch_size):
-            idx = order[start : start + cfg.train_batch_size]
+            idx = order[start : start + cfg.train_batch_size].to(device)
             with accelerator.accumulate(transformer), accelerator.autocast():
                 loss, cfm, w2 = adrpo_batch_loss(
-                    transformer, base_transformer, rollout.latents[idx], rollout.prompt_embeds[idx],
-                    rollout.pooled_embeds[idx], advantages[idx], cfg, generator)
+                    transformer, base_transformer, rollout.latents[idx], noise[idx], sigmas[idx],
+                    rollout.prompt_embeds[idx], rollout.pooled_embeds[idx], advantages[idx], cfg.beta0)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and cfg.max_grad_norm > 0:
                     grad_norms.append(float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm)))
