@@ -14,9 +14,16 @@ from sd3_adrpo.config import ConfigError, parse_args
 def main(argv=None) -> int:
     try:
         cfg = parse_args(argv)
-        from sd3_adrpo.trainer import train
+        from sd3_adrpo.trainer import NonFiniteError, TrainingInterrupted, train
 
-        train(cfg)
+        try:
+            train(cfg)
+        except TrainingInterrupted as e:
+            print(str(e), file=sys.stderr)
+            return e.exit_code
+        except NonFiniteError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from sd3_adrpo.io import atomic_write_json
+from sd3_adrpo.io import atomic_write_bytes, atomic_write_json
 
 PREFIX = "checkpoint-"
 
@@ -131,3 +131,26 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer, lr_scheduler) -> 
     lr_scheduler.load_state_dict(meta["lr_scheduler"])
     _set_rng_state(load_file(path / "rng.safetensors"), meta["rng"])
     return meta["trainer"]
+
+
+def find_resume_checkpoint(resume_from: str, output_dir: str | os.PathLike) -> Path:
+    """The checkpoint to resume from: ``resume_from`` itself, or for 'latest' the newest intact checkpoint under
+    ``output_dir/checkpoints`` (a corrupt newest one is skipped with a warning)."""
+    root = Path(output_dir) / "checkpoints"
+    candidates = list_checkpoints(root) if resume_from == "latest" else [Path(resume_from)]
+    for path in reversed(candidates):
+        try:
+            verify_checkpoint(path)
+            return path
+        except ValueError as e:
+            print(f"warning: not resuming from {path}: {e}; trying the previous checkpoint")
+    raise ValueError(f"resume_from {resume_from}: no intact checkpoint "
+                     f"{'under ' + str(root) if resume_from == 'latest' else 'there'}")
+
+
+def truncate_metrics(path: str | os.PathLike, iteration: int) -> None:
+    """After a resume, drop metric rows at or past the restored iteration (so the log has no duplicates)."""
+    path = Path(path)
+    if path.is_file():
+        rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["iteration"] < iteration]
+        atomic_write_bytes(path, "".join(r + "\n" for r in rows).encode())

@@ -105,6 +105,8 @@ class TrainConfig:
                         ("none", "wandb"))
     wandb_project: str = _f("sd3-adrpo", "wandb project name")
     cpu: bool = _f(False, "run on CPU even when a GPU is present")
+    max_bad_iterations: int = _f(3, "stop (saving a checkpoint) after this many iterations in a row without a "
+                                    "usable update: all rewards non-finite, or every step's loss/gradient non-finite")
 
     # ---------------------------------------------------------------------------------------------------------
     @property
@@ -133,7 +135,8 @@ class TrainConfig:
         """Check everything checkable without loading a model. Raises ConfigError saying what to do."""
         for name in ("num_iterations", "prompts_per_iteration", "resolution", "num_inference_steps",
                      "rollout_batch_size", "train_batch_size", "gradient_accumulation_steps", "inner_epochs",
-                     "lora_rank", "num_sample_prompts", "sample_images_per_prompt", "checkpoints_total_limit"):
+                     "lora_rank", "num_sample_prompts", "sample_images_per_prompt", "checkpoints_total_limit",
+                     "max_bad_iterations"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("checkpoint_every", "sample_every", "lr_warmup_steps", "max_grad_norm", "learning_rate"):

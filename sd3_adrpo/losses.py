@@ -27,14 +27,19 @@ def adrpo_fm_terms(v_theta: torch.Tensor, v_ref: torch.Tensor, target: torch.Ten
 
 
 def adrpo_fm_loss(v_theta: torch.Tensor, v_ref: torch.Tensor, target: torch.Tensor, advantages: torch.Tensor,
-                  beta0: float, return_terms: bool = False):
+                  beta0: float, return_terms: bool = False, weights: Optional[torch.Tensor] = None):
     """Scalar batch mean of A * mean((v_theta - target)^2) + (beta0 - A) * mean((v_theta - v_ref)^2); A detached.
 
-    With ``return_terms`` also returns the per-sample (CFM, W2) terms, detached, for logging.
+    ``weights`` (B,) multiplies each sample's loss before the batch mean (0 drops a sample, e.g. one whose reward
+    was not finite, without changing the batch arithmetic; its inputs must still be finite). With ``return_terms`` also returns the per-sample
+    (CFM, W2) terms, detached, for logging.
     """
     cfm, w2 = adrpo_fm_terms(v_theta, v_ref, target)
     a = advantages.detach().to(cfm.dtype)
-    loss = (a * cfm + (beta0 - a) * w2).mean()
+    per_sample = a * cfm + (beta0 - a) * w2
+    if weights is not None:
+        per_sample = per_sample * weights.to(per_sample)
+    loss = per_sample.mean()
     return (loss, cfm.detach(), w2.detach()) if return_terms else loss
 
 

@@ -97,8 +97,8 @@ class OpenClipScoreReward(Reward):
         import open_clip
 
         self.device, self.batch_size = torch.device(device), batch_size
-        self.model, _, self.preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained,
-                                                                               device=self.device)
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+            model, pretrained=pretrained, device=self.device, weights_only=True)  # never unpickle arbitrary objects
         self.model.eval().requires_grad_(False)
         self.tokenizer = open_clip.get_tokenizer(model)
 

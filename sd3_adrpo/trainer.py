@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -18,7 +18,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from sd3_adrpo.advantages import group_advantages
-from sd3_adrpo.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint
+from sd3_adrpo.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
 from sd3_adrpo.config import ConfigError, TrainConfig
 from sd3_adrpo.io import append_jsonl, atomic_write_bytes, image_grid, save_png
 from sd3_adrpo.losses import adrpo_fm_loss, noised, sample_sigmas
@@ -41,7 +41,7 @@ def velocity(transformer, x_t: torch.Tensor, sigmas: torch.Tensor, prompt_embeds
 
 
 def adrpo_batch_loss(transformer, base_transformer, x1, noise, sigmas, prompt_embeds, pooled, advantages,
-                     beta0: float):
+                     beta0: float, weights: Optional[torch.Tensor] = None):
     """ADRPO loss on a minibatch of rollout samples, each with its own (sigma, noise) draw.
 
     ``base_transformer`` is the unwrapped module: with its adapter disabled it gives v_ref at the same (x_t, t, c).
@@ -51,21 +51,26 @@ def adrpo_batch_loss(transformer, base_transformer, x1, noise, sigmas, prompt_em
     with torch.no_grad(), reference_mode(base_transformer):
         v_ref = velocity(base_transformer, x_t, sigmas, prompt_embeds, pooled)
     v_theta = velocity(transformer, x_t, sigmas, prompt_embeds, pooled)
-    return adrpo_fm_loss(v_theta.float(), v_ref.float(), target.float(), advantages, beta0, return_terms=True)
+    return adrpo_fm_loss(v_theta.float(), v_ref.float(), target.float(), advantages, beta0, return_terms=True,
+                         weights=weights)
 
 
 def update(accelerator, transformer, base_transformer, optimizer, lr_scheduler, rollout: Rollout,
-           advantages: torch.Tensor, cfg: TrainConfig, generator: torch.Generator) -> dict:
+           advantages: torch.Tensor, cfg: TrainConfig, generator: torch.Generator,
+           weights: Optional[torch.Tensor] = None) -> dict:
     """``inner_epochs`` passes over the rollout in shuffled minibatches; returns mean loss terms and grad norm.
 
     Each pass draws one (sigma, noise) per sample up front, so the update does not depend on how the samples are
-    split into micro-batches (train_batch_size x gradient_accumulation_steps).
+    split into micro-batches (train_batch_size x gradient_accumulation_steps). ``weights`` (0/1 per sample) drops
+    samples from the loss. An accumulation window with a non-finite loss or gradient is skipped, not applied.
     """
     n, device = len(rollout.prompts), rollout.latents.device
+    weights = torch.ones(n) if weights is None else weights
     params = [p for p in transformer.parameters() if p.requires_grad]
     sums = {"loss": 0.0, "cfm": 0.0, "w2": 0.0}
-    grad_norms, micro_batches = [], 0
-    advantages = advantages.to(device)
+    grad_norms, micro_batches, skipped = [], 0, {"nonfinite_loss": 0, "nonfinite_grad": 0}
+    advantages, weights = advantages.to(device), weights.to(device)
+    window_ok = True
     transformer.train()
     for _ in range(cfg.inner_epochs):
         order = torch.randperm(n, generator=generator)
@@ -77,35 +82,62 @@ def update(accelerator, transformer, base_transformer, optimizer, lr_scheduler, 
             with accelerator.accumulate(transformer), accelerator.autocast():
                 loss, cfm, w2 = adrpo_batch_loss(
                     transformer, base_transformer, rollout.latents[idx], noise[idx], sigmas[idx],
-                    rollout.prompt_embeds[idx], rollout.pooled_embeds[idx], advantages[idx], cfg.beta0)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    grad_norms.append(float(accelerator.clip_grad_norm_(params, cfg.max_grad_norm)))
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                    rollout.prompt_embeds[idx], rollout.pooled_embeds[idx], advantages[idx], cfg.beta0, weights[idx])
+                if torch.isfinite(loss):
+                    accelerator.backward(loss)
+                else:
+                    window_ok = False
+                    skipped["nonfinite_loss"] += 1
+                if accelerator.sync_gradients:
+                    norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+                    if window_ok and torch.isfinite(norm):
+                        optimizer.step()
+                        lr_scheduler.step()
+                        grad_norms.append(float(norm))
+                    elif window_ok:
+                        skipped["nonfinite_grad"] += 1
+                    optimizer.zero_grad(set_to_none=True)
+                    window_ok = True
             sums["loss"] += float(loss.detach())
             sums["cfm"] += float(cfm.mean())
             sums["w2"] += float(w2.mean())
             micro_batches += 1
     transformer.eval()
     stats = {k: v / micro_batches for k, v in sums.items()}
+    stats.update(skipped, optimizer_steps=len(grad_norms))
     if grad_norms:
         stats["grad_norm"] = sum(grad_norms) / len(grad_norms)
     return stats
 
 
-def advantage_stats(rewards: torch.Tensor, group_ids: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
-    """Advantages for the update, plus their logged statistics (including the fraction the clip changed)."""
-    raw = group_advantages(rewards, group_ids, cfg.adv_scale)
-    adv = group_advantages(rewards, group_ids, cfg.adv_scale, clip=cfg.clip_range)
-    group_std = torch.stack([rewards[group_ids == g].std(unbiased=False) for g in group_ids.unique()])
-    return adv, {
-        "reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+def score(reward_fn, rollout: Rollout, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rewards of the rollout's images and a mask of usable samples (finite reward and finite latents)."""
+    rewards = torch.as_tensor(reward_fn(rollout.images, rollout.prompts)).float().cpu()
+    if rewards.shape != (len(rollout.prompts),):
+        raise ValueError(f"reward {name!r} returned shape {tuple(rewards.shape)} for {len(rollout.prompts)} images; "
+                         "a reward must return one number per image")
+    return rewards, torch.isfinite(rewards) & torch.isfinite(rollout.latents.cpu()).flatten(1).all(1)
+
+
+def advantage_stats(rewards: torch.Tensor, group_ids: torch.Tensor, valid: torch.Tensor,
+                    cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
+    """Advantages for the update (0 where ``valid`` is false), plus their logged statistics."""
+    r, g = rewards[valid], group_ids[valid]
+    adv = torch.zeros_like(rewards)
+    stats = {"n_dropped": int((~valid).sum())}
+    if len(r) == 0:
+        return adv, stats
+    raw = group_advantages(r, g, cfg.adv_scale)
+    adv[valid] = group_advantages(r, g, cfg.adv_scale, clip=cfg.clip_range)
+    a = adv[valid]
+    group_std = torch.stack([r[g == k].std(unbiased=False) for k in g.unique()])
+    stats.update({
+        "reward_mean": float(r.mean()), "reward_std": float(r.std()) if len(r) > 1 else 0.0,
         "reward_group_std": float(group_std.mean()),
-        "adv_mean": float(adv.mean()), "adv_std": float(adv.std()), "adv_min": float(adv.min()),
-        "adv_max": float(adv.max()), "adv_frac_clipped": float((raw != adv).float().mean()),
-    }
+        "adv_mean": float(a.mean()), "adv_std": float(a.std()) if len(a) > 1 else 0.0, "adv_min": float(a.min()),
+        "adv_max": float(a.max()), "adv_frac_clipped": float((raw != a).float().mean()),
+    })
+    return adv, stats
 
 
 def sample_grid(sampler: SD3Sampler, reward_fn, prompts: list[str], cfg: TrainConfig, path: Path) -> dict:
@@ -127,28 +159,48 @@ def _prepare_output_dir(cfg: TrainConfig) -> Path:
     return out
 
 
-def _find_resume_checkpoint(cfg: TrainConfig, out: Path) -> Optional[Path]:
-    if cfg.resume_from is None:
-        return None
-    candidates = list_checkpoints(out / "checkpoints") if cfg.resume_from == "latest" else [Path(cfg.resume_from)]
-    for path in reversed(candidates):
-        try:
-            verify_checkpoint(path)
-            return path
-        except ValueError as e:
-            print(f"warning: skipping checkpoint {path}: {e}")
-    if cfg.resume_from == "latest":
-        raise ConfigError(f"resume_from latest: no valid checkpoint under {out / 'checkpoints'}")
-    raise ConfigError(f"resume_from {cfg.resume_from}: checkpoint is corrupt")
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved. ``exit_code`` follows the shell's 128 + signal."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
-def _truncate_metrics(path: Path, iteration: int) -> None:
-    """After a resume, drop metric rows the restored state has not reached yet (so the log has no duplicates)."""
-    import json
+class NonFiniteError(FloatingPointError):
+    """Too many iterations in a row produced no usable update; a checkpoint of the last good state was saved."""
 
-    if path.is_file():
-        rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["iteration"] < iteration]
-        atomic_write_bytes(path, "".join(r + "\n" for r in rows).encode())
+
+class StopOnSignal:
+    """Turns the first SIGINT/SIGTERM into a request to stop at the next safe point; a second one stops at once."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this iteration, then stopping "
+              "(send it again to stop at once, without saving)", flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _warn_long_prompts(pipe, prompts: list[str]) -> None:
+    limit = pipe.tokenizer_max_length
+    long = [p for p in prompts if len(pipe.tokenizer(p).input_ids) > limit]
+    if long:
+        print(f"warning: {len(long)} of {len(prompts)} prompts exceed the CLIP context of {limit} tokens and will be "
+              f"truncated, e.g. {long[0][:80]!r}")
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -164,17 +216,21 @@ def train(cfg: TrainConfig) -> Path:
         raise ConfigError(f"prompts_per_iteration={cfg.prompts_per_iteration} but {cfg.train_prompts} has only "
                           f"{len(train_prompts)} prompts")
     grid_prompts = load_prompts(cfg.eval_prompts)[: cfg.num_sample_prompts] if cfg.eval_prompts else []
+    try:
+        resume = find_resume_checkpoint(cfg.resume_from, cfg.output_dir) if cfg.resume_from else None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               log_with="wandb" if cfg.report_to == "wandb" else None)
     out = _prepare_output_dir(cfg) if accelerator.is_main_process else Path(cfg.output_dir)
-    resume = _find_resume_checkpoint(cfg, out)
     set_seed(cfg.seed)
     device = accelerator.device
 
     pipe = load_pipeline(cfg.pretrained_model, drop_t5=cfg.drop_t5, dtype=DTYPES[cfg.mixed_precision],
                          revision=cfg.revision).to(device)
+    _warn_long_prompts(pipe, train_prompts + grid_prompts)
     base_transformer = pipe.transformer
     if cfg.gradient_checkpointing:
         base_transformer.enable_gradient_checkpointing()
@@ -196,44 +252,63 @@ def train(cfg: TrainConfig) -> Path:
         prompt_sampler.load_state_dict(state["prompt_sampler"])
         start = state["iteration"]
         if accelerator.is_main_process:
-            _truncate_metrics(out / "metrics.jsonl", start)
+            truncate_metrics(out / "metrics.jsonl", start)
         print(f"resumed from {resume} at iteration {start}")
     if accelerator.is_main_process:
         accelerator.init_trackers(cfg.wandb_project, config=dataclasses.asdict(cfg))
+
+    def checkpoint(done: int) -> Path:
+        return save_checkpoint(out / "checkpoints", done, base_transformer, optimizer, lr_scheduler,
+                               {"iteration": done, "prompt_sampler": prompt_sampler.state_dict()},
+                               keep=cfg.checkpoints_total_limit)
 
     bar = tqdm(range(start, cfg.num_iterations), initial=start, total=cfg.num_iterations, desc="ADRPO",
                disable=not accelerator.is_local_main_process)
     if start == 0 and grid_prompts and cfg.sample_every and accelerator.is_main_process:
         sample_grid(sampler, reward_fn, grid_prompts, cfg, out / "samples" / "iter_000000.png")
-    for iteration in bar:
-        t0 = time.perf_counter()
-        prompts = prompt_sampler.next(cfg.prompts_per_iteration)
-        rollout = sampler.sample(prompts, cfg.samples_per_prompt, cfg.resolution,  # 1. sample
-                                 make_generator(cfg.seed, iteration, ROLLOUT_NOISE))
-        t1 = time.perf_counter()
-        rewards = reward_fn(rollout.images, rollout.prompts)  # 2. score
-        t2 = time.perf_counter()
-        advantages, row = advantage_stats(rewards, rollout.group_ids, cfg)  # 3. advantages
-        row.update(update(accelerator, transformer, base_transformer, optimizer, lr_scheduler, rollout,  # 4. update
-                          advantages, cfg, make_generator(cfg.seed, iteration, LOSS_NOISE)))
-        t3 = time.perf_counter()
-        done = iteration + 1
-        row.update(iteration=iteration, lr=lr_scheduler.get_last_lr()[0], images_per_s=len(rollout.prompts) / (t1 - t0),
-                   time_sample=t1 - t0, time_score=t2 - t1, time_update=t3 - t2)
-        if accelerator.is_main_process:
-            if grid_prompts and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.num_iterations):
-                row.update(sample_grid(sampler, reward_fn, grid_prompts, cfg, out / "samples" / f"iter_{done:06d}.png"))
-            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.num_iterations:
-                save_checkpoint(out / "checkpoints", done, base_transformer, optimizer, lr_scheduler,
-                                {"iteration": done, "prompt_sampler": prompt_sampler.state_dict()},
-                                keep=cfg.checkpoints_total_limit)
-            row["time_total"] = time.perf_counter() - t0
-            append_jsonl(out / "metrics.jsonl", row)
-            accelerator.log(row, step=iteration)
-        bar.set_postfix(reward=f"{row['reward_mean']:.2f}", w2=f"{row['w2']:.2e}")
-        if not math.isfinite(row["loss"]):
-            raise FloatingPointError(f"iteration {iteration}: non-finite loss {row['loss']} (try a lower "
-                                     "learning_rate or beta0, or mixed_precision bf16 instead of fp16)")
+    bad_streak = 0
+    with StopOnSignal() as stop:
+        for iteration in bar:
+            t0 = time.perf_counter()
+            prompts = prompt_sampler.next(cfg.prompts_per_iteration)
+            rollout = sampler.sample(prompts, cfg.samples_per_prompt, cfg.resolution,  # 1. sample
+                                     make_generator(cfg.seed, iteration, ROLLOUT_NOISE))
+            t1 = time.perf_counter()
+            rewards, valid = score(reward_fn, rollout, cfg.reward)  # 2. score
+            t2 = time.perf_counter()
+            advantages, row = advantage_stats(rewards, rollout.group_ids, valid, cfg)  # 3. advantages
+            if valid.any():
+                rollout.latents[~valid.to(rollout.latents.device)] = 0.0  # dropped below; keep the arithmetic finite
+                row.update(update(accelerator, transformer, base_transformer, optimizer, lr_scheduler,  # 4. update
+                                  rollout, advantages, cfg, make_generator(cfg.seed, iteration, LOSS_NOISE),
+                                  weights=valid.float()))
+            t3 = time.perf_counter()
+            done = iteration + 1
+            row.update(iteration=iteration, lr=lr_scheduler.get_last_lr()[0],
+                       images_per_s=len(rollout.prompts) / (t1 - t0), time_sample=t1 - t0, time_score=t2 - t1,
+                       time_update=t3 - t2)
+            bad_streak = bad_streak + 1 if row.get("optimizer_steps", 0) == 0 else 0
+            if accelerator.is_main_process:
+                if grid_prompts and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.num_iterations):
+                    row.update(sample_grid(sampler, reward_fn, grid_prompts, cfg, out / "samples" / f"iter_{done:06d}.png"))
+                row["time_total"] = time.perf_counter() - t0
+                append_jsonl(out / "metrics.jsonl", row)  # before the checkpoint: a checkpoint implies its rows
+                accelerator.log(row, step=iteration)
+                if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.num_iterations:
+                    checkpoint(done)
+            bar.set_postfix(reward=f"{row.get('reward_mean', float('nan')):.2f}", w2=f"{row.get('w2', 0.0):.2e}")
+            if bad_streak >= cfg.max_bad_iterations:
+                stage = ("score: every reward was non-finite" if not valid.any() else
+                         f"update: {row['nonfinite_loss']} non-finite losses, {row['nonfinite_grad']} non-finite gradients")
+                path = checkpoint(done) if accelerator.is_main_process else None
+                raise NonFiniteError(
+                    f"stopped after {bad_streak} iterations in a row without a usable update (last: {stage}). State "
+                    f"saved to {path}. Check the reward model, lower learning_rate or beta0, or use bf16 instead of "
+                    "fp16, then continue with --resume_from latest")
+            if stop.signum is not None and done < cfg.num_iterations:
+                path = checkpoint(done) if accelerator.is_main_process else None
+                raise TrainingInterrupted(stop.signum, f"stopped by {signal.Signals(stop.signum).name} after iteration "
+                                          f"{iteration}; checkpoint saved to {path}. Continue with --resume_from latest")
 
     final = out / "final"
     if accelerator.is_main_process:

@@ -80,3 +80,15 @@ def test_noising_convention_and_sigma_densities():
     u_mean = sample_sigmas(20000, "uniform", generator=torch.Generator().manual_seed(0)).mean()
     shifted = sample_sigmas(20000, "uniform", shift=3.0, generator=torch.Generator().manual_seed(0)).mean()
     assert abs(u_mean - 0.5) < 0.01 and shifted > u_mean + 0.1  # a shift > 1 moves mass towards noise
+
+
+def test_zero_weight_drops_a_sample():
+    v, v_ref, target, adv = _data(4)
+    weights = torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
+    x = v.clone().requires_grad_(True)
+    loss = adrpo_fm_loss(x, v_ref, target, adv, 1.0, weights=weights)
+    loss.backward()
+    keep = [0, 1, 3, 4, 5]
+    expected = adrpo_fm_loss(v[keep], v_ref[keep], target[keep], adv[keep], 1.0) * 5 / 6
+    assert torch.isfinite(loss) and torch.allclose(loss, expected)
+    assert torch.all(x.grad[2] == 0) and torch.all(x.grad[1] != 0)
