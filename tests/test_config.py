@@ -103,3 +103,16 @@ def test_too_few_prompts_for_an_iteration(valid, monkeypatch):
     monkeypatch.setattr(trainer, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
     with pytest.raises(ConfigError, match="has only 2 prompts"):
         trainer.train(parse_args(["--config", str(valid), "--prompts_per_iteration", "4"]))
+
+
+@pytest.mark.parametrize("name", ["tiny.yaml", "sd3_medium.yaml"])
+def test_shipped_configs_parse_and_validate(name, tmp_path, tiny_models, monkeypatch):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # configs use paths relative to the repository root
+    cfg = parse_args(["--config", f"configs/{name}", "--output_dir", str(tmp_path / "out")])
+    if name == "tiny.yaml":  # its models are built by `python -m sd3_adrpo.tiny`; point at the test copies
+        cfg.pretrained_model, cfg.reward_model = str(tiny_models["sd3"]), str(tiny_models["clip"])
+    cfg.validate()
+    assert cfg.optimizer_steps_per_iteration >= 1

@@ -144,3 +144,12 @@ def test_cli_end_to_end_outputs_and_resume(tiny_run_args, tmp_path, capsys):
     assert json.loads(new_lines[1])["loss"] == json.loads(lines[1])["loss"]
     again = load_file(resumed / "final" / "pytorch_lora_weights.safetensors")
     assert all(torch.equal(final[k], again[k]) for k in final)
+
+
+def test_wandb_offline_logging(tiny_run_args, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    args = [*tiny_run_args, "--num_iterations", "1", "--sample_every", "0", "--report_to", "wandb"]
+    assert train_sd3_adrpo.main([*args, "--output_dir", str(tmp_path / "run")]) == 0
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
