@@ -101,6 +101,12 @@ class TrainConfig:
     sample_every: int = _f(10, "iterations between held-out sample grids (0 disables)")
     num_sample_prompts: int = _f(4, "held-out prompts in each grid (rows)")
     sample_images_per_prompt: int = _f(4, "images per prompt in each grid (columns, fixed seeds)")
+    final_eval_prompts: Optional[str] = _f(None, "held-out prompts for the before/after evaluation at the end "
+                                                 "(summary.json/.md in output_dir); null to skip")
+    final_eval_num_prompts: int = _f(0, "evaluate a seeded random subset of this many prompts (0: all)")
+    final_eval_images_per_prompt: int = _f(4, "images per prompt in the final evaluation (>= 2, for diversity)")
+    final_eval_clip_model: Optional[str] = _f(None, "CLIP (hub id or folder) for ClipScore and ClipDiversity; "
+                                                    "default: reward_model when reward is clip")
     report_to: str = _f("none", "experiment tracker: none or wandb (WANDB_MODE=offline works without network)",
                         ("none", "wandb"))
     wandb_project: str = _f("sd3-adrpo", "wandb project name")
@@ -126,6 +132,12 @@ class TrainConfig:
         if self.max_sequence_length is not None:
             return self.max_sequence_length
         return 16 if self.drop_t5 else 256
+
+    @property
+    def eval_clip_model(self) -> Optional[str]:
+        if self.final_eval_clip_model is not None:
+            return self.final_eval_clip_model
+        return self.reward_model if self.reward == "clip" else None
 
     @property
     def optimizer_steps_per_iteration(self) -> int:
@@ -166,7 +178,15 @@ class TrainConfig:
             raise ConfigError(f"unknown reward {self.reward!r}; available: {', '.join(sorted(REWARDS))}")
         if self.reward == "clip":
             _check_model_source(self.reward_model, "reward_model", need="config.json")
-        for name in ("train_prompts", "eval_prompts"):
+        if self.final_eval_prompts is not None:
+            if self.final_eval_images_per_prompt < 2:
+                raise ConfigError("final_eval_images_per_prompt must be >= 2: ClipDiversity compares images of a prompt")
+            if self.final_eval_num_prompts < 0:
+                raise ConfigError(f"final_eval_num_prompts must be >= 0, got {self.final_eval_num_prompts}")
+            if self.eval_clip_model is None:
+                raise ConfigError("the final evaluation needs a CLIP: set final_eval_clip_model (reward is not clip)")
+            _check_model_source(self.eval_clip_model, "final_eval_clip_model", need="config.json")
+        for name in ("train_prompts", "eval_prompts", "final_eval_prompts"):
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"{name}: no such file {path!r} (relative paths are from {os.getcwd()})")

@@ -24,7 +24,7 @@ from sd3_adrpo.io import append_jsonl, atomic_write_bytes, image_grid, save_png
 from sd3_adrpo.losses import adrpo_fm_loss, noised, sample_sigmas
 from sd3_adrpo.models import DTYPES, add_lora, load_pipeline, reference_mode, save_lora
 from sd3_adrpo.prompts import PromptSampler, load_prompts
-from sd3_adrpo.rewards import build_reward
+from sd3_adrpo.rewards import ClipScoreReward, build_reward
 from sd3_adrpo.rollout import Rollout, SD3Sampler, make_generator
 
 logger = logging.getLogger("sd3_adrpo")
@@ -195,6 +195,33 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
 
+def final_evaluation(cfg: TrainConfig, prompts: list[str], sampler: SD3Sampler, base_transformer, reward_fn,
+                     out: Path) -> dict:
+    """Base (adapter off) and trained policy on the same held-out prompts and noise; writes summary.json/.md."""
+    from sd3_adrpo.evaluation import evaluate_policy, write_results
+
+    clip = (reward_fn if isinstance(reward_fn, ClipScoreReward) and cfg.eval_clip_model == cfg.reward_model
+            else ClipScoreReward(cfg.eval_clip_model, device=sampler.device))
+    k = cfg.final_eval_images_per_prompt
+    with reference_mode(base_transformer):
+        base = evaluate_policy(sampler, clip, prompts, k, cfg.resolution, cfg.seed)
+    trained = evaluate_policy(sampler, clip, prompts, k, cfg.resolution, cfg.seed)
+    summary = write_results(out, base, trained, k, extra={"prompts_file": cfg.final_eval_prompts,
+                                                          "clip_model": cfg.eval_clip_model})
+    print((out / "summary.md").read_text())
+    return summary
+
+
+def _eval_prompts(cfg: TrainConfig) -> list[str]:
+    import numpy as np
+
+    prompts = load_prompts(cfg.final_eval_prompts) if cfg.final_eval_prompts else []
+    if 0 < cfg.final_eval_num_prompts < len(prompts):
+        keep = np.random.default_rng(cfg.seed).permutation(len(prompts))[: cfg.final_eval_num_prompts]
+        prompts = [prompts[i] for i in sorted(keep)]
+    return prompts
+
+
 def _warn_long_prompts(pipe, prompts: list[str]) -> None:
     limit = pipe.tokenizer_max_length
     long = [p for p in prompts if len(pipe.tokenizer(p).input_ids) > limit]
@@ -216,6 +243,7 @@ def train(cfg: TrainConfig) -> Path:
         raise ConfigError(f"prompts_per_iteration={cfg.prompts_per_iteration} but {cfg.train_prompts} has only "
                           f"{len(train_prompts)} prompts")
     grid_prompts = load_prompts(cfg.eval_prompts)[: cfg.num_sample_prompts] if cfg.eval_prompts else []
+    final_prompts = _eval_prompts(cfg)
     try:
         resume = find_resume_checkpoint(cfg.resume_from, cfg.output_dir) if cfg.resume_from else None
     except ValueError as e:
@@ -230,7 +258,7 @@ def train(cfg: TrainConfig) -> Path:
 
     pipe = load_pipeline(cfg.pretrained_model, drop_t5=cfg.drop_t5, dtype=DTYPES[cfg.mixed_precision],
                          revision=cfg.revision).to(device)
-    _warn_long_prompts(pipe, train_prompts + grid_prompts)
+    _warn_long_prompts(pipe, train_prompts + grid_prompts + final_prompts)
     base_transformer = pipe.transformer
     if cfg.gradient_checkpointing:
         base_transformer.enable_gradient_checkpointing()
@@ -319,5 +347,7 @@ def train(cfg: TrainConfig) -> Path:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         print(f"done: LoRA saved to {final}")
+        if final_prompts:
+            final_evaluation(cfg, final_prompts, sampler, base_transformer, reward_fn, out)
     accelerator.end_training()
     return final

@@ -1,0 +1,72 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import train_sd3_adrpo
+from sd3_adrpo.evaluation import clip_diversity, clip_scores, oracle_for, paired_bootstrap
+
+
+def test_clip_diversity_on_known_distances():
+    e = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [2.0, 0.0], [2.0, 0.0]])
+    groups = torch.tensor([0, 0, 0, 1, 1])
+    d = clip_diversity(e, groups)
+    # group 0: cosines 0, -1, 0 -> 100*(1-cos) = 100, 200, 100; L2 = sqrt2, 2, sqrt2.  group 1: identical images.
+    assert np.allclose(d["cosine"], [400 / 3, 0.0])
+    assert np.allclose(d["l2"], [(2 * math.sqrt(2) + 2) / 3, 0.0])
+    scaled = clip_diversity(3 * e, groups)
+    assert np.allclose(scaled["cosine"], d["cosine"]) and np.allclose(scaled["l2"], 3 * d["l2"])
+    with pytest.raises(ValueError, match="at least 2 images"):
+        clip_diversity(e[:1], groups[:1])
+
+
+def test_clip_score_is_clamped_at_zero():
+    img = torch.tensor([[1.0, 0.0], [1.0, 0.0], [3.0, 4.0]])
+    txt = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [1.0, 0.0]])
+    assert torch.allclose(clip_scores(img, txt), torch.tensor([100.0, 0.0, 60.0]))
+
+
+def test_paired_bootstrap():
+    before = np.array([1.0, 2.0, 3.0, 4.0])
+    same_shift = paired_bootstrap(before, before + 0.5)
+    assert same_shift["diff"] == pytest.approx(0.5)
+    assert same_shift["ci_low"] == pytest.approx(0.5) and same_shift["ci_high"] == pytest.approx(0.5)
+    noisy = paired_bootstrap(before, before + np.array([-1.0, 1.0, -1.0, 1.0]), n_boot=4000)
+    assert noisy["diff"] == pytest.approx(0.0) and noisy["ci_low"] < 0 < noisy["ci_high"]
+    assert noisy["n_clusters"] == 4 and noisy["before"] == pytest.approx(2.5)
+
+
+def test_oracle_only_for_tiny_world_prompts():
+    assert oracle_for(["a red circle", "two blue squares"]) is not None
+    assert oracle_for(["a red circle", "an astronaut riding a horse"]) is None
+
+
+@pytest.mark.parametrize("lr", ["0", "5e-2"])
+def test_final_evaluation_is_paired_and_written(tiny_models, tmp_path, lr):
+    prompts = tmp_path / "heldout.txt"
+    prompts.write_text("a red circle\ntwo blue squares\na green triangle above a yellow circle\n"
+                       "a purple square and an orange circle\n")
+    out = tmp_path / "run"
+    args = ["--config", "configs/tiny.yaml", "--pretrained_model", str(tiny_models["sd3"]),
+            "--reward_model", str(tiny_models["clip"]), "--train_prompts", str(prompts), "--eval_prompts", "null",
+            "--final_eval_prompts", str(prompts), "--final_eval_images_per_prompt", "3", "--num_iterations", "2",
+            "--prompts_per_iteration", "2", "--samples_per_prompt", "2", "--train_batch_size", "2",
+            "--num_inference_steps", "3", "--checkpoint_every", "0", "--learning_rate", lr, "--output_dir", str(out)]
+    assert train_sd3_adrpo.main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    metrics = summary["metrics"]
+    assert summary["meta"]["num_prompts"] == 4 and summary["meta"]["images_per_prompt"] == 3
+    for key in ("clip_score", "clip_diversity_cosine", "clip_diversity_l2", "oracle_accuracy",
+                "oracle_accuracy_colour", "oracle_accuracy_counting", "oracle_accuracy_position",
+                "oracle_accuracy_binding"):
+        assert metrics[key]["ci_low"] <= metrics[key]["diff"] <= metrics[key]["ci_high"], key
+    rows = [json.loads(line) for line in (out / "eval_images.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and rows[3]["prompt"] == "two blue squares"
+    assert "clip_score" in (out / "summary.md").read_text()
+    if lr == "0":  # an unchanged policy: the same seeds give the same images, so every difference is exactly 0
+        assert all(r["clip_score_base"] == r["clip_score_trained"] for r in rows)
+        assert all(m["diff"] == 0 for m in metrics.values() if isinstance(m, dict))
+    else:
+        assert any(r["clip_score_base"] != r["clip_score_trained"] for r in rows)
