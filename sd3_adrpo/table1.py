@@ -1,0 +1,251 @@
+"""Table 1 end to end: generate images for each method (saved with a manifest, never regenerated), score them with
+every metric whose weights are given, and write per-image JSONL, per-run JSON and the table (Markdown, CSV, LaTeX).
+
+Rows: the base SD3 pipeline, the base + each LoRA run, and other text-to-image pipelines (any diffusers folder or
+hub id, e.g. FLUX.1-dev or SANA) as extra rows. Command line: ``python eval/table1.py --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from sd3_adrpo.evaluation import DIVERSITY_DEFAULT, clip_diversity, clip_scores, oracle_for
+from sd3_adrpo.io import atomic_write_bytes, atomic_write_json, save_png
+from sd3_adrpo.models import DTYPES, load_pipeline, reference_mode
+from sd3_adrpo.prompts import load_prompts
+from sd3_adrpo.rollout import SD3Sampler, make_generator
+from sd3_adrpo.tables import Table, mean_and_se
+
+W2_NOISE = 4  # random stream for the (sigma, noise) draws of the W2 divergence
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that determines the generated images; a manifest with other settings is regenerated."""
+
+    source: str  # pipeline hub id / folder
+    lora: Optional[str]
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    images_per_prompt: int
+    steps: int
+    guidance_scale: float
+    resolution: int
+
+
+def _spec(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise SystemExit(f"error: expected LABEL=PATH, got {text!r}")
+    label, value = text.split("=", 1)
+    return label, value
+
+
+def _image_path(root: Path, label: str, seed: int, p: int, j: int) -> Path:
+    return root / "images" / label / f"seed{seed}" / f"p{p:04d}_{j}.png"
+
+
+@torch.no_grad()
+def _w2(transformer, latents, emb, pooled, generator) -> np.ndarray:
+    """E_t ||v_theta - v_ref||^2 per sample at one uniform sigma draw each (the regulariser itself)."""
+    from sd3_adrpo.losses import noised
+    from sd3_adrpo.trainer import velocity
+
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    sigmas = torch.rand(len(latents), generator=generator).to(latents.device)
+    x_t, _ = noised(latents, noise, sigmas)
+    v_theta = velocity(transformer, x_t, sigmas, emb, pooled)
+    with reference_mode(transformer):
+        v_ref = velocity(transformer, x_t, sigmas, emb, pooled)
+    return (v_theta.float() - v_ref.float()).pow(2).flatten(1).mean(1).cpu().numpy()
+
+
+def generate(out: Path, label: str, settings: Settings, *, pipe=None, drop_t5: bool = False, dtype=torch.float32,
+             device="cpu", max_sequence_length: int = 256, batch_size: int = 16) -> dict:
+    """Generate (or reuse) the images of one row; returns its manifest. ``pipe`` is the loaded base SD3 pipeline for
+    the base and LoRA rows, None for another pipeline (loaded here from ``settings.source``)."""
+    manifest_path = out / "images" / label / "manifest.json"
+    if manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest["settings"] == json.loads(json.dumps(asdict(settings))) and all(
+                (out / f["file"]).is_file() for f in manifest["files"]):
+            return manifest
+    files = []
+    if pipe is not None:  # the base SD3 pipeline, with or without a LoRA: our sampler (same output as the stock call)
+        if settings.lora:
+            pipe.load_lora_weights(settings.lora, adapter_name=label)
+        sampler = SD3Sampler(pipe.to(device), device, num_inference_steps=settings.steps,
+                             guidance_scale=settings.guidance_scale, max_sequence_length=max_sequence_length,
+                             batch_size=batch_size)
+        for seed in tqdm(settings.seeds, desc=f"generate {label}"):
+            rollout = sampler.sample(list(settings.prompts), settings.images_per_prompt, settings.resolution,
+                                     make_generator(seed, 0, 3))
+            w2 = (_w2(pipe.transformer, rollout.latents, rollout.prompt_embeds, rollout.pooled_embeds,
+                      make_generator(seed, 0, W2_NOISE)) if settings.lora else np.zeros(len(rollout.prompts)))
+            for i, image in enumerate(rollout.images.numpy()):
+                p, j = divmod(i, settings.images_per_prompt)
+                path = _image_path(out, label, seed, p, j)
+                save_png(path, image)
+                files.append({"file": str(path.relative_to(out)), "seed": seed, "prompt_index": p, "j": j,
+                              "prompt": settings.prompts[p], "w2_divergence": float(w2[i])})
+        if settings.lora:
+            pipe.delete_adapters(label)
+    else:  # any other diffusers text-to-image pipeline, through its own __call__
+        from diffusers import DiffusionPipeline
+
+        # components saved as [null, null] (e.g. an SD3 folder without T5) must be passed as None explicitly
+        absent = {k: None for k, v in DiffusionPipeline.load_config(settings.source).items()
+                  if isinstance(v, list) and v[0] is None}
+        pipe = DiffusionPipeline.from_pretrained(settings.source, dtype=dtype, **absent).to(device)
+        pipe.set_progress_bar_config(disable=True)
+        for seed in tqdm(settings.seeds, desc=f"generate {label}"):
+            for p, prompt in enumerate(settings.prompts):
+                images = pipe(prompt, num_images_per_prompt=settings.images_per_prompt, output_type="np",
+                              num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
+                              height=settings.resolution, width=settings.resolution,
+                              generator=torch.Generator().manual_seed(seed * 1_000_003 + p)).images
+                for j, image in enumerate(images):
+                    path = _image_path(out, label, seed, p, j)
+                    save_png(path, (np.clip(image, 0, 1) * 255).round().astype(np.uint8))
+                    files.append({"file": str(path.relative_to(out)), "seed": seed, "prompt_index": p, "j": j,
+                                  "prompt": prompt})
+    manifest = {"label": label, "settings": asdict(settings), "files": files}
+    atomic_write_json(manifest_path, manifest)
+    return manifest
+
+
+def _load_images(out: Path, files: list[dict]) -> np.ndarray:
+    from PIL import Image
+
+    return np.stack([np.asarray(Image.open(out / f["file"]).convert("RGB")) for f in files])
+
+
+def score(out: Path, manifest: dict, clip=None, metrics: Optional[dict] = None, batch_size: int = 64) -> list[dict]:
+    """Per-image scores of one row (ClipScore, every given metric, the oracle on tiny-world prompts, W2)."""
+    files, metrics = manifest["files"], metrics or {}
+    rows = [dict(f) for f in files]
+    check = oracle_for([f["prompt"] for f in files])
+    for s in tqdm(range(0, len(files), batch_size), desc=f"score {manifest['label']}"):
+        chunk, prompts = files[s : s + batch_size], [f["prompt"] for f in files[s : s + batch_size]]
+        images = _load_images(out, chunk)
+        if clip is not None:
+            img, txt = clip.embed_images(images), clip.embed_texts(prompts)
+            for r, cs, e in zip(rows[s : s + batch_size], clip_scores(img, txt).tolist(), img.cpu().tolist()):
+                r["clip_score"], r["_embedding"] = cs, e
+        for name, metric in metrics.items():
+            for r, v in zip(rows[s : s + batch_size], metric(images, prompts)):
+                r[name] = float(v)
+        if check is not None:
+            for r, im, p in zip(rows[s : s + batch_size], images, prompts):
+                r["oracle_accuracy"] = float(check(im, p).ok)
+    return rows
+
+
+_NOT_METRICS = ("file", "seed", "prompt_index", "j", "prompt", "_embedding")
+
+
+def aggregate(rows: list[dict]) -> dict[str, list[float]]:
+    """Per-seed values of each metric: the mean over images, and ClipDiversity as the mean over prompts."""
+    per_seed: dict[str, list[float]] = {}
+    for seed in sorted({r["seed"] for r in rows}):
+        rs = [r for r in rows if r["seed"] == seed]
+        for key in (k for k in rs[0] if k not in _NOT_METRICS):
+            per_seed.setdefault(key, []).append(float(np.mean([r[key] for r in rs])))
+        if "_embedding" in rs[0]:
+            div = clip_diversity(torch.tensor([r["_embedding"] for r in rs]),
+                                 torch.tensor([r["prompt_index"] for r in rs]))
+            per_seed.setdefault("clip_diversity", []).append(float(div[DIVERSITY_DEFAULT].mean()))
+            for name, values in div.items():
+                per_seed.setdefault(f"clip_diversity_{name}", []).append(float(values.mean()))
+    return per_seed
+
+
+def write_outputs(out: Path, results: dict[str, dict[str, list[float]]], rows: dict[str, list[dict]],
+                  notes: list[str], meta: dict) -> Table:
+    for label, label_rows in rows.items():
+        lines = [json.dumps({k: v for k, v in r.items() if k != "_embedding"}) for r in label_rows]
+        atomic_write_bytes(out / "scores" / f"{label}.jsonl", ("\n".join(lines) + "\n").encode())
+        summary = {m: {"per_seed": v, "mean": mean_and_se(v)[0], "se": mean_and_se(v)[1]} for m, v in results[label].items()}
+        atomic_write_json(out / "runs" / f"{label}.json", {"label": label, "meta": meta, "metrics": summary})
+    shown = {label: {m: v for m, v in r.items() if not m.startswith("clip_diversity_")} for label, r in results.items()}
+    table = Table(shown, notes=notes + [f"ClipDiversity = {DIVERSITY_DEFAULT} variant (100 * (1 - cos)); the l2 "
+                                        "variant is in runs/*.json.",
+                                        f"{meta['num_prompts']} prompts x {meta['images_per_prompt']} images x "
+                                        f"{len(meta['seeds'])} seeds, {meta['steps']} steps, CFG {meta['guidance_scale']}, "
+                                        f"{meta['resolution']} px."])
+    atomic_write_bytes(out / "table.md", table.to_markdown().encode())
+    atomic_write_bytes(out / "table.csv", table.to_csv().encode())
+    atomic_write_bytes(out / "table.tex", table.to_latex().encode())
+    return table
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", required=True, help="SD3 pipeline (hub id or folder): the 'Base' row and the LoRAs' base")
+    ap.add_argument("--base_label", default="Base")
+    ap.add_argument("--run", action="append", default=[], metavar="LABEL=LORA_DIR",
+                    help="a trained LoRA (e.g. <output_dir>/final) as a row; repeat for several")
+    ap.add_argument("--pipeline", action="append", default=[], metavar="LABEL=PIPELINE",
+                    help="another diffusers text-to-image pipeline (folder or hub id) as an extra row")
+    ap.add_argument("--prompts", required=True, help="prompt file (.txt, .csv, .jsonl)")
+    ap.add_argument("--num_prompts", type=int, default=0, help="use the first N prompts (0: all)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--images_per_prompt", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=28)
+    ap.add_argument("--guidance_scale", type=float, default=7.0)
+    ap.add_argument("--resolution", type=int, default=1024)
+    ap.add_argument("--drop_t5", action="store_true")
+    ap.add_argument("--max_sequence_length", type=int, default=256)
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    ap.add_argument("--clip", help="CLIP for ClipScore / ClipDiversity (hub id or folder), e.g. "
+                                   "openai/clip-vit-large-patch14; left out of the table if not given")
+    ap.add_argument("--out", required=True, help="output folder (images/, scores/, runs/, table.*)")
+    return ap
+
+
+def main(argv: Optional[list[str]] = None) -> Table:
+    args = build_parser().parse_args(argv)
+    if args.images_per_prompt < 2:
+        raise SystemExit("error: --images_per_prompt must be >= 2 (ClipDiversity compares images of a prompt)")
+    prompts = load_prompts(args.prompts)
+    prompts = prompts[: args.num_prompts] if args.num_prompts else prompts
+    for label, path in [*map(_spec, args.run)]:
+        if not (Path(path) / "pytorch_lora_weights.safetensors").is_file():
+            raise SystemExit(f"error: run {label}: {path} has no pytorch_lora_weights.safetensors (pass <output_dir>/final)")
+    out = Path(args.out)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    common = dict(prompts=tuple(prompts), seeds=tuple(args.seeds), images_per_prompt=args.images_per_prompt,
+                  steps=args.steps, guidance_scale=args.guidance_scale, resolution=args.resolution)
+    base_pipe = load_pipeline(args.base, drop_t5=args.drop_t5, dtype=DTYPES[args.dtype])
+    rows_spec = [(args.base_label, Settings(args.base, None, **common), base_pipe)]
+    rows_spec += [(label, Settings(args.base, path, **common), base_pipe) for label, path in map(_spec, args.run)]
+    rows_spec += [(label, Settings(src, None, **common), None) for label, src in map(_spec, args.pipeline)]
+    manifests = {}
+    for label, settings, pipe in rows_spec:
+        manifests[label] = generate(out, label, settings, pipe=pipe, drop_t5=args.drop_t5,
+                                    dtype=DTYPES[args.dtype], device=device,
+                                    max_sequence_length=args.max_sequence_length)
+    notes = []
+    clip = None
+    if args.clip:
+        from sd3_adrpo.rewards import ClipScoreReward
+
+        clip = ClipScoreReward(args.clip, device=device)
+    else:
+        notes.append("ClipScore and ClipDiversity left out: no --clip weights given.")
+    results, rows = {}, {}
+    for label, manifest in manifests.items():
+        rows[label] = score(out, manifest, clip=clip)
+        results[label] = aggregate(rows[label])
+    meta = {"num_prompts": len(prompts), **{k: v for k, v in common.items() if k != "prompts"},
+            "base": args.base, "prompts_file": args.prompts}
+    table = write_outputs(out, results, rows, notes, meta)
+    print(table.to_markdown())
+    return table

@@ -1,0 +1,75 @@
+import json
+
+import pytest
+import torch
+
+from sd3_adrpo import table1
+from sd3_adrpo.models import add_lora, load_pipeline, save_lora
+
+
+@pytest.fixture(scope="module")
+def lora_dir(tiny_models, tmp_path_factory):
+    """A LoRA far enough from the base to change its samples."""
+    pipe = load_pipeline(str(tiny_models["sd3"]), drop_t5=True)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in add_lora(pipe.transformer, rank=4):
+            p.add_(torch.randn_like(p) * 0.3)
+    out = tmp_path_factory.mktemp("lora")
+    save_lora(pipe.transformer, out)
+    return out
+
+
+def _args(tiny_models, lora_dir, tmp_path, seeds=("0", "1")):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\ntwo blue squares\na green triangle above a yellow circle\n")
+    return ["--base", str(tiny_models["sd3"]), "--run", f"ADRPO={lora_dir}", "--prompts", str(prompts),
+            "--num_prompts", "2", "--seeds", *seeds, "--images_per_prompt", "2", "--steps", "3",
+            "--guidance_scale", "4", "--resolution", "64", "--drop_t5", "--max_sequence_length", "4",
+            "--clip", str(tiny_models["clip"]), "--out", str(tmp_path / "eval")]
+
+
+def test_table1_end_to_end_and_no_regeneration(tiny_models, lora_dir, tmp_path, monkeypatch):
+    table = table1.main(_args(tiny_models, lora_dir, tmp_path))
+    out = tmp_path / "eval"
+    assert list(table.rows) == ["Base", "ADRPO"]
+    for name in ("table.md", "table.csv", "table.tex", "runs/Base.json", "runs/ADRPO.json", "scores/ADRPO.jsonl"):
+        assert (out / name).is_file(), name
+    run = json.loads((out / "runs" / "ADRPO.json").read_text())["metrics"]
+    for key in ("clip_score", "clip_diversity", "clip_diversity_cosine", "clip_diversity_l2", "oracle_accuracy",
+                "w2_divergence"):
+        assert len(run[key]["per_seed"]) == 2, key
+    base = json.loads((out / "runs" / "Base.json").read_text())["metrics"]
+    assert base["w2_divergence"]["mean"] == 0 and run["w2_divergence"]["mean"] > 0
+    scores = [json.loads(x) for x in (out / "scores" / "ADRPO.jsonl").read_text().splitlines()]
+    assert len(scores) == 2 * 2 * 2 and {s["prompt"] for s in scores} == {"a red circle", "two blue squares"}
+    assert run["clip_score"]["per_seed"][0] == pytest.approx(
+        sum(s["clip_score"] for s in scores if s["seed"] == 0) / 4)
+    assert (out / scores[0]["file"]).is_file()
+
+    # Scoring again reuses the saved images: generation must not run.
+    monkeypatch.setattr(table1.SD3Sampler, "sample", lambda *a, **k: pytest.fail("regenerated"))
+    again = table1.main(_args(tiny_models, lora_dir, tmp_path))
+    assert again.rows == table.rows
+
+
+def test_changed_settings_regenerate(tiny_models, lora_dir, tmp_path):
+    table1.main(_args(tiny_models, lora_dir, tmp_path, seeds=("0",)))
+    manifest = json.loads((tmp_path / "eval" / "images" / "ADRPO" / "manifest.json").read_text())
+    assert manifest["settings"]["seeds"] == [0]
+    table = table1.main(_args(tiny_models, lora_dir, tmp_path, seeds=("0", "3")))
+    assert len(table.rows["ADRPO"]["clip_score"]) == 2
+
+
+def test_bad_run_folder_is_a_clear_error(tiny_models, tmp_path):
+    with pytest.raises(SystemExit, match="has no pytorch_lora_weights.safetensors"):
+        table1.main(_args(tiny_models, tmp_path / "nope", tmp_path))
+
+
+def test_other_pipelines_are_extra_rows(tiny_models, lora_dir, tmp_path):
+    args = _args(tiny_models, lora_dir, tmp_path, seeds=("0",))
+    args = [a for a in args if a != f"ADRPO={lora_dir}" and a != "--run"]
+    table = table1.main([*args, "--pipeline", f"Other={tiny_models['sd3']}"])
+    assert list(table.rows) == ["Base", "Other"]
+    other = json.loads((tmp_path / "eval" / "runs" / "Other.json").read_text())["metrics"]
+    assert "clip_score" in other and "w2_divergence" not in other  # W2 only exists for our own LoRAs
