@@ -101,12 +101,16 @@ class TrainConfig:
     sample_every: int = _f(10, "iterations between held-out sample grids (0 disables)")
     num_sample_prompts: int = _f(4, "held-out prompts in each grid (rows)")
     sample_images_per_prompt: int = _f(4, "images per prompt in each grid (columns, fixed seeds)")
+    eval_every: int = _f(0, "iterations between held-out evaluations of reward, ClipDiversity and W2 divergence "
+                            "(eval_metrics.jsonl, the data of the trade-off plot); 0 disables")
+    eval_num_prompts: int = _f(16, "prompts (a seeded subset of eval_prompts) in each periodic evaluation")
+    eval_images_per_prompt: int = _f(4, "images per prompt in each periodic evaluation (>= 2)")
     final_eval_prompts: Optional[str] = _f(None, "held-out prompts for the before/after evaluation at the end "
                                                  "(summary.json/.md in output_dir); null to skip")
     final_eval_num_prompts: int = _f(0, "evaluate a seeded random subset of this many prompts (0: all)")
     final_eval_images_per_prompt: int = _f(4, "images per prompt in the final evaluation (>= 2, for diversity)")
     final_eval_clip_model: Optional[str] = _f(None, "CLIP (hub id or folder) for ClipScore and ClipDiversity; "
-                                                    "default: reward_model when reward is clip")
+                                                    "default: reward_model when reward is clip; also used by eval_every")
     report_to: str = _f("none", "experiment tracker: none or wandb (WANDB_MODE=offline works without network)",
                         ("none", "wandb"))
     wandb_project: str = _f("sd3-adrpo", "wandb project name")
@@ -178,6 +182,13 @@ class TrainConfig:
             raise ConfigError(f"unknown reward {self.reward!r}; available: {', '.join(sorted(REWARDS))}")
         if self.reward == "clip":
             _check_model_source(self.reward_model, "reward_model", need="config.json")
+        if self.eval_every:
+            if self.eval_prompts is None:
+                raise ConfigError("eval_every needs eval_prompts (held-out prompts to evaluate on)")
+            if self.eval_images_per_prompt < 2 or self.eval_num_prompts < 1:
+                raise ConfigError("eval_images_per_prompt must be >= 2 and eval_num_prompts >= 1")
+            if self.eval_clip_model is None:
+                raise ConfigError("eval_every needs a CLIP for ClipDiversity: set final_eval_clip_model")
         if self.final_eval_prompts is not None:
             if self.final_eval_images_per_prompt < 2:
                 raise ConfigError("final_eval_images_per_prompt must be >= 2: ClipDiversity compares images of a prompt")

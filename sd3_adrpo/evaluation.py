@@ -21,6 +21,7 @@ from sd3_adrpo.rewards import ClipScoreReward
 from sd3_adrpo.rollout import SD3Sampler, make_generator
 
 EVAL_NOISE = 3  # random stream of evaluation samples (see trainer's ROLLOUT_NOISE, LOSS_NOISE, GRID_NOISE)
+W2_NOISE = 4  # random stream of the (sigma, noise) draws of the W2 divergence
 DIVERSITY_DEFAULT = "cosine"
 
 
@@ -82,15 +83,35 @@ class PolicyEval:
     oracle_ok: Optional[np.ndarray]  # (B,) bool, tiny world only
     category: Optional[list[str]]  # (B,) tiny world only
     diversity: dict[str, np.ndarray]  # per prompt
+    w2: Optional[np.ndarray] = None  # (B,) ||v_theta - v_ref||^2 at one sigma draw per image, if asked for
 
     def per_prompt(self, values: np.ndarray, k: int) -> np.ndarray:
         return np.asarray(values, float).reshape(-1, k).mean(axis=1)
 
 
 @torch.no_grad()
+def w2_divergence(transformer, latents: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor,
+                  generator: torch.Generator) -> np.ndarray:
+    """||v_theta - v_ref||^2 (mean over elements) per sample at one uniform (sigma, noise) draw each: the ADRPO
+    regulariser on the policy's own samples, v_ref being the same transformer with its adapters disabled."""
+    from sd3_adrpo.losses import noised
+    from sd3_adrpo.models import reference_mode
+    from sd3_adrpo.trainer import velocity
+
+    noise = torch.randn(latents.shape, generator=generator).to(latents)
+    sigmas = torch.rand(len(latents), generator=generator).to(latents.device)
+    x_t, _ = noised(latents, noise, sigmas)
+    v_theta = velocity(transformer, x_t, sigmas, prompt_embeds, pooled)
+    with reference_mode(transformer):
+        v_ref = velocity(transformer, x_t, sigmas, prompt_embeds, pooled)
+    return (v_theta.float() - v_ref.float()).pow(2).flatten(1).mean(1).cpu().numpy()
+
+
+@torch.no_grad()
 def evaluate_policy(sampler: SD3Sampler, clip: ClipScoreReward, prompts: list[str], images_per_prompt: int,
-                    resolution: int, seed: int) -> PolicyEval:
-    """Sample ``images_per_prompt`` images per prompt from the sampler's current policy (fixed noise) and score them."""
+                    resolution: int, seed: int, with_w2: bool = False) -> PolicyEval:
+    """Sample ``images_per_prompt`` images per prompt from the sampler's current policy (fixed noise) and score them;
+    ``with_w2`` also measures the W2 divergence to the reference on those samples."""
     rollout = sampler.sample(prompts, images_per_prompt, resolution, make_generator(seed, 0, EVAL_NOISE))
     img = torch.cat([clip.embed_images(rollout.images[s : s + 64]) for s in range(0, len(rollout.prompts), 64)])
     txt_unique = clip.embed_texts(prompts)
@@ -103,7 +124,9 @@ def evaluate_policy(sampler: SD3Sampler, clip: ClipScoreReward, prompts: list[st
         category = [r.category for r in results]
     return PolicyEval(prompts=rollout.prompts, images=rollout.images.numpy(),
                       clip_score=clip_scores(img, txt).cpu().numpy(), oracle_ok=oracle_ok, category=category,
-                      diversity=clip_diversity(img.cpu(), rollout.group_ids))
+                      diversity=clip_diversity(img.cpu(), rollout.group_ids),
+                      w2=w2_divergence(sampler.pipe.transformer, rollout.latents, rollout.prompt_embeds,
+                                       rollout.pooled_embeds, make_generator(seed, 0, W2_NOISE)) if with_w2 else None)
 
 
 def compare(base: PolicyEval, trained: PolicyEval, images_per_prompt: int, seed: int = 0) -> dict:

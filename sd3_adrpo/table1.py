@@ -17,15 +17,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sd3_adrpo.evaluation import DIVERSITY_DEFAULT, clip_diversity, clip_scores, oracle_for
+from sd3_adrpo.evaluation import (DIVERSITY_DEFAULT, EVAL_NOISE, W2_NOISE, clip_diversity, clip_scores, oracle_for,
+                                  w2_divergence)
 from sd3_adrpo.io import atomic_write_bytes, atomic_write_json, save_png
-from sd3_adrpo.models import DTYPES, load_pipeline, reference_mode
+from sd3_adrpo.models import DTYPES, load_pipeline
 from sd3_adrpo.prompts import load_prompts
 from sd3_adrpo.rollout import SD3Sampler, make_generator
 from sd3_adrpo.tables import Table, mean_and_se
-
-W2_NOISE = 4  # random stream for the (sigma, noise) draws of the W2 divergence
-
 
 @dataclass(frozen=True)
 class Settings:
@@ -52,21 +50,6 @@ def _image_path(root: Path, label: str, seed: int, p: int, j: int) -> Path:
     return root / "images" / label / f"seed{seed}" / f"p{p:04d}_{j}.png"
 
 
-@torch.no_grad()
-def _w2(transformer, latents, emb, pooled, generator) -> np.ndarray:
-    """E_t ||v_theta - v_ref||^2 per sample at one uniform sigma draw each (the regulariser itself)."""
-    from sd3_adrpo.losses import noised
-    from sd3_adrpo.trainer import velocity
-
-    noise = torch.randn(latents.shape, generator=generator).to(latents)
-    sigmas = torch.rand(len(latents), generator=generator).to(latents.device)
-    x_t, _ = noised(latents, noise, sigmas)
-    v_theta = velocity(transformer, x_t, sigmas, emb, pooled)
-    with reference_mode(transformer):
-        v_ref = velocity(transformer, x_t, sigmas, emb, pooled)
-    return (v_theta.float() - v_ref.float()).pow(2).flatten(1).mean(1).cpu().numpy()
-
-
 def generate(out: Path, label: str, settings: Settings, *, pipe=None, drop_t5: bool = False, dtype=torch.float32,
              device="cpu", max_sequence_length: int = 256, batch_size: int = 16) -> dict:
     """Generate (or reuse) the images of one row; returns its manifest. ``pipe`` is the loaded base SD3 pipeline for
@@ -86,8 +69,8 @@ def generate(out: Path, label: str, settings: Settings, *, pipe=None, drop_t5: b
                              batch_size=batch_size)
         for seed in tqdm(settings.seeds, desc=f"generate {label}"):
             rollout = sampler.sample(list(settings.prompts), settings.images_per_prompt, settings.resolution,
-                                     make_generator(seed, 0, 3))
-            w2 = (_w2(pipe.transformer, rollout.latents, rollout.prompt_embeds, rollout.pooled_embeds,
+                                     make_generator(seed, 0, EVAL_NOISE))
+            w2 = (w2_divergence(pipe.transformer, rollout.latents, rollout.prompt_embeds, rollout.pooled_embeds,
                       make_generator(seed, 0, W2_NOISE)) if settings.lora else np.zeros(len(rollout.prompts)))
             for i, image in enumerate(rollout.images.numpy()):
                 p, j = divmod(i, settings.images_per_prompt)

@@ -195,13 +195,11 @@ class StopOnSignal:
             signal.signal(sig, handler)
 
 
-def final_evaluation(cfg: TrainConfig, prompts: list[str], sampler: SD3Sampler, base_transformer, reward_fn,
+def final_evaluation(cfg: TrainConfig, prompts: list[str], sampler: SD3Sampler, base_transformer, clip,
                      out: Path) -> dict:
     """Base (adapter off) and trained policy on the same held-out prompts and noise; writes summary.json/.md."""
     from sd3_adrpo.evaluation import evaluate_policy, write_results
 
-    clip = (reward_fn if isinstance(reward_fn, ClipScoreReward) and cfg.eval_clip_model == cfg.reward_model
-            else ClipScoreReward(cfg.eval_clip_model, device=sampler.device))
     k = cfg.final_eval_images_per_prompt
     with reference_mode(base_transformer):
         base = evaluate_policy(sampler, clip, prompts, k, cfg.resolution, cfg.seed)
@@ -212,12 +210,27 @@ def final_evaluation(cfg: TrainConfig, prompts: list[str], sampler: SD3Sampler, 
     return summary
 
 
-def _eval_prompts(cfg: TrainConfig) -> list[str]:
+def trajectory_point(cfg: TrainConfig, prompts: list[str], sampler: SD3Sampler, clip, reward_fn) -> dict:
+    """One point of the reward / diversity / divergence trade-off (the paper's Figure 3) on held-out prompts."""
+    from sd3_adrpo.evaluation import DIVERSITY_DEFAULT, evaluate_policy
+
+    ev = evaluate_policy(sampler, clip, prompts, cfg.eval_images_per_prompt, cfg.resolution, cfg.seed, with_w2=True)
+    rewards = reward_fn(torch.from_numpy(ev.images), ev.prompts)
+    point = {"reward": float(torch.as_tensor(rewards).float().nanmean()), "clip_score": float(ev.clip_score.mean()),
+             "clip_diversity": float(ev.diversity[DIVERSITY_DEFAULT].mean()), "w2_divergence": float(ev.w2.mean())}
+    point.update({f"clip_diversity_{k}": float(v.mean()) for k, v in ev.diversity.items()})
+    if ev.oracle_ok is not None:
+        point["oracle_accuracy"] = float(ev.oracle_ok.mean())
+    return point
+
+
+def _subset(path: Optional[str], n: int, seed: int) -> list[str]:
+    """A seeded random subset of n prompts of a file (all of them for n = 0 or n >= its length)."""
     import numpy as np
 
-    prompts = load_prompts(cfg.final_eval_prompts) if cfg.final_eval_prompts else []
-    if 0 < cfg.final_eval_num_prompts < len(prompts):
-        keep = np.random.default_rng(cfg.seed).permutation(len(prompts))[: cfg.final_eval_num_prompts]
+    prompts = load_prompts(path) if path else []
+    if 0 < n < len(prompts):
+        keep = np.random.default_rng(seed).permutation(len(prompts))[:n]
         prompts = [prompts[i] for i in sorted(keep)]
     return prompts
 
@@ -243,7 +256,8 @@ def train(cfg: TrainConfig) -> Path:
         raise ConfigError(f"prompts_per_iteration={cfg.prompts_per_iteration} but {cfg.train_prompts} has only "
                           f"{len(train_prompts)} prompts")
     grid_prompts = load_prompts(cfg.eval_prompts)[: cfg.num_sample_prompts] if cfg.eval_prompts else []
-    final_prompts = _eval_prompts(cfg)
+    final_prompts = _subset(cfg.final_eval_prompts, cfg.final_eval_num_prompts, cfg.seed)
+    traj_prompts = _subset(cfg.eval_prompts, cfg.eval_num_prompts, cfg.seed) if cfg.eval_every else []
     try:
         resume = find_resume_checkpoint(cfg.resume_from, cfg.output_dir) if cfg.resume_from else None
     except ValueError as e:
@@ -258,7 +272,7 @@ def train(cfg: TrainConfig) -> Path:
 
     pipe = load_pipeline(cfg.pretrained_model, drop_t5=cfg.drop_t5, dtype=DTYPES[cfg.mixed_precision],
                          revision=cfg.revision).to(device)
-    _warn_long_prompts(pipe, train_prompts + grid_prompts + final_prompts)
+    _warn_long_prompts(pipe, train_prompts + grid_prompts + final_prompts + traj_prompts)
     base_transformer = pipe.transformer
     if cfg.gradient_checkpointing:
         base_transformer.enable_gradient_checkpointing()
@@ -273,6 +287,10 @@ def train(cfg: TrainConfig) -> Path:
     sampler = SD3Sampler(pipe, device, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                          max_sequence_length=cfg.t5_length, batch_size=cfg.rollout_batch_size)
     prompt_sampler = PromptSampler(train_prompts, cfg.seed)
+    eval_clip = None
+    if traj_prompts or final_prompts:
+        eval_clip = (reward_fn if isinstance(reward_fn, ClipScoreReward) and cfg.eval_clip_model == cfg.reward_model
+                     else ClipScoreReward(cfg.eval_clip_model, device=device))
 
     start = 0
     if resume is not None:
@@ -281,6 +299,7 @@ def train(cfg: TrainConfig) -> Path:
         start = state["iteration"]
         if accelerator.is_main_process:
             truncate_metrics(out / "metrics.jsonl", start)
+            truncate_metrics(out / "eval_metrics.jsonl", start + 1)
         print(f"resumed from {resume} at iteration {start}")
     if accelerator.is_main_process:
         accelerator.init_trackers(cfg.wandb_project, config=dataclasses.asdict(cfg))
@@ -292,8 +311,12 @@ def train(cfg: TrainConfig) -> Path:
 
     bar = tqdm(range(start, cfg.num_iterations), initial=start, total=cfg.num_iterations, desc="ADRPO",
                disable=not accelerator.is_local_main_process)
-    if start == 0 and grid_prompts and cfg.sample_every and accelerator.is_main_process:
-        sample_grid(sampler, reward_fn, grid_prompts, cfg, out / "samples" / "iter_000000.png")
+    if start == 0 and accelerator.is_main_process:
+        if grid_prompts and cfg.sample_every:
+            sample_grid(sampler, reward_fn, grid_prompts, cfg, out / "samples" / "iter_000000.png")
+        if traj_prompts:
+            append_jsonl(out / "eval_metrics.jsonl",
+                         {"iteration": 0, **trajectory_point(cfg, traj_prompts, sampler, eval_clip, reward_fn)})
     bad_streak = 0
     with StopOnSignal() as stop:
         for iteration in bar:
@@ -319,6 +342,10 @@ def train(cfg: TrainConfig) -> Path:
             if accelerator.is_main_process:
                 if grid_prompts and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.num_iterations):
                     row.update(sample_grid(sampler, reward_fn, grid_prompts, cfg, out / "samples" / f"iter_{done:06d}.png"))
+                if traj_prompts and (done % cfg.eval_every == 0 or done == cfg.num_iterations):
+                    point = trajectory_point(cfg, traj_prompts, sampler, eval_clip, reward_fn)
+                    append_jsonl(out / "eval_metrics.jsonl", {"iteration": done, **point})
+                    row.update({f"eval_{k}": v for k, v in point.items()})
                 row["time_total"] = time.perf_counter() - t0
                 append_jsonl(out / "metrics.jsonl", row)  # before the checkpoint: a checkpoint implies its rows
                 accelerator.log(row, step=iteration)
@@ -348,6 +375,6 @@ def train(cfg: TrainConfig) -> Path:
         tmp.rename(final)
         print(f"done: LoRA saved to {final}")
         if final_prompts:
-            final_evaluation(cfg, final_prompts, sampler, base_transformer, reward_fn, out)
+            final_evaluation(cfg, final_prompts, sampler, base_transformer, eval_clip, out)
     accelerator.end_training()
     return final
