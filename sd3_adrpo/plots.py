@@ -57,3 +57,41 @@ def plot_tradeoff(runs: dict[str, list[dict]], out: str | os.PathLike, reward_ke
         fig.savefig(p, dpi=150)
     plt.close(fig)
     return paths
+
+
+def qualitative_grid(eval_dir: str | os.PathLike, labels: list[str] | None = None,
+                     prompt_indices: list[int] | None = None, seed: int | None = None, image_index: int = 0,
+                     out: str | os.PathLike | None = None):
+    """Prompts (rows) x methods (columns) from the images that ``eval/table1.py`` saved (the paper's Figure 2
+    layout): the same seed and image index for every method, so differences come from the methods alone."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    root = Path(eval_dir)
+    manifests = {p.parent.name: json.loads(p.read_text()) for p in sorted((root / "images").glob("*/manifest.json"))}
+    if not manifests:
+        raise FileNotFoundError(f"no images/*/manifest.json under {root}: run eval/table1.py first")
+    labels = labels or list(manifests)
+    first = manifests[labels[0]]
+    seed = first["settings"]["seeds"][0] if seed is None else seed
+    prompts = first["settings"]["prompts"]
+    prompt_indices = prompt_indices if prompt_indices is not None else list(range(min(6, len(prompts))))
+    fig, axes = plt.subplots(len(prompt_indices), len(labels), squeeze=False,
+                             figsize=(2.2 * len(labels), 2.2 * len(prompt_indices)))
+    for c, label in enumerate(labels):
+        by_key = {(f["seed"], f["prompt_index"], f["j"]): f["file"] for f in manifests[label]["files"]}
+        for r, p in enumerate(prompt_indices):
+            ax = axes[r][c]
+            ax.imshow(Image.open(root / by_key[(seed, p, image_index)]))
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(label, fontsize=10)
+            if c == 0:
+                ax.set_ylabel(prompts[p][:40], fontsize=7, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    if out is not None:
+        fig.savefig(out, dpi=150)
+    return fig
