@@ -121,12 +121,20 @@ class SD3Sampler:
         return torch.cat(images)
 
     def sample(self, prompts: list[str], samples_per_prompt: int, resolution: int,
-               generator: torch.Generator) -> Rollout:
-        """K = samples_per_prompt images for each prompt (prompt-major), noise drawn from ``generator``."""
+               generator: torch.Generator | list[torch.Generator]) -> Rollout:
+        """K = samples_per_prompt images for each prompt (prompt-major). Noise comes from ``generator``, or with a
+        list of one generator per prompt, prompt i's K noises from ``generator[i]`` (so a prompt's samples do not
+        depend on which other prompts, or which process, it was sampled with)."""
         expanded = [p for p in prompts for _ in range(samples_per_prompt)]
         group_ids = torch.arange(len(prompts)).repeat_interleave(samples_per_prompt)
         emb, pooled = self.embed(expanded)
-        noise = torch.randn((len(expanded), *self.latent_shape(resolution)), generator=generator)
+        shape = self.latent_shape(resolution)
+        if isinstance(generator, torch.Generator):
+            noise = torch.randn((len(expanded), *shape), generator=generator)
+        else:
+            if len(generator) != len(prompts):
+                raise ValueError(f"got {len(generator)} generators for {len(prompts)} prompts")
+            noise = torch.cat([torch.randn((samples_per_prompt, *shape), generator=g) for g in generator])
         latents = self.denoise(noise, emb, pooled)
         return Rollout(prompts=expanded, group_ids=group_ids, latents=latents, images=self.decode(latents),
                        prompt_embeds=emb, pooled_embeds=pooled)

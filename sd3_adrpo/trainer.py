@@ -55,14 +55,26 @@ def adrpo_batch_loss(transformer, base_transformer, x1, noise, sigmas, prompt_em
                          weights=weights)
 
 
+def loss_noise(cfg: TrainConfig, shape: tuple, key: tuple, indices: range) -> tuple[torch.Tensor, torch.Tensor]:
+    """One (noise, sigma) draw per sample, each from its own generator keyed by the sample's global index, so the
+    draws do not depend on micro-batching, on the number of processes, or on which process holds the sample."""
+    noise, sigmas = [], []
+    for i in indices:
+        g = make_generator(*key, i)
+        noise.append(torch.randn(shape, generator=g))
+        sigmas.append(sample_sigmas(1, cfg.timestep_density, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
+                                    mode_scale=cfg.mode_scale, shift=cfg.timestep_shift, generator=g))
+    return torch.stack(noise), torch.cat(sigmas)
+
+
 def update(accelerator, transformer, base_transformer, optimizer, lr_scheduler, rollout: Rollout,
-           advantages: torch.Tensor, cfg: TrainConfig, generator: torch.Generator,
+           advantages: torch.Tensor, cfg: TrainConfig, key: tuple, first_index: int = 0,
            weights: Optional[torch.Tensor] = None) -> dict:
     """``inner_epochs`` passes over the rollout in shuffled minibatches; returns mean loss terms and grad norm.
 
-    Each pass draws one (sigma, noise) per sample up front, so the update does not depend on how the samples are
-    split into micro-batches (train_batch_size x gradient_accumulation_steps). ``weights`` (0/1 per sample) drops
-    samples from the loss. An accumulation window with a non-finite loss or gradient is skipped, not applied.
+    ``key`` (e.g. (seed, iteration, LOSS_NOISE)) seeds the per-sample (sigma, noise) draws and the shuffling; samples
+    are numbered globally from ``first_index`` (this process's offset). ``weights`` (0/1 per sample) drops samples
+    from the loss. An accumulation window whose loss or gradient is not finite on any process is skipped by all.
     """
     n, device = len(rollout.prompts), rollout.latents.device
     weights = torch.ones(n) if weights is None else weights
@@ -72,29 +84,29 @@ def update(accelerator, transformer, base_transformer, optimizer, lr_scheduler, 
     advantages, weights = advantages.to(device), weights.to(device)
     window_ok = True
     transformer.train()
-    for _ in range(cfg.inner_epochs):
-        order = torch.randperm(n, generator=generator)
-        noise = torch.randn(rollout.latents.shape, generator=generator).to(rollout.latents)
-        sigmas = sample_sigmas(n, cfg.timestep_density, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
-                               mode_scale=cfg.mode_scale, shift=cfg.timestep_shift, generator=generator, device=device)
+    for epoch in range(cfg.inner_epochs):
+        order = torch.randperm(n, generator=make_generator(*key, epoch, 0))
+        noise, sigmas = loss_noise(cfg, tuple(rollout.latents.shape[1:]), (*key, epoch, 1),
+                                   range(first_index, first_index + n))
+        noise, sigmas = noise.to(rollout.latents), sigmas.to(device)
         for start in range(0, n, cfg.train_batch_size):
             idx = order[start : start + cfg.train_batch_size].to(device)
             with accelerator.accumulate(transformer), accelerator.autocast():
                 loss, cfm, w2 = adrpo_batch_loss(
                     transformer, base_transformer, rollout.latents[idx], noise[idx], sigmas[idx],
                     rollout.prompt_embeds[idx], rollout.pooled_embeds[idx], advantages[idx], cfg.beta0, weights[idx])
-                if torch.isfinite(loss):
-                    accelerator.backward(loss)
-                else:
+                if not torch.isfinite(loss):
                     window_ok = False
                     skipped["nonfinite_loss"] += 1
+                accelerator.backward(loss)  # always: with several processes, a skipped backward would hang the rest
                 if accelerator.sync_gradients:
                     norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-                    if window_ok and torch.isfinite(norm):
+                    any_bad = accelerator.reduce(torch.tensor(float(not window_ok), device=device), "sum") > 0
+                    if not any_bad and torch.isfinite(norm):
                         optimizer.step()
                         lr_scheduler.step()
                         grad_norms.append(float(norm))
-                    elif window_ok:
+                    elif not any_bad:
                         skipped["nonfinite_grad"] += 1
                     optimizer.zero_grad(set_to_none=True)
                     window_ok = True
@@ -235,6 +247,15 @@ def _subset(path: Optional[str], n: int, seed: int) -> list[str]:
     return prompts
 
 
+def _check_in_sync(accelerator, params: list[torch.nn.Parameter]) -> None:
+    """With several processes, the LoRA must be identical everywhere after each update (DDP's promise; checked)."""
+    if accelerator.num_processes > 1:
+        checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).to(accelerator.device)
+        sums = accelerator.gather(checksum)
+        if not torch.all(sums == sums[0]):
+            raise RuntimeError(f"LoRA weights differ between processes after an update: {sums.tolist()}")
+
+
 def _warn_long_prompts(pipe, prompts: list[str]) -> None:
     limit = pipe.tokenizer_max_length
     long = [p for p in prompts if len(pipe.tokenizer(p).input_ids) > limit]
@@ -252,9 +273,6 @@ def train(cfg: TrainConfig) -> Path:
     # Everything that can fail on bad input fails here, before any model is loaded.
     cfg.validate()
     train_prompts = load_prompts(cfg.train_prompts)
-    if cfg.prompts_per_iteration > len(train_prompts):
-        raise ConfigError(f"prompts_per_iteration={cfg.prompts_per_iteration} but {cfg.train_prompts} has only "
-                          f"{len(train_prompts)} prompts")
     grid_prompts = load_prompts(cfg.eval_prompts)[: cfg.num_sample_prompts] if cfg.eval_prompts else []
     final_prompts = _subset(cfg.final_eval_prompts, cfg.final_eval_num_prompts, cfg.seed)
     traj_prompts = _subset(cfg.eval_prompts, cfg.eval_num_prompts, cfg.seed) if cfg.eval_every else []
@@ -266,7 +284,12 @@ def train(cfg: TrainConfig) -> Path:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               log_with="wandb" if cfg.report_to == "wandb" else None)
+    if cfg.prompts_per_iteration * accelerator.num_processes > len(train_prompts):
+        raise ConfigError(f"prompts_per_iteration={cfg.prompts_per_iteration} on {accelerator.num_processes} "
+                          f"process(es) needs {cfg.prompts_per_iteration * accelerator.num_processes} distinct prompts "
+                          f"per iteration but {cfg.train_prompts} has only {len(train_prompts)}")
     out = _prepare_output_dir(cfg) if accelerator.is_main_process else Path(cfg.output_dir)
+    accelerator.wait_for_everyone()
     set_seed(cfg.seed)
     device = accelerator.device
 
@@ -318,25 +341,38 @@ def train(cfg: TrainConfig) -> Path:
             append_jsonl(out / "eval_metrics.jsonl",
                          {"iteration": 0, **trajectory_point(cfg, traj_prompts, sampler, eval_clip, reward_fn)})
     bad_streak = 0
+    rank, world, n_prompts = accelerator.process_index, accelerator.num_processes, cfg.prompts_per_iteration
+    local = slice(rank * cfg.samples_per_iteration, (rank + 1) * cfg.samples_per_iteration)  # this process's samples
     with StopOnSignal() as stop:
         for iteration in bar:
             t0 = time.perf_counter()
-            prompts = prompt_sampler.next(cfg.prompts_per_iteration)
+            # every process draws the same global prompt list and takes its shard; groups stay within a process
+            prompts = prompt_sampler.next(n_prompts * world)[rank * n_prompts : (rank + 1) * n_prompts]
             rollout = sampler.sample(prompts, cfg.samples_per_prompt, cfg.resolution,  # 1. sample
-                                     make_generator(cfg.seed, iteration, ROLLOUT_NOISE))
+                                     [make_generator(cfg.seed, iteration, ROLLOUT_NOISE, rank * n_prompts + i)
+                                      for i in range(n_prompts)])
             t1 = time.perf_counter()
             rewards, valid = score(reward_fn, rollout, cfg.reward)  # 2. score
             t2 = time.perf_counter()
-            advantages, row = advantage_stats(rewards, rollout.group_ids, valid, cfg)  # 3. advantages
-            if valid.any():
+            # 3. advantages, from all processes' rewards (so batch_std and the logged stats are global)
+            all_rewards, all_valid, all_groups = (accelerator.gather(x.to(device)).cpu() for x in (
+                rewards, valid, rollout.group_ids + rank * n_prompts))
+            all_advantages, row = advantage_stats(all_rewards, all_groups, all_valid, cfg)
+            advantages = all_advantages[local]
+            if all_valid.any():
                 rollout.latents[~valid.to(rollout.latents.device)] = 0.0  # dropped below; keep the arithmetic finite
-                row.update(update(accelerator, transformer, base_transformer, optimizer, lr_scheduler,  # 4. update
-                                  rollout, advantages, cfg, make_generator(cfg.seed, iteration, LOSS_NOISE),
-                                  weights=valid.float()))
+                stats = update(accelerator, transformer, base_transformer, optimizer, lr_scheduler,  # 4. update
+                               rollout, advantages, cfg, (cfg.seed, iteration, LOSS_NOISE), local.start,
+                               weights=valid.float())
+                for k in ("loss", "cfm", "w2", "nonfinite_loss"):
+                    stats[k] = float(accelerator.reduce(torch.tensor(float(stats[k]), device=device),
+                                                        "mean" if k != "nonfinite_loss" else "sum"))
+                row.update(stats)
+                _check_in_sync(accelerator, params)
             t3 = time.perf_counter()
             done = iteration + 1
             row.update(iteration=iteration, lr=lr_scheduler.get_last_lr()[0],
-                       images_per_s=len(rollout.prompts) / (t1 - t0), time_sample=t1 - t0, time_score=t2 - t1,
+                       images_per_s=len(rollout.prompts) * world / (t1 - t0), time_sample=t1 - t0, time_score=t2 - t1,
                        time_update=t3 - t2)
             bad_streak = bad_streak + 1 if row.get("optimizer_steps", 0) == 0 else 0
             if accelerator.is_main_process:
@@ -353,7 +389,7 @@ def train(cfg: TrainConfig) -> Path:
                     checkpoint(done)
             bar.set_postfix(reward=f"{row.get('reward_mean', float('nan')):.2f}", w2=f"{row.get('w2', 0.0):.2e}")
             if bad_streak >= cfg.max_bad_iterations:
-                stage = ("score: every reward was non-finite" if not valid.any() else
+                stage = ("score: every reward was non-finite" if not all_valid.any() else
                          f"update: {row['nonfinite_loss']} non-finite losses, {row['nonfinite_grad']} non-finite gradients")
                 path = checkpoint(done) if accelerator.is_main_process else None
                 raise NonFiniteError(

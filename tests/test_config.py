@@ -101,7 +101,7 @@ def test_too_few_prompts_for_an_iteration(valid, monkeypatch):
     import sd3_adrpo.trainer as trainer
 
     monkeypatch.setattr(trainer, "load_pipeline", lambda *a, **k: pytest.fail("model loaded"))
-    with pytest.raises(ConfigError, match="has only 2 prompts"):
+    with pytest.raises(ConfigError, match="has only 2"):
         trainer.train(parse_args(["--config", str(valid), "--prompts_per_iteration", "4"]))
 
 
