@@ -23,21 +23,32 @@ PREFIX = "checkpoint-"
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state -> (tensors keyed by 'param/name[/sub...]', JSON meta). Nested dicts (e.g. bitsandbytes'
+    8-bit quantisation state) are flattened too."""
     tensors, scalars = {}, {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, torch.Tensor):
+            tensors[prefix] = value.detach().cpu().contiguous()
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}/{k}", v)
+        else:
+            scalars[prefix] = value
+
     for idx, per_param in state["state"].items():
-        for name, value in per_param.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"{idx}.{name}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{idx}.{name}"] = value
+        walk(str(idx), per_param)
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     state: dict[int, dict] = {}
     for key, value in list(tensors.items()) + list(meta["scalars"].items()):
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
+        idx, *path = key.split("/")
+        node = state.setdefault(int(idx), {})
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = value
     return {"state": state, "param_groups": meta["param_groups"]}
 
 

@@ -48,6 +48,10 @@ class TrainConfig:
                             "transformer modules that get LoRA (peft target_modules); add add_q_proj, add_k_proj, "
                             "add_v_proj, to_add_out for the text stream")
     gradient_checkpointing: bool = _f(False, "recompute transformer activations in backward to save memory")
+    optimizer: str = _f("adamw", "adamw (torch) or adamw8bit (bitsandbytes: 8-bit optimizer states)",
+                        ("adamw", "adamw8bit"))
+    free_text_encoders: bool = _f(False, "encode every prompt once at start-up, then free the text encoders")
+    t5_8bit: bool = _f(False, "load the T5 encoder in 8 bit (bitsandbytes; needs a CUDA GPU)")
     # --- prompts ---------------------------------------------------------------------------------------------
     train_prompts: str = _f("prompts/tiny_train.txt", "prompt file the RL loop samples from (.txt, .csv, .jsonl)")
     eval_prompts: Optional[str] = _f("prompts/tiny_heldout.txt",
@@ -65,6 +69,7 @@ class TrainConfig:
     num_inference_steps: int = _f(10, "Euler ODE steps of each rollout")
     guidance_scale: float = _f(4.5, "classifier-free guidance scale of rollouts (<= 1 disables CFG)")
     rollout_batch_size: int = _f(16, "images generated per transformer call (memory knob, no effect on results)")
+    vae_batch_size: int = _f(8, "images decoded per VAE call (memory knob)")
     # --- ADRPO -----------------------------------------------------------------------------------------------
     beta0: float = _f(1.0, "baseline divergence strength: loss = A*CFM + (beta0 - A)*W2")
     adv_scale: str = _f("none", "advantage scaling after the group-mean baseline",
@@ -150,7 +155,7 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         """Check everything checkable without loading a model. Raises ConfigError saying what to do."""
         for name in ("num_iterations", "prompts_per_iteration", "resolution", "num_inference_steps",
-                     "rollout_batch_size", "train_batch_size", "gradient_accumulation_steps", "inner_epochs",
+                     "rollout_batch_size", "vae_batch_size", "train_batch_size", "gradient_accumulation_steps", "inner_epochs",
                      "lora_rank", "num_sample_prompts", "sample_images_per_prompt", "checkpoints_total_limit",
                      "max_bad_iterations"):
             if getattr(self, name) < 1:
@@ -173,6 +178,13 @@ class TrainConfig:
                 f"prompts_per_iteration * samples_per_prompt = {self.samples_per_iteration} samples per iteration "
                 f"do not divide into train_batch_size * gradient_accumulation_steps = {micro}: choose sizes so "
                 "that every optimizer step sees the same number of samples")
+        if self.t5_8bit:
+            import torch
+
+            if self.drop_t5:
+                raise ConfigError("t5_8bit and drop_t5 contradict each other: pick one")
+            if self.cpu or not torch.cuda.is_available():
+                raise ConfigError("t5_8bit needs a CUDA GPU (bitsandbytes 8-bit weights); use drop_t5 on CPU")
         if self.timestep_shift <= 0:
             raise ConfigError(f"timestep_shift must be > 0, got {self.timestep_shift}")
         _check_model_source(self.pretrained_model, "pretrained_model", need="model_index.json")
@@ -285,13 +297,19 @@ def _coerce(key: str, value: Any) -> Any:
     return value
 
 
-def load_yaml(path: str | os.PathLike) -> dict:
+def load_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
+    """Read a YAML config; a ``base_config: other.yaml`` key (relative to this file) is read first and overridden."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} not found")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: base_config cycle")
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of key: value, got {type(data).__name__}")
+    base = data.pop("base_config", None)
+    if base is not None:
+        data = {**load_yaml(path.parent / base, (*_seen, path.resolve())), **data}
     return data
 
 

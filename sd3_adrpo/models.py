@@ -14,11 +14,18 @@ DTYPES = {"no": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "f
 
 
 def load_pipeline(pretrained_model: str, *, drop_t5: bool = False, dtype: torch.dtype = torch.float32,
-                  revision: str | None = None):
-    """``StableDiffusion3Pipeline.from_pretrained`` with all weights frozen; ``drop_t5`` skips T5 (text_encoder_3)."""
+                  revision: str | None = None, t5_8bit: bool = False):
+    """``StableDiffusion3Pipeline.from_pretrained`` with all weights frozen; ``drop_t5`` skips T5 (text_encoder_3),
+    ``t5_8bit`` loads it in 8 bit through bitsandbytes (CUDA only)."""
     from diffusers import StableDiffusion3Pipeline
 
     kwargs = {"text_encoder_3": None, "tokenizer_3": None} if drop_t5 else {}
+    if t5_8bit:
+        from transformers import BitsAndBytesConfig, T5EncoderModel
+
+        kwargs["text_encoder_3"] = T5EncoderModel.from_pretrained(
+            pretrained_model, subfolder="text_encoder_3", revision=revision,
+            quantization_config=BitsAndBytesConfig(load_in_8bit=True))
     pipe = StableDiffusion3Pipeline.from_pretrained(pretrained_model, dtype=dtype, revision=revision, **kwargs)
     for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
         if module is not None:

@@ -36,10 +36,12 @@ class SD3Sampler:
     """Samples from an SD3 pipeline's transformer (the policy: whatever adapters are enabled)."""
 
     def __init__(self, pipe, device: torch.device, *, num_inference_steps: int, guidance_scale: float,
-                 max_sequence_length: int, batch_size: int):
+                 max_sequence_length: int, batch_size: int, vae_batch_size: int | None = None):
         self.pipe, self.device = pipe, torch.device(device)
         self.steps, self.guidance_scale = num_inference_steps, guidance_scale
         self.max_sequence_length, self.batch_size = max_sequence_length, batch_size
+        self.vae_batch_size = vae_batch_size or batch_size
+        self.text_encoders_freed = False
         self.dtype = pipe.transformer.dtype
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -57,11 +59,23 @@ class SD3Sampler:
         """
         for p in dict.fromkeys(prompts):
             if p not in self._cache:
+                if self.text_encoders_freed:
+                    raise KeyError(f"prompt {p!r} was not encoded before the text encoders were freed")
                 emb, _, pooled, _ = self.pipe.encode_prompt(
                     prompt=[p], prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False,
                     max_sequence_length=self.max_sequence_length)
                 self._cache[p] = (emb[0].to(self.dtype), pooled[0].to(self.dtype))
         return (torch.stack([self._cache[p][0] for p in prompts]), torch.stack([self._cache[p][1] for p in prompts]))
+
+    def free_text_encoders(self) -> None:
+        """Drop the text encoders (after every prompt the run needs has been embedded) to save memory."""
+        import gc
+
+        self.pipe.text_encoder = self.pipe.text_encoder_2 = self.pipe.text_encoder_3 = None
+        self.text_encoders_freed = True
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     # -- sampling -------------------------------------------------------------------------------------------
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
@@ -113,8 +127,8 @@ class SD3Sampler:
         """Clean latents -> uint8 images (B, H, W, 3), rounded and clamped as the pipeline's postprocessing does."""
         vae = self.pipe.vae
         images = []
-        for s in range(0, latents.shape[0], self.batch_size):
-            z = latents[s : s + self.batch_size] / vae.config.scaling_factor + vae.config.shift_factor
+        for s in range(0, latents.shape[0], self.vae_batch_size):
+            z = latents[s : s + self.vae_batch_size] / vae.config.scaling_factor + vae.config.shift_factor
             x = vae.decode(z.to(vae.dtype), return_dict=False)[0]
             x = ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
             images.append(x.permute(0, 2, 3, 1).cpu())

@@ -48,8 +48,8 @@ def adrpo_batch_loss(transformer, base_transformer, x1, noise, sigmas, prompt_em
     Returns (loss, per-sample CFM term, per-sample W2 term).
     """
     x_t, target = noised(x1, noise, sigmas)
-    with torch.no_grad(), reference_mode(base_transformer):
-        v_ref = velocity(base_transformer, x_t, sigmas, prompt_embeds, pooled)
+    with torch.no_grad(), reference_mode(base_transformer):  # through the wrapper: it may shard the weights
+        v_ref = velocity(transformer, x_t, sigmas, prompt_embeds, pooled)
     v_theta = velocity(transformer, x_t, sigmas, prompt_embeds, pooled)
     return adrpo_fm_loss(v_theta.float(), v_ref.float(), target.float(), advantages, beta0, return_terms=True,
                          weights=weights)
@@ -101,8 +101,9 @@ def update(accelerator, transformer, base_transformer, optimizer, lr_scheduler, 
                 accelerator.backward(loss)  # always: with several processes, a skipped backward would hang the rest
                 if accelerator.sync_gradients:
                     norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+                    norm = torch.tensor(float("nan") if norm is None else float(norm))  # DeepSpeed clips itself
                     any_bad = accelerator.reduce(torch.tensor(float(not window_ok), device=device), "sum") > 0
-                    if not any_bad and torch.isfinite(norm):
+                    if not any_bad and (torch.isfinite(norm) or accelerator.distributed_type == "DEEPSPEED"):
                         optimizer.step()
                         lr_scheduler.step()
                         grad_norms.append(float(norm))
@@ -294,13 +295,20 @@ def train(cfg: TrainConfig) -> Path:
     device = accelerator.device
 
     pipe = load_pipeline(cfg.pretrained_model, drop_t5=cfg.drop_t5, dtype=DTYPES[cfg.mixed_precision],
-                         revision=cfg.revision).to(device)
+                         revision=cfg.revision, t5_8bit=cfg.t5_8bit)
+    pipe.to(device)
     _warn_long_prompts(pipe, train_prompts + grid_prompts + final_prompts + traj_prompts)
     base_transformer = pipe.transformer
     if cfg.gradient_checkpointing:
         base_transformer.enable_gradient_checkpointing()
     params = add_lora(base_transformer, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets)
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+    if cfg.optimizer == "adamw8bit":
+        import bitsandbytes
+
+        optimizer_cls = bitsandbytes.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    optimizer = optimizer_cls(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                   weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
     total_steps = cfg.num_iterations * cfg.optimizer_steps_per_iteration
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
@@ -308,7 +316,11 @@ def train(cfg: TrainConfig) -> Path:
     transformer, optimizer, lr_scheduler = accelerator.prepare(base_transformer, optimizer, lr_scheduler)
     reward_fn = build_reward(cfg.reward, cfg.reward_model, device=device, pretrained=cfg.reward_pretrained)
     sampler = SD3Sampler(pipe, device, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                         max_sequence_length=cfg.t5_length, batch_size=cfg.rollout_batch_size)
+                         max_sequence_length=cfg.t5_length, batch_size=cfg.rollout_batch_size,
+                         vae_batch_size=cfg.vae_batch_size)
+    if cfg.free_text_encoders:
+        sampler.embed(train_prompts + grid_prompts + final_prompts + traj_prompts + [""])
+        sampler.free_text_encoders()
     prompt_sampler = PromptSampler(train_prompts, cfg.seed)
     eval_clip = None
     if traj_prompts or final_prompts:

@@ -105,7 +105,10 @@ def test_too_few_prompts_for_an_iteration(valid, monkeypatch):
         trainer.train(parse_args(["--config", str(valid), "--prompts_per_iteration", "4"]))
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "sd3_medium.yaml"])
+CONFIGS = sorted(p.name for p in (__import__("pathlib").Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
 def test_shipped_configs_parse_and_validate(name, tmp_path, tiny_models, monkeypatch):
     from pathlib import Path
 
@@ -116,3 +119,50 @@ def test_shipped_configs_parse_and_validate(name, tmp_path, tiny_models, monkeyp
         cfg.pretrained_model, cfg.reward_model = str(tiny_models["sd3"]), str(tiny_models["clip"])
     cfg.validate()
     assert cfg.optimizer_steps_per_iteration >= 1
+
+
+def test_memory_profiles_differ_where_they_should():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    base = parse_args(["--config", str(root / "configs/sd3_medium.yaml")])
+    small = parse_args(["--config", str(root / "configs/sd3_medium_24gb.yaml")])
+    eight = parse_args(["--config", str(root / "configs/sd3_medium_8gpu.yaml")])
+    assert parse_args(["--config", str(root / "configs/sd3_medium_80gb.yaml")]) == base
+    assert small.gradient_checkpointing and small.free_text_encoders and small.optimizer == "adamw8bit"
+    assert not small.drop_t5 and small.resolution == base.resolution == 512
+    # the same effective batch: samples per optimizer step and optimizer steps per iteration
+    assert small.samples_per_iteration == base.samples_per_iteration
+    assert small.optimizer_steps_per_iteration == base.optimizer_steps_per_iteration
+    assert eight.samples_per_iteration * 8 == 512
+
+
+def test_base_config_chain_and_cycle(tmp_path):
+    (tmp_path / "a.yaml").write_text("beta0: 3.0\nlora_rank: 4\n")
+    (tmp_path / "b.yaml").write_text("base_config: a.yaml\nbeta0: 5.0\n")
+    cfg = parse_args(["--config", str(tmp_path / "b.yaml"), "--lora_rank", "8"])
+    assert (cfg.beta0, cfg.lora_rank) == (5.0, 8)
+    (tmp_path / "a.yaml").write_text("base_config: b.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        parse_args(["--config", str(tmp_path / "b.yaml")])
+
+
+@pytest.mark.parametrize("name", ["multi_gpu", "multi_node", "deepspeed_zero2", "fsdp"])
+def test_accelerate_configs_load(name):
+    from pathlib import Path
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg = load_config_from_file(str(Path(__file__).resolve().parents[1] / "configs/accelerate" / f"{name}.yaml"))
+    assert cfg.num_processes >= 8 and cfg.mixed_precision == "bf16"
+    assert str(cfg.distributed_type).endswith({"multi_gpu": "MULTI_GPU", "multi_node": "MULTI_GPU",
+                                               "deepspeed_zero2": "DEEPSPEED", "fsdp": "FSDP"}[name])
+
+
+def test_t5_8bit_needs_a_gpu(valid):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        parse_args(["--config", str(valid), "--drop_t5", "false", "--t5_8bit", "true"]).validate()

@@ -153,3 +153,29 @@ def test_wandb_offline_logging(tiny_run_args, tmp_path, monkeypatch):
     assert train_sd3_adrpo.main([*args, "--output_dir", str(tmp_path / "run")]) == 0
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
+def test_memory_options_train_checkpoint_and_resume(tiny_run_args, tmp_path):
+    """Gradient checkpointing, 8-bit AdamW (bitsandbytes) and freed text encoders, through a checkpoint + resume."""
+    args = [*tiny_run_args, "--gradient_checkpointing", "true", "--optimizer", "adamw8bit",
+            "--free_text_encoders", "true", "--vae_batch_size", "1", "--lora_rank", "16"]
+    out = tmp_path / "run"
+    assert train_sd3_adrpo.main([*args, "--output_dir", str(out)]) == 0
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "final")
+    assert train_sd3_adrpo.main([*args, "--output_dir", str(resumed), "--resume_from", "latest"]) == 0
+    a, b = load_file(out / "final" / "pytorch_lora_weights.safetensors"), load_file(
+        resumed / "final" / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a) and any(v.abs().max() > 0 for v in a.values())
+
+
+def test_freed_text_encoders_refuse_new_prompts(tiny_pipe):
+    sampler = SD3Sampler(tiny_pipe, "cpu", num_inference_steps=2, guidance_scale=1.0, max_sequence_length=4,
+                         batch_size=4)
+    sampler.embed(["a red circle"])
+    sampler.free_text_encoders()
+    assert tiny_pipe.text_encoder is None and tiny_pipe.text_encoder_2 is None
+    assert sampler.sample(["a red circle"], 2, 64, make_generator(0)).images.shape == (2, 64, 64, 3)
+    with pytest.raises(KeyError, match="not encoded before the text encoders were freed"):
+        sampler.embed(["a blue square"])
