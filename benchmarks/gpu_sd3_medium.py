@@ -1,0 +1,248 @@
+#!/usr/bin/env python
+"""GPU benchmark on the full-size SD3-medium architecture with random weights (no download needed).
+
+Builds the public SD3-medium configuration (MMDiT: 24 blocks, width 1536, 16 latent channels, patch 2; the 16-channel
+VAE; CLIP-L, CLIP-G and T5-XXL text encoders) in bf16 and measures, with the project's own code paths:
+
+- rollout images/s (sd3_adrpo.rollout.SD3Sampler: Euler ODE + CFG + VAE decode) at 512 and 1024 px, 10 and 28
+  steps, CFG on and off, and with torch.compile on and off;
+- training samples/s of one ADRPO step (LoRA r=32, the adapter-off reference pass included, AdamW step);
+- peak GPU memory of each config profile (configs/sd3_medium_80gb.yaml, configs/sd3_medium_24gb.yaml): text
+  encoding with every encoder resident, then a rollout + training step with the profile's batch sizes, gradient
+  checkpointing, optimizer and freed encoders;
+- MFU: FLOPs counted by torch.utils.flop_counter on one transformer forward, against the card's dense bf16 peak.
+
+    python benchmarks/gpu_sd3_medium.py --out benchmarks/out/gpu_sd3_medium.json        # one H100: ~5-8 min
+    python benchmarks/gpu_sd3_medium.py --tiny                                          # CPU smoke test (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sd3_adrpo.config import parse_args  # noqa: E402
+from sd3_adrpo.models import add_lora  # noqa: E402
+from sd3_adrpo.rollout import SD3Sampler, make_generator  # noqa: E402
+from sd3_adrpo.trainer import adrpo_batch_loss, loss_noise  # noqa: E402
+
+# Public SD3-medium shapes; --tiny shrinks every width and depth for a CPU smoke test.
+FULL = dict(layers=24, heads=24, head_dim=64, joint_dim=4096, pooled=2048, vae=(128, 256, 512, 512), vae_layers=2,
+            clip_l=(768, 12, 12, 3072), clip_g=(1280, 32, 20, 5120), t5=(4096, 24, 64, 10240), clip_len=77, t5_len=256)
+TINY = dict(layers=2, heads=2, head_dim=16, joint_dim=64, pooled=64, vae=(8, 16, 16, 16), vae_layers=1,
+            clip_l=(32, 2, 2, 64), clip_g=(32, 2, 2, 64), t5=(64, 2, 2, 128), clip_len=16, t5_len=8)
+DENSE_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
+
+
+def build(shapes: dict, device, dtype):
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    with torch.device(device):
+        transformer = SD3Transformer2DModel(
+            sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=shapes["layers"],
+            attention_head_dim=shapes["head_dim"], num_attention_heads=shapes["heads"],
+            joint_attention_dim=shapes["joint_dim"], caption_projection_dim=shapes["heads"] * shapes["head_dim"],
+            pooled_projection_dim=shapes["pooled"], pos_embed_max_size=192).to(dtype)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=16, block_out_channels=shapes["vae"],
+            layers_per_block=shapes["vae_layers"], down_block_types=("DownEncoderBlock2D",) * len(shapes["vae"]),
+            up_block_types=("UpDecoderBlock2D",) * len(shapes["vae"]), norm_num_groups=min(32, shapes["vae"][0]),
+            use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305).to(dtype)
+    transformer.requires_grad_(False).eval()
+    vae.requires_grad_(False).eval()
+    pipe = SimpleNamespace(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                           vae_scale_factor=2 ** (len(shapes["vae"]) - 1))
+    return pipe
+
+
+def text_encoders(shapes: dict, device, dtype) -> list[torch.nn.Module]:
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    mods = []
+    with torch.device(device):
+        for hidden, layers, heads, inter in (shapes["clip_l"], shapes["clip_g"]):
+            mods.append(CLIPTextModelWithProjection(CLIPTextConfig(
+                hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=inter,
+                projection_dim=hidden, vocab_size=49408)).to(dtype))
+        d, layers, heads, ff = shapes["t5"]
+        mods.append(T5EncoderModel(T5Config(d_model=d, num_layers=layers, num_heads=heads, d_kv=64, d_ff=ff,
+                                            vocab_size=32128, feed_forward_proj="gated-gelu")).to(dtype))
+    return [m.requires_grad_(False).eval() for m in mods]
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeats=2):
+    fn()  # warm-up (and compilation)
+    sync(device)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t) / repeats
+
+
+def embeds(shapes, n, device, dtype, g):
+    ctx = torch.randn(n, 2 * shapes["clip_len"] + shapes["t5_len"], shapes["joint_dim"], generator=g).to(device, dtype)
+    return ctx, torch.randn(n, shapes["pooled"], generator=g).to(device, dtype)
+
+
+def rollout_speed(pipe, shapes, device, dtype, resolution, steps, cfg_scale, batch) -> float:
+    sampler = SD3Sampler(pipe, device, num_inference_steps=steps, guidance_scale=cfg_scale, max_sequence_length=0,
+                         batch_size=batch, vae_batch_size=batch)
+    g = torch.Generator().manual_seed(0)
+    sampler._cache[""] = tuple(x[0] for x in embeds(shapes, 1, device, dtype, g))  # the CFG negative
+    emb, pooled = embeds(shapes, batch, device, dtype, g)
+    noise = torch.randn(batch, *sampler.latent_shape(resolution), generator=g)
+    seconds = timed(lambda: sampler.decode(sampler.denoise(noise, emb, pooled)), device)
+    return batch / seconds
+
+
+def flops_per_forward(transformer, shapes, device, dtype, resolution) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    g = torch.Generator().manual_seed(0)
+    emb, pooled = embeds(shapes, 1, device, dtype, g)
+    x = torch.randn(1, 16, resolution // 8, resolution // 8, generator=g).to(device, dtype)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        transformer(hidden_states=x, timestep=torch.tensor([500.0], device=device), encoder_hidden_states=emb,
+                    pooled_projections=pooled, return_dict=False)
+    return float(counter.get_total_flops())
+
+
+def train_step_speed(pipe, shapes, device, dtype, resolution, batch, profile) -> tuple[float, float]:
+    """Samples/s of ADRPO steps (forward with LoRA, reference forward, backward, optimizer) and peak GiB."""
+    cfg = profile
+    transformer = pipe.transformer
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    opt_cls = torch.optim.AdamW
+    if cfg.optimizer == "adamw8bit":
+        import bitsandbytes
+
+        opt_cls = bitsandbytes.optim.AdamW8bit
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    optimizer = opt_cls(params, lr=1e-5)
+    g = torch.Generator().manual_seed(1)
+    emb, pooled = embeds(shapes, batch, device, dtype, g)
+    x1 = torch.randn(batch, 16, resolution // 8, resolution // 8, generator=g).to(device, dtype)
+    adv = torch.randn(batch, generator=g).clamp(-1, 1).to(device)
+    noise, sigmas = loss_noise(cfg, tuple(x1.shape[1:]), (0,), range(batch))
+
+    def step():
+        transformer.train()
+        loss, _, _ = adrpo_batch_loss(transformer, transformer, x1, noise.to(x1), sigmas.to(device), emb, pooled,
+                                      adv, cfg.beta0)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    seconds = timed(step, device)
+    if cfg.gradient_checkpointing:
+        transformer.disable_gradient_checkpointing()
+    transformer.eval()
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
+    return batch / seconds, peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes on CPU: a smoke test of this script")
+    ap.add_argument("--no_compile", action="store_true", help="skip the torch.compile rows")
+    ap.add_argument("--out", default="benchmarks/out/gpu_sd3_medium.json")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    if not args.tiny and device.type != "cuda":
+        raise SystemExit("error: no CUDA GPU; run with --tiny for the CPU smoke test")
+    shapes, dtype = (TINY, torch.float32) if args.tiny else (FULL, torch.bfloat16)
+    res = (64, 128) if args.tiny else (512, 1024)
+    steps = (2, 3) if args.tiny else (10, 28)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    peak_tflops = next((v for k, v in DENSE_BF16_TFLOPS.items() if k in name), float("nan"))
+    profiles = {p: parse_args(["--config", str(ROOT / f"configs/sd3_medium_{p}.yaml")]) for p in ("80gb", "24gb")}
+    rows, result = [], {"device": name, "dense_bf16_tflops": peak_tflops, "tiny": args.tiny, "torch": torch.__version__,
+                        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                                 text=True, cwd=ROOT).stdout.strip()}
+    t0 = time.perf_counter()
+
+    # 1. text encoding with every encoder resident (the start-up peak of both profiles)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    encoders = text_encoders(shapes, device, dtype)
+    with torch.no_grad():
+        for enc, length in zip(encoders, (shapes["clip_len"], shapes["clip_len"], shapes["t5_len"])):
+            enc(torch.randint(0, 1000, (16, length), device=device))
+    result["text_encoders_gib"] = sum(p.numel() * p.element_size() for e in encoders for p in e.parameters()) / 2**30
+    del encoders
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+    pipe = build(shapes, device, dtype)
+    result["transformer_params"] = sum(p.numel() for p in pipe.transformer.parameters())
+
+    # 2. rollout throughput, eager then compiled
+    for compiled in ((False,) if args.no_compile or args.tiny else (False, True)):
+        if compiled:
+            pipe.transformer = torch.compile(pipe.transformer)
+        for r in res[:1] if compiled else res:  # compiled: 512 px, 10 steps only (each new shape recompiles)
+            for s in steps[:1] if compiled else steps:
+                for cfg_scale in (4.5, 1.0):
+                    batch = 8 if r == res[0] else 4
+                    ips = rollout_speed(pipe, shapes, device, dtype, r, s, cfg_scale, batch)
+                    rows.append({"what": "rollout", "resolution": r, "steps": s, "cfg": cfg_scale > 1,
+                                 "compile": compiled, "batch": batch, "images_per_s": ips})
+        if compiled:
+            pipe.transformer = pipe.transformer._orig_mod
+    flops = {r: flops_per_forward(pipe.transformer, shapes, device, dtype, r) for r in res}
+    result["tflop_per_forward"] = {r: f / 1e12 for r, f in flops.items()}
+    for row in rows:
+        forwards = row["steps"] * (2 if row["cfg"] else 1)
+        achieved = row["images_per_s"] * forwards * flops[row["resolution"]] / 1e12
+        row["mfu"] = achieved / peak_tflops  # transformer FLOPs only; VAE decode time counts against it
+
+    # 3. one ADRPO training step per profile, LoRA r=32, at the profile's train batch size
+    add_lora(pipe.transformer, rank=32 if not args.tiny else 4)
+    for pname, profile in profiles.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        r = res[0]
+        sps, peak = train_step_speed(pipe, shapes, device, dtype, r, profile.train_batch_size, profile)
+        # forward + backward ~ 3 forwards with LoRA, + 1 reference forward
+        tflops = sps * 4 * flops[r] / 1e12
+        rows.append({"what": f"train step ({pname})", "resolution": r, "batch": profile.train_batch_size,
+                     "gradient_checkpointing": profile.gradient_checkpointing, "optimizer": profile.optimizer,
+                     "samples_per_s": sps, "peak_gib": peak, "mfu": tflops / peak_tflops})
+    result["rows"], result["seconds"] = rows, time.perf_counter() - t0
+
+    print(f"SD3-medium architecture{' (TINY shapes)' if args.tiny else ''}, random weights, {dtype}, {name}, "
+          f"commit {result['commit']}")
+    print(f"transformer {result['transformer_params'] / 1e9:.2f}B params; text encoders {result['text_encoders_gib']:.1f} "
+          f"GiB; TFLOP per forward: " + ", ".join(f"{r}px {v:.2f}" for r, v in result["tflop_per_forward"].items()))
+    print(f"{'what':24s}{'res':>6s}{'steps':>6s}{'cfg':>6s}{'compile':>8s}{'batch':>6s}{'per s':>10s}{'MFU':>7s}{'peak GiB':>9s}")
+    for row in rows:
+        rate = row.get("images_per_s", row.get("samples_per_s"))
+        print(f"{row['what']:24s}{row['resolution']:>6d}{row.get('steps', ''):>6}{str(row.get('cfg', '')):>6s}"
+              f"{str(row.get('compile', '')):>8s}{row['batch']:>6d}{rate:>10.3f}{row['mfu']:>7.1%}"
+              f"{row.get('peak_gib', float('nan')):>9.1f}")
+    print(f"total {result['seconds']:.0f} s")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
