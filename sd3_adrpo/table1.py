@@ -169,6 +169,26 @@ def write_outputs(out: Path, results: dict[str, dict[str, list[float]]], rows: d
     return table
 
 
+def _build_metrics(args, device, notes: list[str]) -> dict:
+    """The metrics whose weights were given; a note for each left out (never a zero in the table)."""
+    from sd3_adrpo.metrics import build_metric
+
+    specs = {
+        "aesthetic": (args.aesthetic, {"clip": args.clip or "openai/clip-vit-large-patch14"}, "--aesthetic"),
+        "blip_score": (args.blip, {"tokenizer": args.bert_tokenizer}, "--blip"),
+        "image_reward": (args.image_reward, {"tokenizer": args.bert_tokenizer}, "--image_reward"),
+        "pickscore": (args.pickscore, {"processor": args.pickscore_processor}, "--pickscore"),
+        "hpsv2": (args.hpsv2, {}, "--hpsv2"),
+    }
+    metrics = {}
+    for name, (weights, kwargs, flag) in specs.items():
+        if weights:
+            metrics[name] = build_metric(name, weights, device=device, **kwargs)
+        else:
+            notes.append(f"{name} left out: no {flag} weights given.")
+    return metrics
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", required=True, help="SD3 pipeline (hub id or folder): the 'Base' row and the LoRAs' base")
@@ -189,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     ap.add_argument("--clip", help="CLIP for ClipScore / ClipDiversity (hub id or folder), e.g. "
                                    "openai/clip-vit-large-patch14; left out of the table if not given")
+    ap.add_argument("--aesthetic", metavar="HEAD_PTH", help="LAION aesthetic v2 head (sac+logos+ava1-l14-linearMSE.pth); "
+                                                        "uses --clip as its CLIP ViT-L/14")
+    ap.add_argument("--pickscore", help="PickScore weights, e.g. yuvalkirstain/PickScore_v1")
+    ap.add_argument("--pickscore_processor", help="PickScore's processor (default: laion/CLIP-ViT-H-14-laion2B-s32B-b79K "
+                                                  "unless the weights folder has one)")
+    ap.add_argument("--image_reward", help="ImageReward: THUDM/ImageReward, a folder or ImageReward.pt")
+    ap.add_argument("--blip", metavar="MODEL_LARGE_PTH", help="BLIP pre-train weights (model_large.pth) for BLIPScore")
+    ap.add_argument("--bert_tokenizer", default="bert-base-uncased", help="BERT tokenizer for ImageReward / BLIPScore")
+    ap.add_argument("--hpsv2", metavar="CHECKPOINT", help="HPS v2 / v2.1 checkpoint (open_clip ViT-H-14)")
     ap.add_argument("--out", required=True, help="output folder (images/, scores/, runs/, table.*)")
     return ap
 
@@ -223,9 +252,10 @@ def main(argv: Optional[list[str]] = None) -> Table:
         clip = ClipScoreReward(args.clip, device=device)
     else:
         notes.append("ClipScore and ClipDiversity left out: no --clip weights given.")
+    metrics = _build_metrics(args, device, notes)
     results, rows = {}, {}
     for label, manifest in manifests.items():
-        rows[label] = score(out, manifest, clip=clip)
+        rows[label] = score(out, manifest, clip=clip, metrics=metrics)
         results[label] = aggregate(rows[label])
     meta = {"num_prompts": len(prompts), **{k: v for k, v in common.items() if k != "prompts"},
             "base": args.base, "prompts_file": args.prompts}

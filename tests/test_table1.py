@@ -53,6 +53,14 @@ def test_table1_end_to_end_and_no_regeneration(tiny_models, lora_dir, tmp_path, 
     assert again.rows == table.rows
 
 
+def test_extra_metrics_become_columns_and_missing_ones_are_noted(tiny_models, lora_dir, tmp_path):
+    table = table1.main([*_args(tiny_models, lora_dir, tmp_path, seeds=("0",)), "--pickscore", str(tiny_models["clip"])])
+    assert "pickscore" in table.rows["ADRPO"] and "image_reward" not in table.rows["ADRPO"]
+    md = (tmp_path / "eval" / "table.md").read_text()
+    assert "PickScore" in md and "image_reward left out: no --image_reward weights given." in md
+    assert "ImageReward" not in md.splitlines()[0]  # no empty column, never a zero
+
+
 def test_changed_settings_regenerate(tiny_models, lora_dir, tmp_path):
     table1.main(_args(tiny_models, lora_dir, tmp_path, seeds=("0",)))
     manifest = json.loads((tmp_path / "eval" / "images" / "ADRPO" / "manifest.json").read_text())

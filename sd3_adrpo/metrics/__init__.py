@@ -1,0 +1,25 @@
+"""Evaluation metrics behind a name registry (DESIGN.md section 3). Each scores uint8 images (B, H, W, 3) against
+prompts and returns float64 scores (B,):
+
+    from sd3_adrpo.metrics import build_metric
+    metric = build_metric("pickscore", "yuvalkirstain/PickScore_v1", device="cuda")
+    scores = metric(images, prompts)
+
+``weights`` is a hub id or a local folder/file (what each metric expects is in its docstring). Registered:
+clip_score, pickscore, aesthetic, hpsv2 (``metrics.clip``), image_reward, blip_score (``metrics.imagereward``).
+W2 divergence is not an (images, prompts) metric: the trainer computes it.
+
+Add a metric:
+
+    @register_metric("my_metric")
+    class MyMetric(Metric):
+        def __init__(self, weights, device="cpu", **kwargs): ...
+        def __call__(self, images, prompts): return np.array([...])
+"""
+
+from sd3_adrpo.metrics.base import METRICS, Metric, build_metric, register_metric
+from sd3_adrpo.metrics.clip import Aesthetic, ClipScore, HPSv2, PickScore
+from sd3_adrpo.metrics.imagereward import BlipScore, ImageReward
+
+__all__ = ["METRICS", "Metric", "build_metric", "register_metric", "ClipScore", "PickScore", "Aesthetic", "HPSv2",
+           "ImageReward", "BlipScore"]

@@ -1,0 +1,148 @@
+"""The metric registry and what every metric shares: input checks, weight resolution, preprocessing, the MLP head.
+
+A metric maps (uint8 images (B, H, W, 3), prompts) -> float64 scores (B,), scored in fp32, eval mode, no grad,
+in batches, on the device it was built for.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+METRICS: dict[str, type["Metric"]] = {}
+
+# OpenAI CLIP normalisation, used by the CLIP family and by BLIP/ImageReward/HPSv2 preprocessing.
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".json")
+
+
+def register_metric(name: str) -> Callable[[type], type]:
+    def wrap(cls: type) -> type:
+        if name in METRICS:
+            raise ValueError(f"metric {name!r} is already registered")
+        cls.name = name
+        METRICS[name] = cls
+        return cls
+
+    return wrap
+
+
+class Metric:
+    """Base class: ``Metric(weights, device, **kwargs)(images_uint8, prompts) -> np.ndarray (B,) float64``."""
+
+    name: str = ""
+
+    def __init__(self, weights: str, device: torch.device | str = "cpu", **kwargs):
+        raise NotImplementedError
+
+    def __call__(self, images, prompts: list[str]) -> np.ndarray:
+        raise NotImplementedError
+
+
+def build_metric(name: str, weights: str, device: torch.device | str = "cpu", **kwargs) -> Metric:
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}; available: {', '.join(sorted(METRICS))}")
+    return METRICS[name](weights, device=device, **kwargs)
+
+
+def as_uint8_images(images, prompts: Optional[list[str]] = None) -> np.ndarray:
+    """(B, H, W, 3) uint8 numpy from numpy or torch; checks one prompt per image when prompts are given."""
+    images = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"metrics take uint8 images of shape (B, H, W, 3), got {images.dtype} {images.shape}")
+    if prompts is not None and len(prompts) != len(images):
+        raise ValueError(f"one prompt per image: got {len(images)} images and {len(prompts)} prompts")
+    return images
+
+
+def looks_like_hub_id(weights: str) -> bool:
+    return bool(_HUB_ID.match(weights)) and not weights.endswith(_FILE_SUFFIXES) and not os.path.exists(weights)
+
+
+def resolve_weights(weights: str, metric: str, expects: str, allow_hub: bool = True) -> str:
+    """``weights`` itself if it exists locally (or is a hub id and ``allow_hub``), else an error saying what to pass."""
+    weights = os.path.expanduser(str(weights))
+    if os.path.exists(weights) or (allow_hub and looks_like_hub_id(weights)):
+        return weights
+    raise FileNotFoundError(f"{metric}: weights {weights!r} not found. Pass {expects}.")
+
+
+def load_pretrained(loader: Callable[[str], object], weights: str, metric: str, expects: str):
+    """Call ``loader(weights)`` (a ``from_pretrained``), turning a hub/cache miss into an error saying what to pass."""
+    try:
+        return loader(weights)
+    except OSError as e:
+        raise FileNotFoundError(f"{metric}: could not load {weights!r} ({e.__class__.__name__}: {e}). Pass "
+                                f"{expects}; offline (HF_HUB_OFFLINE=1) a hub id must already be in the cache.") from e
+
+
+def batches(n: int, size: int):
+    for s in range(0, n, size):
+        yield slice(s, min(s + size, n))
+
+
+def clip_style_transform(size: int):
+    """PIL -> (3, size, size): shortest edge to ``size`` (bicubic), centre crop, to [0, 1], OpenAI mean/std."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor(),
+                      T.Normalize(OPENAI_MEAN, OPENAI_STD)])
+
+
+def pixels(images: np.ndarray, transform) -> torch.Tensor:
+    """Apply a PIL transform to each uint8 (H, W, 3) image and stack."""
+    from PIL import Image
+
+    return torch.stack([transform(Image.fromarray(im)) for im in images])
+
+
+class LinearHead(nn.Module):
+    """The MLP of the LAION improved aesthetic predictor v2, reused by ImageReward: Linear(d, 1024) - Linear(1024, 128)
+    - Linear(128, 64) - Linear(64, 16) - Linear(16, 1) with dropouts at 1, 3, 5 and no activations, so its state-dict
+    keys are ``layers.{0,2,4,6,7}.{weight,bias}`` like the original files."""
+
+    def __init__(self, input_size: int = 768):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Linear(input_size, 1024), nn.Dropout(0.2), nn.Linear(1024, 128),
+                                    nn.Dropout(0.2), nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16),
+                                    nn.Linear(16, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x).squeeze(-1)
+
+
+def torch_load(path: str | os.PathLike, metric: str):
+    """``torch.load`` on CPU with ``weights_only=True`` (never unpickle arbitrary objects), with a clear error."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with what to do
+        raise RuntimeError(f"{metric}: could not load {str(path)!r} as plain tensors (weights_only=True): {e}. "
+                           f"Re-save it as a state dict of tensors.") from e
+
+
+def repo_file(weights: str, filename: str, metric: str, expects: str) -> Path:
+    """``weights/filename`` for a folder, ``weights`` for a file, or the file downloaded (or cached) from a hub id."""
+    weights = resolve_weights(weights, metric, expects)
+    if os.path.isdir(weights):
+        path = Path(weights) / filename
+        if not path.is_file():
+            raise FileNotFoundError(f"{metric}: {str(path)!r} not found. Pass {expects}.")
+        return path
+    if os.path.isfile(weights):
+        return Path(weights)
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(weights, filename))
+    except Exception as e:  # noqa: BLE001 - hub errors are many classes; re-raised with what to do
+        raise FileNotFoundError(f"{metric}: could not fetch {filename!r} from hub repo {weights!r} ({e}). Pass "
+                                f"{expects}.") from e

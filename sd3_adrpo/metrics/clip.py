@@ -1,0 +1,169 @@
+"""The CLIP family: ClipScore, PickScore, the LAION aesthetic predictor and HPSv2 (DESIGN.md section 3)."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sd3_adrpo.evaluation import clip_scores
+from sd3_adrpo.metrics.base import (OPENAI_MEAN, OPENAI_STD, LinearHead, Metric, as_uint8_images, batches,
+                                    load_pretrained, pixels, register_metric, resolve_weights, torch_load)
+from sd3_adrpo.rewards import ClipScoreReward, _embedding
+
+CLIP_L14 = "openai/clip-vit-large-patch14"
+PICKSCORE = "yuvalkirstain/PickScore_v1"
+PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+
+
+@register_metric("clip_score")
+class ClipScore(Metric):
+    """100 * cos(image, text) clamped at 0 per pair (``evaluation.clip_scores``), with the embeddings of
+    ``rewards.ClipScoreReward`` (a transformers CLIPModel + its CLIPProcessor). ``embed_images`` serves
+    ClipDiversity."""
+
+    def __init__(self, weights: str = CLIP_L14, device: torch.device | str = "cpu", batch_size: int = 64):
+        expects = f"a CLIPModel hub id (e.g. {CLIP_L14}) or a local folder with the model and its processor"
+        weights = resolve_weights(weights, "clip_score", expects)
+        self.clip = load_pretrained(lambda w: ClipScoreReward(w, device=device, batch_size=batch_size), weights,
+                                    "clip_score", expects)
+        self.clip.model.float()  # fp32 whatever dtype the checkpoint was stored in
+        self.batch_size = batch_size
+
+    @property
+    def projection_dim(self) -> int:
+        return self.clip.model.config.projection_dim
+
+    def embed_images(self, images) -> torch.Tensor:
+        """Raw (unnormalised) CLIP image embeddings (B, D), float32 on the metric's device."""
+        images = as_uint8_images(images)
+        return torch.cat([self.clip.embed_images(images[s]) for s in batches(len(images), self.batch_size)])
+
+    def embed_texts(self, prompts: list[str]) -> torch.Tensor:
+        return torch.cat([self.clip.embed_texts(prompts[s]) for s in batches(len(prompts), self.batch_size)])
+
+    def __call__(self, images, prompts: list[str]) -> np.ndarray:
+        as_uint8_images(images, prompts)
+        return clip_scores(self.embed_images(images), self.embed_texts(prompts)).double().cpu().numpy()
+
+
+@register_metric("pickscore")
+class PickScore(Metric):
+    """exp(logit_scale) * cos(image, text), raw (neither divided nor softmaxed), with a transformers CLIPModel.
+
+    ``processor``: where the CLIPProcessor comes from; by default the weights' own folder when it has one, else the
+    LAION ViT-H-14 processor PickScore was trained with."""
+
+    def __init__(self, weights: str = PICKSCORE, device: torch.device | str = "cpu", processor: Optional[str] = None,
+                 batch_size: int = 32):
+        from transformers import CLIPModel, CLIPProcessor
+
+        expects = f"a CLIPModel hub id (e.g. {PICKSCORE}) or a local folder"
+        weights = resolve_weights(weights, "pickscore", expects)
+        if processor is None:
+            own = any(os.path.isfile(os.path.join(weights, f)) for f in ("preprocessor_config.json",
+                                                                           "processor_config.json"))
+            processor = weights if own else PICKSCORE_PROCESSOR
+        processor = resolve_weights(processor, "pickscore", f"processor= a CLIPProcessor hub id (e.g. "
+                                                            f"{PICKSCORE_PROCESSOR}) or a local folder")
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.model = load_pretrained(lambda w: CLIPModel.from_pretrained(w, dtype=torch.float32), weights,
+                                     "pickscore", expects).to(self.device).eval().requires_grad_(False)
+        self.processor = load_pretrained(CLIPProcessor.from_pretrained, processor, "pickscore",
+                                         f"processor= a CLIPProcessor hub id or folder (e.g. {PICKSCORE_PROCESSOR})")
+
+    @torch.no_grad()
+    def __call__(self, images, prompts: list[str]) -> np.ndarray:
+        images = as_uint8_images(images, prompts)
+        out = []
+        for s in batches(len(images), self.batch_size):
+            px = self.processor(images=list(images[s]), return_tensors="pt")["pixel_values"].to(self.device)
+            tok = self.processor(text=prompts[s], padding=True, truncation=True, max_length=77,
+                                 return_tensors="pt").to(self.device)
+            img = F.normalize(_embedding(self.model.get_image_features(pixel_values=px)).float(), dim=-1)
+            txt = F.normalize(_embedding(self.model.get_text_features(input_ids=tok["input_ids"],
+                                                                      attention_mask=tok["attention_mask"])).float(),
+                              dim=-1)
+            out.append(self.model.logit_scale.exp().float() * (img * txt).sum(-1))
+        return torch.cat(out).double().cpu().numpy()
+
+
+@register_metric("aesthetic")
+class Aesthetic(Metric):
+    """LAION improved aesthetic predictor v2: ``LinearHead`` on the L2-normalised CLIP ViT-L/14 image embedding.
+
+    ``weights``: the head file (sac+logos+ava1-l14-linearMSE.pth); ``clip``: the CLIP it was trained on."""
+
+    def __init__(self, weights: str, device: torch.device | str = "cpu", clip: str = CLIP_L14, batch_size: int = 64):
+        path = resolve_weights(weights, "aesthetic", "the head file sac+logos+ava1-l14-linearMSE.pth (a local .pth)",
+                               allow_hub=False)
+        self.device = torch.device(device)
+        self.head = LinearHead(768)
+        self.head.load_state_dict(torch_load(path, "aesthetic"), strict=True)
+        self.head.to(self.device).float().eval().requires_grad_(False)
+        self.clip = ClipScore(clip, device=device, batch_size=batch_size)
+        if self.clip.projection_dim != 768:
+            raise ValueError(f"aesthetic: the head takes 768-d CLIP ViT-L/14 image embeddings but {clip!r} gives "
+                             f"{self.clip.projection_dim}-d; pass clip={CLIP_L14!r} (or a local copy)")
+
+    @torch.no_grad()
+    def score_embeddings(self, img_emb: torch.Tensor) -> torch.Tensor:
+        return self.head(F.normalize(img_emb.float(), dim=-1).to(self.device))
+
+    def __call__(self, images, prompts: list[str]) -> np.ndarray:
+        as_uint8_images(images, prompts)  # prompts are not used, only checked
+        return self.score_embeddings(self.clip.embed_images(images)).double().cpu().numpy()
+
+
+class _ResizeLongestPad:
+    """HPSv2's validation transform: resize the longest edge to ``size`` (bicubic), pad to a centred square with 0."""
+
+    def __init__(self, size: int):
+        from torchvision import transforms as T
+
+        self.size, self.T = size, T
+        self.to_tensor = T.Compose([T.ToTensor(), T.Normalize(OPENAI_MEAN, OPENAI_STD)])
+
+    def __call__(self, img):
+        import torchvision.transforms.functional as TF
+
+        w, h = img.size
+        scale = self.size / max(h, w)
+        if scale != 1.0:
+            img = TF.resize(img, [round(h * scale), round(w * scale)], self.T.InterpolationMode.BICUBIC)
+        w, h = img.size
+        pw, ph = self.size - w, self.size - h
+        img = TF.pad(img, [pw // 2, ph // 2, pw - pw // 2, ph - ph // 2], fill=0)
+        return self.to_tensor(img)
+
+
+@register_metric("hpsv2")
+class HPSv2(Metric):
+    """Human Preference Score v2/v2.1: cos(image, text) of an open_clip ViT-H-14 with the HPS checkpoint loaded, as
+    the HPSv2 toolkit scores (the diagonal of normalised image @ text features; no scaling)."""
+
+    def __init__(self, weights: str, device: torch.device | str = "cpu", arch: str = "ViT-H-14",
+                 batch_size: int = 32):
+        import open_clip
+
+        path = resolve_weights(weights, "hpsv2", "the HPS checkpoint file (HPS_v2_compressed.pt or "
+                                                 "HPS_v2.1_compressed.pt from xswu/HPSv2)", allow_hub=False)
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.model = open_clip.create_model(arch, pretrained=path, weights_only=True)  # accepts {'state_dict': ...}
+        self.model.to(self.device).float().eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(arch)
+        size = self.model.visual.image_size
+        self.transform = _ResizeLongestPad(size[0] if isinstance(size, (tuple, list)) else size)
+
+    @torch.no_grad()
+    def __call__(self, images, prompts: list[str]) -> np.ndarray:
+        images = as_uint8_images(images, prompts)
+        out = []
+        for s in batches(len(images), self.batch_size):
+            img = self.model.encode_image(pixels(images[s], self.transform).to(self.device), normalize=True)
+            txt = self.model.encode_text(self.tokenizer(prompts[s]).to(self.device), normalize=True)
+            out.append((img.float() * txt.float()).sum(-1))
+        return torch.cat(out).double().cpu().numpy()
