@@ -70,6 +70,13 @@ class TrainConfig:
     guidance_scale: float = _f(4.5, "classifier-free guidance scale of rollouts (<= 1 disables CFG)")
     rollout_batch_size: int = _f(16, "images generated per transformer call (memory knob, no effect on results)")
     vae_batch_size: int = _f(8, "images decoded per VAE call (memory knob)")
+    # --- method ----------------------------------------------------------------------------------------------
+    method: str = _f("adrpo", "adrpo; or a baseline in the same loop: fixed_beta (ADRPO's loss, coefficient held at "
+                              "beta0), orw_cfm_w2, raft, dpo", ("adrpo", "fixed_beta", "orw_cfm_w2", "raft", "dpo"))
+    orw_tau: float = _f(0.5, "orw_cfm_w2: reward temperature of the weights exp(tau * r)")
+    orw_alpha: float = _f(1.0, "orw_cfm_w2: fixed W2 coefficient")
+    raft_fraction: float = _f(0.25, "raft: fraction of each prompt group kept (top by reward)")
+    dpo_beta: float = _f(2000.0, "dpo: beta of -log sigmoid(-beta/2 [(e_w - e_w_ref) - (e_l - e_l_ref)])")
     # --- ADRPO -----------------------------------------------------------------------------------------------
     beta0: float = _f(1.0, "baseline divergence strength: loss = A*CFM + (beta0 - A)*W2")
     adv_scale: str = _f("none", "advantage scaling after the group-mean baseline",
@@ -149,8 +156,17 @@ class TrainConfig:
         return self.reward_model if self.reward == "clip" else None
 
     @property
+    def items_per_iteration(self) -> int:
+        """What one update pass iterates over: samples, or for DPO (winner, loser) pairs, one per prompt."""
+        return self.prompts_per_iteration if self.method == "dpo" else self.samples_per_iteration
+
+    @property
+    def items_per_batch(self) -> int:
+        return self.train_batch_size // 2 if self.method == "dpo" else self.train_batch_size
+
+    @property
     def optimizer_steps_per_iteration(self) -> int:
-        return self.inner_epochs * self.samples_per_iteration // (self.train_batch_size * self.gradient_accumulation_steps)
+        return self.inner_epochs * self.items_per_iteration // (self.items_per_batch * self.gradient_accumulation_steps)
 
     def validate(self) -> "TrainConfig":
         """Check everything checkable without loading a model. Raises ConfigError saying what to do."""
@@ -172,11 +188,20 @@ class TrainConfig:
             raise ConfigError(f"advantage clip range {self.clip_range} is empty: need adv_clip_min < adv_clip_max")
         if self.resolution % 16:
             raise ConfigError(f"resolution must be a multiple of 16 (VAE x8 times patch 2), got {self.resolution}")
-        micro = self.train_batch_size * self.gradient_accumulation_steps
-        if self.samples_per_iteration % micro:
+        if not 0 < self.raft_fraction <= 1:
+            raise ConfigError(f"raft_fraction is a fraction of each group: need 0 < raft_fraction <= 1, got {self.raft_fraction}")
+        if self.method == "dpo" and self.train_batch_size % 2:
+            raise ConfigError(f"dpo trains on (winner, loser) pairs: train_batch_size must be even, got {self.train_batch_size}")
+        micro = self.items_per_batch * self.gradient_accumulation_steps
+        if self.method == "dpo" and self.prompts_per_iteration % micro:
+            raise ConfigError(
+                f"dpo: {self.prompts_per_iteration} pairs per iteration (one per prompt) do not divide into "
+                f"train_batch_size / 2 * gradient_accumulation_steps = {micro}")
+        if self.samples_per_iteration % (self.train_batch_size * self.gradient_accumulation_steps):
             raise ConfigError(
                 f"prompts_per_iteration * samples_per_prompt = {self.samples_per_iteration} samples per iteration "
-                f"do not divide into train_batch_size * gradient_accumulation_steps = {micro}: choose sizes so "
+                f"do not divide into train_batch_size * gradient_accumulation_steps = "
+                f"{self.train_batch_size * self.gradient_accumulation_steps}: choose sizes so "
                 "that every optimizer step sees the same number of samples")
         if self.t5_8bit:
             import torch

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from contextlib import nullcontext
 import shutil
 import signal
 import time
@@ -21,7 +22,8 @@ from sd3_adrpo.advantages import group_advantages
 from sd3_adrpo.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
 from sd3_adrpo.config import ConfigError, TrainConfig
 from sd3_adrpo.io import append_jsonl, atomic_write_bytes, image_grid, save_png
-from sd3_adrpo.losses import adrpo_fm_loss, noised, sample_sigmas
+from sd3_adrpo.losses import dpo_fm_loss, noised, per_sample_mse, sample_sigmas, weighted_fm_loss
+from sd3_adrpo.methods import coefficients, dpo_pairs
 from sd3_adrpo.models import DTYPES, add_lora, load_pipeline, reference_mode, save_lora
 from sd3_adrpo.prompts import PromptSampler, load_prompts
 from sd3_adrpo.rewards import ClipScoreReward, build_reward
@@ -40,19 +42,31 @@ def velocity(transformer, x_t: torch.Tensor, sigmas: torch.Tensor, prompt_embeds
                        pooled_projections=pooled, return_dict=False)[0]
 
 
-def adrpo_batch_loss(transformer, base_transformer, x1, noise, sigmas, prompt_embeds, pooled, advantages,
-                     beta0: float, weights: Optional[torch.Tensor] = None):
-    """ADRPO loss on a minibatch of rollout samples, each with its own (sigma, noise) draw.
-
-    ``base_transformer`` is the unwrapped module: with its adapter disabled it gives v_ref at the same (x_t, t, c).
-    Returns (loss, per-sample CFM term, per-sample W2 term).
-    """
+def fm_batch_loss(transformer, base_transformer, x1, noise, sigmas, prompt_embeds, pooled, c_cfm, c_w2):
+    """c_cfm * CFM + c_w2 * W2 on a minibatch of rollout samples, each with its own (sigma, noise) draw
+    (ADRPO: c = (A, beta0 - A)). v_ref is the same transformer with its adapter disabled (``reference_mode`` on the
+    unwrapped module), run through the wrapper, which may shard the weights.
+    Returns (loss, per-sample CFM term, per-sample W2 term)."""
     x_t, target = noised(x1, noise, sigmas)
-    with torch.no_grad(), reference_mode(base_transformer):  # through the wrapper: it may shard the weights
+    with torch.no_grad(), reference_mode(base_transformer):
         v_ref = velocity(transformer, x_t, sigmas, prompt_embeds, pooled)
     v_theta = velocity(transformer, x_t, sigmas, prompt_embeds, pooled)
-    return adrpo_fm_loss(v_theta.float(), v_ref.float(), target.float(), advantages, beta0, return_terms=True,
-                         weights=weights)
+    return weighted_fm_loss(v_theta.float(), v_ref.float(), target.float(), c_cfm, c_w2, return_terms=True)
+
+
+def dpo_batch_loss(transformer, base_transformer, x_w, x_l, noise, sigmas, emb_w, emb_l, pooled_w, pooled_l,
+                   beta: float, weights):
+    """Diffusion-DPO on (winner, loser) pairs, each pair sharing its (sigma, noise). Returns (loss, mean error of the
+    policy on the pairs, W2 of the policy to the reference on the pairs)."""
+    x_t, target = noised(torch.cat([x_w, x_l]), torch.cat([noise, noise]), torch.cat([sigmas, sigmas]))
+    args = (x_t, torch.cat([sigmas, sigmas]), torch.cat([emb_w, emb_l]), torch.cat([pooled_w, pooled_l]))
+    with torch.no_grad(), reference_mode(base_transformer):
+        v_ref = velocity(transformer, *args).float()
+    v_theta = velocity(transformer, *args).float()
+    e, e_ref = per_sample_mse(v_theta, target.float()), per_sample_mse(v_ref, target.float())
+    (e_w, e_l), (e_w_ref, e_l_ref) = e.chunk(2), e_ref.chunk(2)
+    loss = dpo_fm_loss(e_w, e_w_ref, e_l, e_l_ref, beta, weights)
+    return loss, e.detach(), per_sample_mse(v_theta, v_ref).detach()
 
 
 def loss_noise(cfg: TrainConfig, shape: tuple, key: tuple, indices: range) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,34 +81,29 @@ def loss_noise(cfg: TrainConfig, shape: tuple, key: tuple, indices: range) -> tu
     return torch.stack(noise), torch.cat(sigmas)
 
 
-def update(accelerator, transformer, base_transformer, optimizer, lr_scheduler, rollout: Rollout,
-           advantages: torch.Tensor, cfg: TrainConfig, key: tuple, first_index: int = 0,
-           weights: Optional[torch.Tensor] = None) -> dict:
-    """``inner_epochs`` passes over the rollout in shuffled minibatches; returns mean loss terms and grad norm.
+def optimise(accelerator, transformer, optimizer, lr_scheduler, cfg: TrainConfig, n_items: int, item_shape: tuple,
+             key: tuple, first_index: int, batch_loss) -> dict:
+    """``inner_epochs`` shuffled passes over ``n_items`` training items (samples, or DPO pairs) in micro-batches of
+    ``cfg.items_per_batch``, with gradient accumulation; returns mean loss terms, grad norm and skip counts.
 
-    ``key`` (e.g. (seed, iteration, LOSS_NOISE)) seeds the per-sample (sigma, noise) draws and the shuffling; samples
-    are numbered globally from ``first_index`` (this process's offset). ``weights`` (0/1 per sample) drops samples
-    from the loss. An accumulation window whose loss or gradient is not finite on any process is skipped by all.
+    ``batch_loss(idx, noise, sigmas) -> (loss, cfm, w2)``. Each item gets one (sigma, noise) draw keyed by ``key``
+    and its global index (``first_index`` is this process's offset), so the update does not depend on how items
+    are split into micro-batches or processes. A window whose loss or gradient is not finite on any process is
+    skipped by all of them.
     """
-    n, device = len(rollout.prompts), rollout.latents.device
-    weights = torch.ones(n) if weights is None else weights
+    device = accelerator.device
     params = [p for p in transformer.parameters() if p.requires_grad]
     sums = {"loss": 0.0, "cfm": 0.0, "w2": 0.0}
     grad_norms, micro_batches, skipped = [], 0, {"nonfinite_loss": 0, "nonfinite_grad": 0}
-    advantages, weights = advantages.to(device), weights.to(device)
     window_ok = True
     transformer.train()
     for epoch in range(cfg.inner_epochs):
-        order = torch.randperm(n, generator=make_generator(*key, epoch, 0))
-        noise, sigmas = loss_noise(cfg, tuple(rollout.latents.shape[1:]), (*key, epoch, 1),
-                                   range(first_index, first_index + n))
-        noise, sigmas = noise.to(rollout.latents), sigmas.to(device)
-        for start in range(0, n, cfg.train_batch_size):
-            idx = order[start : start + cfg.train_batch_size].to(device)
+        order = torch.randperm(n_items, generator=make_generator(*key, epoch, 0))
+        noise, sigmas = loss_noise(cfg, item_shape, (*key, epoch, 1), range(first_index, first_index + n_items))
+        for start in range(0, n_items, cfg.items_per_batch):
+            idx = order[start : start + cfg.items_per_batch]
             with accelerator.accumulate(transformer), accelerator.autocast():
-                loss, cfm, w2 = adrpo_batch_loss(
-                    transformer, base_transformer, rollout.latents[idx], noise[idx], sigmas[idx],
-                    rollout.prompt_embeds[idx], rollout.pooled_embeds[idx], advantages[idx], cfg.beta0, weights[idx])
+                loss, cfm, w2 = batch_loss(idx.to(device), noise[idx].to(device), sigmas[idx].to(device))
                 if not torch.isfinite(loss):
                     window_ok = False
                     skipped["nonfinite_loss"] += 1
@@ -121,6 +130,38 @@ def update(accelerator, transformer, base_transformer, optimizer, lr_scheduler, 
     if grad_norms:
         stats["grad_norm"] = sum(grad_norms) / len(grad_norms)
     return stats
+
+
+def update(accelerator, transformer, base_transformer, optimizer, lr_scheduler, rollout: Rollout,
+           coefficients: tuple[torch.Tensor, torch.Tensor], cfg: TrainConfig, key: tuple,
+           first_index: int = 0) -> dict:
+    """The update of the reward-weighted methods: per-sample loss c_cfm * CFM + c_w2 * W2 over the rollout."""
+    c_cfm, c_w2 = (c.to(rollout.latents.device) for c in coefficients)
+    r = rollout
+
+    def batch_loss(idx, noise, sigmas):
+        return fm_batch_loss(transformer, base_transformer, r.latents[idx], noise.to(r.latents), sigmas,
+                             r.prompt_embeds[idx], r.pooled_embeds[idx], c_cfm[idx], c_w2[idx])
+
+    return optimise(accelerator, transformer, optimizer, lr_scheduler, cfg, len(r.prompts),
+                    tuple(r.latents.shape[1:]), key, first_index, batch_loss)
+
+
+def update_dpo(accelerator, transformer, base_transformer, optimizer, lr_scheduler, rollout: Rollout,
+               pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], cfg: TrainConfig, key: tuple,
+               first_index: int = 0) -> dict:
+    """The DPO update over (winner, loser, weight) pairs of local sample indices."""
+    winners, losers, weights = (p.to(rollout.latents.device) for p in pairs)
+    r = rollout
+
+    def batch_loss(idx, noise, sigmas):
+        w, l = winners[idx], losers[idx]
+        return dpo_batch_loss(transformer, base_transformer, r.latents[w], r.latents[l], noise.to(r.latents), sigmas,
+                              r.prompt_embeds[w], r.prompt_embeds[l], r.pooled_embeds[w], r.pooled_embeds[l],
+                              cfg.dpo_beta, weights[idx])
+
+    return optimise(accelerator, transformer, optimizer, lr_scheduler, cfg, len(winners),
+                    tuple(r.latents.shape[1:]), key, first_index, batch_loss)
 
 
 def score(reward_fn, rollout: Rollout, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,9 +401,10 @@ def train(cfg: TrainConfig) -> Path:
             t0 = time.perf_counter()
             # every process draws the same global prompt list and takes its shard; groups stay within a process
             prompts = prompt_sampler.next(n_prompts * world)[rank * n_prompts : (rank + 1) * n_prompts]
-            rollout = sampler.sample(prompts, cfg.samples_per_prompt, cfg.resolution,  # 1. sample
-                                     [make_generator(cfg.seed, iteration, ROLLOUT_NOISE, rank * n_prompts + i)
-                                      for i in range(n_prompts)])
+            with reference_mode(base_transformer) if cfg.method == "dpo" else nullcontext():  # DPO: offline pairs
+                rollout = sampler.sample(prompts, cfg.samples_per_prompt, cfg.resolution,  # 1. sample
+                                         [make_generator(cfg.seed, iteration, ROLLOUT_NOISE, rank * n_prompts + i)
+                                          for i in range(n_prompts)])
             t1 = time.perf_counter()
             rewards, valid = score(reward_fn, rollout, cfg.reward)  # 2. score
             t2 = time.perf_counter()
@@ -370,12 +412,17 @@ def train(cfg: TrainConfig) -> Path:
             all_rewards, all_valid, all_groups = (accelerator.gather(x.to(device)).cpu() for x in (
                 rewards, valid, rollout.group_ids + rank * n_prompts))
             all_advantages, row = advantage_stats(all_rewards, all_groups, all_valid, cfg)
-            advantages = all_advantages[local]
             if all_valid.any():
                 rollout.latents[~valid.to(rollout.latents.device)] = 0.0  # dropped below; keep the arithmetic finite
-                stats = update(accelerator, transformer, base_transformer, optimizer, lr_scheduler,  # 4. update
-                               rollout, advantages, cfg, (cfg.seed, iteration, LOSS_NOISE), local.start,
-                               weights=valid.float())
+                key = (cfg.seed, iteration, LOSS_NOISE)
+                if cfg.method == "dpo":  # 4. update
+                    winners, losers, weights = dpo_pairs(all_rewards[local], rollout.group_ids, all_valid[local])
+                    stats = update_dpo(accelerator, transformer, base_transformer, optimizer, lr_scheduler, rollout,
+                                       (winners, losers, weights), cfg, key, rank * n_prompts)
+                else:
+                    c_cfm, c_w2 = coefficients(cfg.method, all_rewards, all_advantages, all_groups, all_valid, cfg)
+                    stats = update(accelerator, transformer, base_transformer, optimizer, lr_scheduler, rollout,
+                                   (c_cfm[local], c_w2[local]), cfg, key, local.start)
                 for k in ("loss", "cfm", "w2", "nonfinite_loss"):
                     stats[k] = float(accelerator.reduce(torch.tensor(float(stats[k]), device=device),
                                                         "mean" if k != "nonfinite_loss" else "sum"))

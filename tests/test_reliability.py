@@ -173,7 +173,7 @@ def test_non_finite_loss_skips_the_step(tiny_models):
     before = {k: v.clone() for k, v in pipe.transformer.state_dict().items() if "lora_" in k}
     adv = torch.zeros(16)
     adv[5] = float("inf")
-    stats = update(accelerator, transformer, pipe.transformer, opt, sched, rollout, adv, cfg, (0,))
+    stats = update(accelerator, transformer, pipe.transformer, opt, sched, rollout, (adv, cfg.beta0 - adv), cfg, (0,))
     assert stats["nonfinite_loss"] == 1 and stats["optimizer_steps"] == 0
     after = pipe.transformer.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())

@@ -39,7 +39,7 @@ def _step(setup, rollout, seed=0):
     # a reward that is a function of the samples themselves: mean brightness of the decoded image
     rewards = rollout.images.float().mean(dim=(1, 2, 3))
     adv = group_advantages(rewards, rollout.group_ids, "batch_std", clip=(-1, 1))
-    return update(accelerator, transformer, pipe.transformer, opt, sched, rollout, adv, cfg, (seed,))
+    return update(accelerator, transformer, pipe.transformer, opt, sched, rollout, (adv, cfg.beta0 - adv), cfg, (seed,))
 
 
 def _snapshot(module):
