@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", required=True, help="SD3 pipeline (hub id or folder): the 'Base' row and the LoRAs' base")
     ap.add_argument("--base_label", default="Base")
+    ap.add_argument("--skip_base", action="store_true", help="no row for the base pipeline itself")
     ap.add_argument("--run", action="append", default=[], metavar="LABEL=LORA_DIR",
                     help="a trained LoRA (e.g. <output_dir>/final) as a row; repeat for several")
     ap.add_argument("--pipeline", action="append", default=[], metavar="LABEL=PIPELINE",
@@ -236,7 +237,7 @@ def main(argv: Optional[list[str]] = None) -> Table:
     common = dict(prompts=tuple(prompts), seeds=tuple(args.seeds), images_per_prompt=args.images_per_prompt,
                   steps=args.steps, guidance_scale=args.guidance_scale, resolution=args.resolution)
     base_pipe = load_pipeline(args.base, drop_t5=args.drop_t5, dtype=DTYPES[args.dtype])
-    rows_spec = [(args.base_label, Settings(args.base, None, **common), base_pipe)]
+    rows_spec = [] if args.skip_base else [(args.base_label, Settings(args.base, None, **common), base_pipe)]
     rows_spec += [(label, Settings(args.base, path, **common), base_pipe) for label, path in map(_spec, args.run)]
     rows_spec += [(label, Settings(src, None, **common), None) for label, src in map(_spec, args.pipeline)]
     manifests = {}
