@@ -236,7 +236,7 @@ class TrainConfig:
             _check_model_source(self.eval_clip_model, "final_eval_clip_model", need="config.json")
         for name in ("train_prompts", "eval_prompts", "final_eval_prompts"):
             path = getattr(self, name)
-            if path is not None and not Path(path).is_file():
+            if path is not None and not str(path).startswith("hf://") and not Path(path).is_file():
                 raise ConfigError(f"{name}: no such file {path!r} (relative paths are from {os.getcwd()})")
         if self.resume_from not in (None, "latest") and not Path(self.resume_from).is_dir():
             raise ConfigError(f"resume_from: no such checkpoint folder {self.resume_from!r}")

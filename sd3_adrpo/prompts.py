@@ -10,10 +10,28 @@ from pathlib import Path
 import numpy as np
 
 
+HUB_PREFIX = "hf://datasets/"
+
+
+def fetch_hub_file(spec: str) -> Path:
+    """``hf://datasets/<org>/<name>/<file>`` -> the file, downloaded from the hub dataset (or found in its cache)."""
+    from huggingface_hub import hf_hub_download
+
+    parts = spec[len(HUB_PREFIX):].split("/", 2)
+    if len(parts) != 3:
+        raise ValueError(f"{spec!r}: expected hf://datasets/<org>/<name>/<file.txt|csv|jsonl>")
+    try:
+        return Path(hf_hub_download(repo_id=f"{parts[0]}/{parts[1]}", filename=parts[2], repo_type="dataset"))
+    except Exception as e:  # offline, missing, gated: say which and what to do
+        raise ValueError(f"could not fetch {spec!r} ({type(e).__name__}: {e}). Download the file and pass its local "
+                         "path instead (HF_HUB_OFFLINE=1 allows only what is already cached)") from None
+
+
 def load_prompts(path: str | os.PathLike) -> list[str]:
     """Read prompts from .txt (one per line; blank lines and '#' comments skipped), .jsonl (a "prompt" field per
-    line) or .csv (a "prompt" column). Raises ValueError naming the file and line on malformed input."""
-    path = Path(path)
+    line) or .csv (a "prompt" column), or a file of a hub dataset given as ``hf://datasets/<org>/<name>/<file>``
+    (e.g. a CSV export of DrawBench). Raises ValueError naming the file and line on malformed input."""
+    path = fetch_hub_file(str(path)) if str(path).startswith(HUB_PREFIX) else Path(path)
     suffix = path.suffix.lower()
     try:
         text = path.read_text(encoding="utf-8")

@@ -42,3 +42,26 @@ def test_sampler_covers_each_pass_and_resumes():
     assert [t.next(3) for _ in range(4)] == following
     with pytest.raises(ValueError, match="lower prompts_per_iteration"):
         s.next(8)
+
+
+def test_hub_dataset_files(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_download(repo_id, filename, repo_type):
+        calls.append((repo_id, filename, repo_type))
+        (tmp_path / filename).write_text("prompt,category\na cat,x\na dog,y\n")
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    assert load_prompts("hf://datasets/someone/drawbench/prompts.csv") == ["a cat", "a dog"]
+    assert calls == [("someone/drawbench", "prompts.csv", "dataset")]
+    with pytest.raises(ValueError, match="expected hf://datasets/<org>/<name>/<file"):
+        load_prompts("hf://datasets/someone/drawbench")
+
+
+def test_hub_dataset_offline_says_what_to_do(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="pass its local path instead"):
+        load_prompts("hf://datasets/no-such-org/no-such-set/prompts.csv")
