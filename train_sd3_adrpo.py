@@ -14,7 +14,8 @@ from sd3_adrpo.config import ConfigError, parse_args
 def main(argv=None) -> int:
     try:
         cfg = parse_args(argv)
-        from sd3_adrpo.trainer import NonFiniteError, TrainingInterrupted, train
+        from sd3_adrpo.guards import NonFiniteError, TrainingInterrupted
+        from sd3_adrpo.trainer import train
 
         try:
             train(cfg)

@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from sd3_adrpo.config import parse_args  # noqa: E402
 from sd3_adrpo.models import add_lora  # noqa: E402
-from sd3_adrpo.rollout import SD3Sampler, make_generator  # noqa: E402
-from sd3_adrpo.trainer import fm_batch_loss, loss_noise  # noqa: E402
+from sd3_adrpo.rollout import SD3Sampler  # noqa: E402
+from sd3_adrpo.update import fm_batch_loss, loss_noise  # noqa: E402
 
 # Public SD3-medium shapes; --tiny shrinks every width and depth for a CPU smoke test.
 FULL = dict(layers=24, heads=24, head_dim=64, joint_dim=4096, pooled=2048, vae=(128, 256, 512, 512), vae_layers=2,

@@ -96,7 +96,7 @@ def w2_divergence(transformer, latents: torch.Tensor, prompt_embeds: torch.Tenso
     regulariser on the policy's own samples, v_ref being the same transformer with its adapters disabled."""
     from sd3_adrpo.losses import noised
     from sd3_adrpo.models import reference_mode
-    from sd3_adrpo.trainer import velocity
+    from sd3_adrpo.update import velocity
 
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     sigmas = torch.rand(len(latents), generator=generator).to(latents.device)
@@ -149,7 +149,7 @@ def compare(base: PolicyEval, trained: PolicyEval, images_per_prompt: int, seed:
 
 
 def _markdown(summary: dict, meta: dict) -> str:
-    lines = [f"# Held-out evaluation: base vs trained\n",
+    lines = ["# Held-out evaluation: base vs trained\n",
              f"{meta['num_prompts']} prompts x {meta['images_per_prompt']} images, the same seeds for both; "
              f"differences are trained - base with {int(100 * meta['level'])}% bootstrap intervals over prompts. "
              f"ClipDiversity default: {summary['clip_diversity_default']}.\n",

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from contextlib import nullcontext
 import shutil
 import signal
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
@@ -22,146 +22,18 @@ from sd3_adrpo.advantages import group_advantages
 from sd3_adrpo.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
 from sd3_adrpo.config import ConfigError, TrainConfig
 from sd3_adrpo.io import append_jsonl, atomic_write_bytes, image_grid, save_png
-from sd3_adrpo.losses import dpo_fm_loss, noised, per_sample_mse, sample_sigmas, weighted_fm_loss
+from sd3_adrpo.guards import NonFiniteError, StopOnSignal, TrainingInterrupted, check_in_sync
 from sd3_adrpo.methods import coefficients, dpo_pairs
 from sd3_adrpo.models import DTYPES, add_lora, load_pipeline, reference_mode, save_lora
 from sd3_adrpo.prompts import PromptSampler, load_prompts
 from sd3_adrpo.rewards import ClipScoreReward, build_reward
 from sd3_adrpo.rollout import Rollout, SD3Sampler, make_generator
+from sd3_adrpo.update import update, update_dpo
 
 logger = logging.getLogger("sd3_adrpo")
 
 # Independent random streams, all derived from (cfg.seed, iteration, stream).
 ROLLOUT_NOISE, LOSS_NOISE, GRID_NOISE = 0, 1, 2
-
-
-def velocity(transformer, x_t: torch.Tensor, sigmas: torch.Tensor, prompt_embeds: torch.Tensor,
-             pooled: torch.Tensor) -> torch.Tensor:
-    """v(x_t, t, c) with SD3's timestep convention t = 1000 * sigma."""
-    return transformer(hidden_states=x_t, timestep=sigmas * 1000, encoder_hidden_states=prompt_embeds,
-                       pooled_projections=pooled, return_dict=False)[0]
-
-
-def fm_batch_loss(transformer, base_transformer, x1, noise, sigmas, prompt_embeds, pooled, c_cfm, c_w2):
-    """c_cfm * CFM + c_w2 * W2 on a minibatch of rollout samples, each with its own (sigma, noise) draw
-    (ADRPO: c = (A, beta0 - A)). v_ref is the same transformer with its adapter disabled (``reference_mode`` on the
-    unwrapped module), run through the wrapper, which may shard the weights.
-    Returns (loss, per-sample CFM term, per-sample W2 term)."""
-    x_t, target = noised(x1, noise, sigmas)
-    with torch.no_grad(), reference_mode(base_transformer):
-        v_ref = velocity(transformer, x_t, sigmas, prompt_embeds, pooled)
-    v_theta = velocity(transformer, x_t, sigmas, prompt_embeds, pooled)
-    return weighted_fm_loss(v_theta.float(), v_ref.float(), target.float(), c_cfm, c_w2, return_terms=True)
-
-
-def dpo_batch_loss(transformer, base_transformer, x_w, x_l, noise, sigmas, emb_w, emb_l, pooled_w, pooled_l,
-                   beta: float, weights):
-    """Diffusion-DPO on (winner, loser) pairs, each pair sharing its (sigma, noise). Returns (loss, mean error of the
-    policy on the pairs, W2 of the policy to the reference on the pairs)."""
-    x_t, target = noised(torch.cat([x_w, x_l]), torch.cat([noise, noise]), torch.cat([sigmas, sigmas]))
-    args = (x_t, torch.cat([sigmas, sigmas]), torch.cat([emb_w, emb_l]), torch.cat([pooled_w, pooled_l]))
-    with torch.no_grad(), reference_mode(base_transformer):
-        v_ref = velocity(transformer, *args).float()
-    v_theta = velocity(transformer, *args).float()
-    e, e_ref = per_sample_mse(v_theta, target.float()), per_sample_mse(v_ref, target.float())
-    (e_w, e_l), (e_w_ref, e_l_ref) = e.chunk(2), e_ref.chunk(2)
-    loss = dpo_fm_loss(e_w, e_w_ref, e_l, e_l_ref, beta, weights)
-    return loss, e.detach(), per_sample_mse(v_theta, v_ref).detach()
-
-
-def loss_noise(cfg: TrainConfig, shape: tuple, key: tuple, indices: range) -> tuple[torch.Tensor, torch.Tensor]:
-    """One (noise, sigma) draw per sample, each from its own generator keyed by the sample's global index, so the
-    draws do not depend on micro-batching, on the number of processes, or on which process holds the sample."""
-    noise, sigmas = [], []
-    for i in indices:
-        g = make_generator(*key, i)
-        noise.append(torch.randn(shape, generator=g))
-        sigmas.append(sample_sigmas(1, cfg.timestep_density, logit_mean=cfg.logit_mean, logit_std=cfg.logit_std,
-                                    mode_scale=cfg.mode_scale, shift=cfg.timestep_shift, generator=g))
-    return torch.stack(noise), torch.cat(sigmas)
-
-
-def optimise(accelerator, transformer, optimizer, lr_scheduler, cfg: TrainConfig, n_items: int, item_shape: tuple,
-             key: tuple, first_index: int, batch_loss) -> dict:
-    """``inner_epochs`` shuffled passes over ``n_items`` training items (samples, or DPO pairs) in micro-batches of
-    ``cfg.items_per_batch``, with gradient accumulation; returns mean loss terms, grad norm and skip counts.
-
-    ``batch_loss(idx, noise, sigmas) -> (loss, cfm, w2)``. Each item gets one (sigma, noise) draw keyed by ``key``
-    and its global index (``first_index`` is this process's offset), so the update does not depend on how items
-    are split into micro-batches or processes. A window whose loss or gradient is not finite on any process is
-    skipped by all of them.
-    """
-    device = accelerator.device
-    params = [p for p in transformer.parameters() if p.requires_grad]
-    sums = {"loss": 0.0, "cfm": 0.0, "w2": 0.0}
-    grad_norms, micro_batches, skipped = [], 0, {"nonfinite_loss": 0, "nonfinite_grad": 0}
-    window_ok = True
-    transformer.train()
-    for epoch in range(cfg.inner_epochs):
-        order = torch.randperm(n_items, generator=make_generator(*key, epoch, 0))
-        noise, sigmas = loss_noise(cfg, item_shape, (*key, epoch, 1), range(first_index, first_index + n_items))
-        for start in range(0, n_items, cfg.items_per_batch):
-            idx = order[start : start + cfg.items_per_batch]
-            with accelerator.accumulate(transformer), accelerator.autocast():
-                loss, cfm, w2 = batch_loss(idx.to(device), noise[idx].to(device), sigmas[idx].to(device))
-                if not torch.isfinite(loss):
-                    window_ok = False
-                    skipped["nonfinite_loss"] += 1
-                accelerator.backward(loss)  # always: with several processes, a skipped backward would hang the rest
-                if accelerator.sync_gradients:
-                    norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-                    norm = torch.tensor(float("nan") if norm is None else float(norm))  # DeepSpeed clips itself
-                    any_bad = accelerator.reduce(torch.tensor(float(not window_ok), device=device), "sum") > 0
-                    if not any_bad and (torch.isfinite(norm) or accelerator.distributed_type == "DEEPSPEED"):
-                        optimizer.step()
-                        lr_scheduler.step()
-                        grad_norms.append(float(norm))
-                    elif not any_bad:
-                        skipped["nonfinite_grad"] += 1
-                    optimizer.zero_grad(set_to_none=True)
-                    window_ok = True
-            sums["loss"] += float(loss.detach())
-            sums["cfm"] += float(cfm.mean())
-            sums["w2"] += float(w2.mean())
-            micro_batches += 1
-    transformer.eval()
-    stats = {k: v / micro_batches for k, v in sums.items()}
-    stats.update(skipped, optimizer_steps=len(grad_norms))
-    if grad_norms:
-        stats["grad_norm"] = sum(grad_norms) / len(grad_norms)
-    return stats
-
-
-def update(accelerator, transformer, base_transformer, optimizer, lr_scheduler, rollout: Rollout,
-           coefficients: tuple[torch.Tensor, torch.Tensor], cfg: TrainConfig, key: tuple,
-           first_index: int = 0) -> dict:
-    """The update of the reward-weighted methods: per-sample loss c_cfm * CFM + c_w2 * W2 over the rollout."""
-    c_cfm, c_w2 = (c.to(rollout.latents.device) for c in coefficients)
-    r = rollout
-
-    def batch_loss(idx, noise, sigmas):
-        return fm_batch_loss(transformer, base_transformer, r.latents[idx], noise.to(r.latents), sigmas,
-                             r.prompt_embeds[idx], r.pooled_embeds[idx], c_cfm[idx], c_w2[idx])
-
-    return optimise(accelerator, transformer, optimizer, lr_scheduler, cfg, len(r.prompts),
-                    tuple(r.latents.shape[1:]), key, first_index, batch_loss)
-
-
-def update_dpo(accelerator, transformer, base_transformer, optimizer, lr_scheduler, rollout: Rollout,
-               pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], cfg: TrainConfig, key: tuple,
-               first_index: int = 0) -> dict:
-    """The DPO update over (winner, loser, weight) pairs of local sample indices."""
-    winners, losers, weights = (p.to(rollout.latents.device) for p in pairs)
-    r = rollout
-
-    def batch_loss(idx, noise, sigmas):
-        w, l = winners[idx], losers[idx]
-        return dpo_batch_loss(transformer, base_transformer, r.latents[w], r.latents[l], noise.to(r.latents), sigmas,
-                              r.prompt_embeds[w], r.prompt_embeds[l], r.pooled_embeds[w], r.pooled_embeds[l],
-                              cfg.dpo_beta, weights[idx])
-
-    return optimise(accelerator, transformer, optimizer, lr_scheduler, cfg, len(winners),
-                    tuple(r.latents.shape[1:]), key, first_index, batch_loss)
 
 
 def score(reward_fn, rollout: Rollout, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,42 +85,6 @@ def _prepare_output_dir(cfg: TrainConfig) -> Path:
     return out
 
 
-class TrainingInterrupted(Exception):
-    """SIGINT/SIGTERM arrived; a checkpoint was saved. ``exit_code`` follows the shell's 128 + signal."""
-
-    def __init__(self, signum: int, message: str):
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-
-class NonFiniteError(FloatingPointError):
-    """Too many iterations in a row produced no usable update; a checkpoint of the last good state was saved."""
-
-
-class StopOnSignal:
-    """Turns the first SIGINT/SIGTERM into a request to stop at the next safe point; a second one stops at once."""
-
-    def __init__(self):
-        self.signum: Optional[int] = None
-        self._previous = {}
-
-    def __enter__(self) -> "StopOnSignal":
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum is not None:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this iteration, then stopping "
-              "(send it again to stop at once, without saving)", flush=True)
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 def final_evaluation(cfg: TrainConfig, prompts: list[str], sampler: SD3Sampler, base_transformer, clip,
                      out: Path) -> dict:
     """Base (adapter off) and trained policy on the same held-out prompts and noise; writes summary.json/.md."""
@@ -287,15 +123,6 @@ def _subset(path: Optional[str], n: int, seed: int) -> list[str]:
         keep = np.random.default_rng(seed).permutation(len(prompts))[:n]
         prompts = [prompts[i] for i in sorted(keep)]
     return prompts
-
-
-def _check_in_sync(accelerator, params: list[torch.nn.Parameter]) -> None:
-    """With several processes, the LoRA must be identical everywhere after each update (DDP's promise; checked)."""
-    if accelerator.num_processes > 1:
-        checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).to(accelerator.device)
-        sums = accelerator.gather(checksum)
-        if not torch.all(sums == sums[0]):
-            raise RuntimeError(f"LoRA weights differ between processes after an update: {sums.tolist()}")
 
 
 def _warn_long_prompts(pipe, prompts: list[str]) -> None:
@@ -427,7 +254,7 @@ def train(cfg: TrainConfig) -> Path:
                     stats[k] = float(accelerator.reduce(torch.tensor(float(stats[k]), device=device),
                                                         "mean" if k != "nonfinite_loss" else "sum"))
                 row.update(stats)
-                _check_in_sync(accelerator, params)
+                check_in_sync(accelerator, params)
             t3 = time.perf_counter()
             done = iteration + 1
             row.update(iteration=iteration, lr=lr_scheduler.get_last_lr()[0],

@@ -1,6 +1,5 @@
 """The baselines' losses and selections, each against its formula, and each method through the training loop."""
 
-import math
 
 import pytest
 import torch

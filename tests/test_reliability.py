@@ -166,7 +166,7 @@ def test_non_finite_loss_skips_the_step(tiny_models):
     from test_trainer import _setup
 
     from sd3_adrpo.rollout import make_generator
-    from sd3_adrpo.trainer import update
+    from sd3_adrpo.update import update
 
     cfg, pipe, accelerator, transformer, opt, sched, sampler = _setup(tiny_models, batch=16)
     rollout = sampler.sample(["a", "b", "c", "d"], 4, 64, make_generator(0))

@@ -10,7 +10,7 @@ from sd3_adrpo.advantages import group_advantages
 from sd3_adrpo.config import make_config
 from sd3_adrpo.models import add_lora, load_pipeline, save_lora
 from sd3_adrpo.rollout import SD3Sampler, make_generator
-from sd3_adrpo.trainer import update
+from sd3_adrpo.update import update
 
 
 def _setup(tiny_models, lr=1e-3, batch=8, accum=1, seed=0):

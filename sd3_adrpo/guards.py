@@ -1,0 +1,54 @@
+"""Run guards: stop cleanly on SIGINT/SIGTERM, give up loudly on repeated non-finite updates, check that
+processes agree on the weights."""
+
+from __future__ import annotations
+
+import signal
+from typing import Optional
+
+import torch
+
+
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved. ``exit_code`` follows the shell's 128 + signal."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class NonFiniteError(FloatingPointError):
+    """Too many iterations in a row produced no usable update; a checkpoint of the last good state was saved."""
+
+
+class StopOnSignal:
+    """Turns the first SIGINT/SIGTERM into a request to stop at the next safe point; a second one stops at once."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopOnSignal":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this iteration, then stopping "
+              "(send it again to stop at once, without saving)", flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def check_in_sync(accelerator, params: list[torch.nn.Parameter]) -> None:
+    """With several processes, the LoRA must be identical everywhere after each update (DDP's promise; checked)."""
+    if accelerator.num_processes > 1:
+        checksum = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1).to(accelerator.device)
+        sums = accelerator.gather(checksum)
+        if not torch.all(sums == sums[0]):
+            raise RuntimeError(f"LoRA weights differ between processes after an update: {sums.tolist()}")
