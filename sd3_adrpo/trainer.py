@@ -237,7 +237,8 @@ def train(cfg: TrainConfig) -> Path:
             t2 = time.perf_counter()
             # 3. advantages, from all processes' rewards (so batch_std and the logged stats are global)
             all_rewards, all_valid, all_groups = (accelerator.gather(x.to(device)).cpu() for x in (
-                rewards, valid, rollout.group_ids + rank * n_prompts))
+                rewards, valid.float(), rollout.group_ids + rank * n_prompts))  # floats: NCCL gathers no bools
+            all_valid = all_valid.bool()
             all_advantages, row = advantage_stats(all_rewards, all_groups, all_valid, cfg)
             if all_valid.any():
                 rollout.latents[~valid.to(rollout.latents.device)] = 0.0  # dropped below; keep the arithmetic finite
