@@ -7,9 +7,9 @@ VAE; CLIP-L, CLIP-G and T5-XXL text encoders) in bf16 and measures, with the pro
 - rollout images/s (sd3_adrpo.rollout.SD3Sampler: Euler ODE + CFG + VAE decode) at 512 and 1024 px, 10 and 28
   steps, CFG on and off, and with torch.compile on and off;
 - training samples/s of one ADRPO step (LoRA r=32, the adapter-off reference pass included, AdamW step);
-- peak GPU memory of each config profile (configs/sd3_medium_80gb.yaml, configs/sd3_medium_24gb.yaml): text
-  encoding with every encoder resident, then a rollout + training step with the profile's batch sizes, gradient
-  checkpointing, optimizer and freed encoders;
+- peak GPU memory of each config profile (configs/sd3_medium_80gb.yaml, configs/sd3_medium_24gb.yaml): a rollout and
+  a training step with the profile's batch sizes, gradient checkpointing and optimizer, plus the text encoders'
+  weights where the profile keeps them resident (the start-up peak of encoding every prompt is reported apart);
 - MFU: FLOPs counted by torch.utils.flop_counter on one transformer forward, against the card's dense bf16 peak.
 
     python benchmarks/gpu_sd3_medium.py --out benchmarks/out/gpu_sd3_medium.json        # one H100: ~5-8 min
@@ -101,9 +101,9 @@ def embeds(shapes, n, device, dtype, g):
     return ctx, torch.randn(n, shapes["pooled"], generator=g).to(device, dtype)
 
 
-def rollout_speed(pipe, shapes, device, dtype, resolution, steps, cfg_scale, batch) -> float:
+def rollout_speed(pipe, shapes, device, dtype, resolution, steps, cfg_scale, batch, vae_batch=None) -> float:
     sampler = SD3Sampler(pipe, device, num_inference_steps=steps, guidance_scale=cfg_scale, max_sequence_length=0,
-                         batch_size=batch, vae_batch_size=batch)
+                         batch_size=batch, vae_batch_size=vae_batch or batch)
     g = torch.Generator().manual_seed(0)
     sampler._cache[""] = tuple(x[0] for x in embeds(shapes, 1, device, dtype, g))  # the CFG negative
     emb, pooled = embeds(shapes, batch, device, dtype, g)
@@ -220,9 +220,15 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         r = res[0]
+        # the profile's rollout (its batch sizes, CFG) and then its training step, under one peak-memory window
+        rollout_speed(pipe, shapes, device, dtype, r, steps[0], profile.guidance_scale, profile.rollout_batch_size,
+                      profile.vae_batch_size)
         sps, peak = train_step_speed(pipe, shapes, device, dtype, r, profile.train_batch_size, profile)
-        # forward + backward ~ 3 forwards with LoRA, + 1 reference forward
-        tflops = sps * 4 * flops[r] / 1e12
+        if not profile.free_text_encoders:  # this profile keeps CLIP-L, CLIP-G and T5 resident all run long
+            peak += result["text_encoders_gib"]
+        # assumed cost: policy forward + backward (~2 forwards: input gradients, LoRA weights only) + reference
+        # forward = 4 forwards, + 1 recompute with gradient checkpointing
+        tflops = sps * (4 + profile.gradient_checkpointing) * flops[r] / 1e12
         rows.append({"what": f"train step ({pname})", "resolution": r, "batch": profile.train_batch_size,
                      "gradient_checkpointing": profile.gradient_checkpointing, "optimizer": profile.optimizer,
                      "samples_per_s": sps, "peak_gib": peak, "mfu": tflops / peak_tflops})
