@@ -187,6 +187,7 @@ def main() -> None:
         for enc, length in zip(encoders, (shapes["clip_len"], shapes["clip_len"], shapes["t5_len"])):
             enc(torch.randint(0, 1000, (16, length), device=device))
     result["text_encoders_gib"] = sum(p.numel() * p.element_size() for e in encoders for p in e.parameters()) / 2**30
+    result["encode_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     del encoders
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -237,7 +238,7 @@ def main() -> None:
     print(f"SD3-medium architecture{' (TINY shapes)' if args.tiny else ''}, random weights, {dtype}, {name}, "
           f"commit {result['commit']}")
     print(f"transformer {result['transformer_params'] / 1e9:.2f}B params; text encoders {result['text_encoders_gib']:.1f} "
-          f"GiB; TFLOP per forward: " + ", ".join(f"{r}px {v:.2f}" for r, v in result["tflop_per_forward"].items()))
+          f"GiB (encoding peak {result['encode_peak_gib']:.1f} GiB); TFLOP per forward: " + ", ".join(f"{r}px {v:.2f}" for r, v in result["tflop_per_forward"].items()))
     print(f"{'what':24s}{'res':>6s}{'steps':>6s}{'cfg':>6s}{'compile':>8s}{'batch':>6s}{'per s':>10s}{'MFU':>7s}{'peak GiB':>9s}")
     for row in rows:
         rate = row.get("images_per_s", row.get("samples_per_s"))
