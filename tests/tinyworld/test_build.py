@@ -1,0 +1,98 @@
+"""The tiny-world build: tokenizer, a --quick build loaded by the project's own loaders, and the shipped assets."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ASSETS = Path(__file__).resolve().parents[2] / "assets" / "tinyworld"
+
+
+def test_tokenizer_covers_every_prompt_deterministically():
+    from sd3_adrpo.tinyworld.grammar import all_prompts
+    from sd3_adrpo.tinyworld.tokenizer import build_tokenizer, byte_symbols
+
+    tok = build_tokenizer()
+    assert tok.model_max_length == 16
+    vocab = tok.get_vocab()
+    symbols = byte_symbols()
+    assert len(set(symbols)) == 256
+    # OpenAI-CLIP layout: bytes, bytes + </w>, merges, then the two specials at the end
+    assert [vocab[s] for s in symbols] == list(range(256))
+    assert [vocab[s + "</w>"] for s in symbols] == list(range(256, 512))
+    assert vocab["<|startoftext|>"] == len(vocab) - 2 and vocab["<|endoftext|>"] == len(vocab) - 1
+    for text in all_prompts():
+        ids = tok(text)["input_ids"]
+        assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+        assert len(ids) <= 16
+        assert all(i < len(vocab) - 2 for i in ids[1:-1]), f"unknown or special token inside {text!r}"
+        assert tok.decode(ids, skip_special_tokens=True) == text
+    assert build_tokenizer().get_vocab() == vocab
+
+
+@pytest.fixture(scope="module")
+def quick_build(tmp_path_factory):
+    from sd3_adrpo.tinyworld.build import main
+
+    out = tmp_path_factory.mktemp("tinyworld")
+    main(["--out", str(out), "--quick", "--threads", str(torch.get_num_threads())])
+    return out
+
+
+def _sample(path, prompts):
+    from sd3_adrpo.models import load_pipeline
+    from sd3_adrpo.rollout import SD3Sampler, make_generator
+
+    pipe = load_pipeline(str(path), drop_t5=True)
+    assert pipe.text_encoder_3 is None and pipe.vae.config.latent_channels == 16
+    sampler = SD3Sampler(pipe, "cpu", num_inference_steps=4, guidance_scale=4.0, max_sequence_length=4, batch_size=4)
+    return sampler.sample(prompts, 2, 64, make_generator(0, 1))
+
+
+def test_quick_build_loads_with_project_loaders(quick_build):
+    from sd3_adrpo.rewards import ClipScoreReward
+
+    for name in ("sd3", "clip"):
+        card = (quick_build / name / "MODEL_CARD.md").read_text()
+        assert "python -m sd3_adrpo.tinyworld.build" in card
+    prompts = ["a red circle", "two blue squares"]
+    rollout = _sample(quick_build / "sd3", prompts)
+    assert rollout.images.dtype == torch.uint8 and rollout.images.shape == (4, 64, 64, 3)
+    assert rollout.latents.shape == (4, 16, 8, 8)
+    reward = ClipScoreReward(str(quick_build / "clip"))
+    scores = reward(rollout.images, rollout.prompts)
+    assert scores.shape == (4,) and torch.isfinite(scores).all()
+
+
+@pytest.fixture(scope="module")
+def shipped_clip_ranking():
+    from sd3_adrpo.tinyworld.clip import evaluate_clip
+
+    return evaluate_clip(ASSETS / "clip", n=200, seed=4242)  # renders unseen in training (seeds >= 10**6)
+
+
+_KNOWN_FAILURE = pytest.mark.xfail(strict=True, reason="the shipped CLIP ranks relation captions at chance "
+                                                       "(assets/tinyworld/clip/MODEL_CARD.md, Known limitations)")
+
+
+@pytest.mark.skipif(not (ASSETS / "clip").exists(), reason="assets/tinyworld/clip is not built")
+@pytest.mark.parametrize("change", [c if c != "relation" else pytest.param(c, marks=_KNOWN_FAILURE)
+                                    for c in ("colour", "shape", "count", "relation", "swap")])
+def test_shipped_clip_meets_ranking_gate(shipped_clip_ranking, change):
+    from sd3_adrpo.tinyworld.clip import GATES
+
+    assert shipped_clip_ranking[change] >= GATES[change], shipped_clip_ranking
+
+
+@pytest.mark.skipif(not (ASSETS / "sd3").exists(), reason="assets/tinyworld/sd3 is not built")
+def test_shipped_sd3_loads_and_generates():
+    from sd3_adrpo.tinyworld.oracle import check
+
+    rollout = _sample(ASSETS / "sd3", ["a red circle", "a blue square"])
+    assert rollout.images.shape == (4, 64, 64, 3)
+    images = rollout.images.numpy()
+    assert images.std() > 5  # not blank
+    # the oracle runs on generated images (the accuracy itself is measured by the build's report stage)
+    assert all(isinstance(check(im, p).ok, bool) for im, p in zip(images, rollout.prompts))
