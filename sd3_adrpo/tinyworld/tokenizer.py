@@ -2,14 +2,14 @@
 
 Layout of the vocabulary (as in openai/clip-vit-large-patch14): the 256 byte symbols of GPT-2's reversible
 byte->unicode table, the same 256 with the end-of-word marker ``</w>``, one token per learnt merge (in merge
-order), then ``<|startoftext|>`` and ``<|endoftext|>``. The merges are learnt with the ``tokenizers`` library on
-``grammar.all_prompts()``; the result is wrapped as a ``transformers.CLIPTokenizer(vocab=..., merges=...)``, so
+order), then ``<|startoftext|>`` and ``<|endoftext|>``. The merges are learnt on ``grammar.all_prompts()`` (see
+``learn_merges``); the result is wrapped as a ``transformers.CLIPTokenizer(vocab=..., merges=...)``, so
 it is saved and loaded exactly like the real CLIP tokenizer. Every grammar word becomes one token, so every
 prompt fits in ``MODEL_MAX_LENGTH`` = 16 tokens with the two specials. Training is deterministic.
 """
 from __future__ import annotations
 
-import json
+from collections import Counter
 
 from .grammar import all_prompts
 
@@ -18,25 +18,54 @@ BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
 
 
+def _byte_order() -> list[int]:
+    """Byte values in CLIP's vocabulary order: the printable ones first, then the rest."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    return printable + [b for b in range(256) if b not in printable]
+
+
 def byte_symbols() -> list[str]:
     """GPT-2/CLIP's 256 printable stand-ins for the bytes 0..255, in CLIP's vocabulary order."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    extra = [b for b in range(256) if b not in printable]
-    return [chr(b) for b in printable] + [chr(256 + i) for i in range(len(extra))]
+    order = _byte_order()
+    return [chr(b) if i < 188 else chr(256 + i - 188) for i, b in enumerate(order)]
 
 
 def learn_merges(texts: list[str], max_merges: int = 1000) -> list[tuple[str, str]]:
-    """BPE merges (in order) learnt by the ``tokenizers`` trainer, words ending in ``</w>``."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    """Byte-level BPE merges (in order), learnt greedily on word frequencies; words end in ``</w>``.
 
-    symbols = byte_symbols()
-    tok = Tokenizer(models.BPE(end_of_word_suffix=END_OF_WORD))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    trainer = trainers.BpeTrainer(vocab_size=2 * len(symbols) + max_merges, min_frequency=1, show_progress=False,
-                                  initial_alphabet=symbols, end_of_word_suffix=END_OF_WORD, special_tokens=[])
-    tok.train_from_iterator(sorted(set(texts)), trainer=trainer)
-    merges = json.loads(tok.to_str())["model"]["merges"]
-    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+    Written here rather than taken from the ``tokenizers`` trainer: that trainer breaks ties between equally
+    frequent pairs in hash/thread order, so two builds could learn different vocabularies. Here a tie goes to the
+    lexicographically smallest pair, so a build is deterministic. The corpus is a few dozen word types, so the
+    simple quadratic loop costs milliseconds.
+    """
+    table = dict(zip(_byte_order(), byte_symbols()))  # byte value -> its symbol
+    freq = Counter(word for text in texts for word in text.split())
+    words = {}
+    for word in sorted(freq):
+        symbols = [table[b] for b in word.encode("utf-8")]
+        symbols[-1] += END_OF_WORD
+        words[word] = symbols
+    merges = []
+    while len(merges) < max_merges:
+        pairs = Counter()
+        for word, symbols in words.items():
+            for pair in zip(symbols, symbols[1:]):
+                pairs[pair] += freq[word]
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        merges.append(best)
+        for word, symbols in words.items():
+            merged, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            words[word] = merged
+    return merges
 
 
 def build_tokenizer(texts: list[str] | None = None, model_max_length: int = MODEL_MAX_LENGTH):
