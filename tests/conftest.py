@@ -24,3 +24,20 @@ def tiny_pipe(tiny_models):
     from sd3_adrpo.models import load_pipeline
 
     return load_pipeline(str(tiny_models["sd3"]), drop_t5=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_open_clip(tmp_path_factory):
+    """A tiny open_clip architecture registered as 'TinyTestCLIP', and a random model of it (seed 0)."""
+    import json
+
+    import open_clip
+
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "patch_size": 16,
+                                         "head_width": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
+    path = tmp_path_factory.mktemp("open_clip") / "TinyTestCLIP.json"
+    path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(path)
+    torch.manual_seed(0)
+    return "TinyTestCLIP", open_clip.create_model("TinyTestCLIP").eval()

@@ -1,4 +1,3 @@
-import json
 
 import numpy as np
 import pytest
@@ -25,27 +24,21 @@ def test_clip_reward_is_100_cos_from_the_models_own_forward(tiny_models):
     assert got.shape == (4,) and torch.allclose(got, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_open_clip_reward_from_a_local_weights_file(tmp_path):
+def test_open_clip_reward_from_a_local_weights_file(tmp_path, tiny_open_clip):
     import open_clip
 
-    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "patch_size": 16,
-                                         "head_width": 16},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
-    (tmp_path / "TinyTestCLIP.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp_path / "TinyTestCLIP.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model("TinyTestCLIP")
+    name, model = tiny_open_clip
     torch.save(model.state_dict(), tmp_path / "weights.pt")
 
-    reward = build_reward("open_clip", "TinyTestCLIP", pretrained=str(tmp_path / "weights.pt"))
+    reward = build_reward("open_clip", name, pretrained=str(tmp_path / "weights.pt"))
     images, prompts = _images(3), ["a red circle", "a blue square", "a cat"]
     got = reward(images, prompts)
-    _, _, preprocess = open_clip.create_model_and_transforms("TinyTestCLIP")
+    _, _, preprocess = open_clip.create_model_and_transforms(name)
     from PIL import Image
 
     pixels = torch.stack([preprocess(Image.fromarray(im)) for im in images.numpy()])
     with torch.no_grad():
-        img, txt, _ = model.eval()(pixels, open_clip.get_tokenizer("TinyTestCLIP")(prompts))
+        img, txt, _ = model(pixels, open_clip.get_tokenizer(name)(prompts))
     assert torch.allclose(got, 100 * (img * txt).sum(-1), atol=1e-4)
 
 

@@ -1,6 +1,5 @@
 """ClipScore, PickScore, the aesthetic predictor and HPSv2 against independent computations on tiny models."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -121,25 +120,19 @@ def test_aesthetic_wants_a_768_d_clip(tiny_models, tmp_path):
         build_metric("aesthetic", str(tmp_path / "head.pth"), clip=str(tiny_models["clip"]))
 
 
-def test_hpsv2_is_the_cosine_of_the_open_clip_features_with_the_checkpoint_loaded(tmp_path):
+def test_hpsv2_is_the_cosine_of_the_open_clip_features_with_the_checkpoint_loaded(tmp_path, tiny_open_clip):
     import open_clip
     from PIL import Image
 
-    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 64, "layers": 2, "width": 32, "patch_size": 16,
-                                         "head_width": 16},
-           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2}}
-    (tmp_path / "TinyHPSCLIP.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp_path / "TinyHPSCLIP.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model("TinyHPSCLIP").eval()
+    name, model = tiny_open_clip
     torch.save({"state_dict": model.state_dict()}, tmp_path / "HPS_tiny.pt")  # the HPS checkpoint format
 
     images = _images(3, h=48, w=80)  # not square: HPSv2 resizes the longest edge and pads
-    got = build_metric("hpsv2", str(tmp_path / "HPS_tiny.pt"), arch="TinyHPSCLIP", batch_size=2)(images, PROMPTS[:3])
+    got = build_metric("hpsv2", str(tmp_path / "HPS_tiny.pt"), arch=name, batch_size=2)(images, PROMPTS[:3])
     preprocess = open_clip.image_transform(64, is_train=False, resize_mode="longest", fill_color=0)
     px = torch.stack([preprocess(Image.fromarray(im)) for im in images])
     with torch.no_grad():
-        out = model(px, open_clip.get_tokenizer("TinyHPSCLIP")(PROMPTS[:3]))
+        out = model(px, open_clip.get_tokenizer(name)(PROMPTS[:3]))
     img, txt = out[0], out[1]
     np.testing.assert_allclose(got, (img @ txt.T).diag().double().numpy(), rtol=1e-4, atol=1e-5)
     assert np.abs(got).max() <= 1 + 1e-6
