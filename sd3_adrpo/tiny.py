@@ -23,28 +23,17 @@ import torch
 _N_MERGES = 49152 - 256 - 2
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP's reversible byte -> printable-unicode table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
 def clip_tokenizer(model_max_length: int = 77):
     """The OpenAI CLIP tokenizer (``transformers.CLIPTokenizer``) built from the vocabulary open_clip ships."""
     import open_clip
     from transformers import CLIPTokenizer
 
+    from sd3_adrpo.tinyworld.tokenizer import byte_symbols
+
     path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
     lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")
     merges = [tuple(m.split()) for m in lines[1 : _N_MERGES + 1]]
-    symbols = list(_bytes_to_unicode().values())
+    symbols = byte_symbols()  # GPT-2/CLIP's byte -> printable-unicode table, in vocabulary order
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {t: i for i, t in enumerate(tokens)}
