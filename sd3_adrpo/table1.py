@@ -191,14 +191,18 @@ def _build_metrics(args, device, notes: list[str]) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base", required=True, help="SD3 pipeline (hub id or folder): the 'Base' row and the LoRAs' base")
+    ap.add_argument("--config", help="a training config (YAML): its pretrained_model, final_eval_prompts (else "
+                                     "eval_prompts), sampler settings, drop_t5, T5 length and evaluation CLIP become "
+                                     "the defaults of --base, --prompts, --steps, ..., --clip (flags still win)")
+    ap.add_argument("--base", help="SD3 pipeline (hub id or folder): the 'Base' row and the LoRAs' base")
     ap.add_argument("--base_label", default="Base")
     ap.add_argument("--skip_base", action="store_true", help="no row for the base pipeline itself")
-    ap.add_argument("--run", action="append", default=[], metavar="LABEL=LORA_DIR",
-                    help="a trained LoRA (e.g. <output_dir>/final) as a row; repeat for several")
+    ap.add_argument("--run", action="append", default=[], metavar="LABEL=RUN",
+                    help="a trained LoRA as a row: a run's output_dir (its final/ is used; its eval_metrics.jsonl, "
+                         "if any, goes into fig3.png/pdf) or a LoRA folder; repeat for several")
     ap.add_argument("--pipeline", action="append", default=[], metavar="LABEL=PIPELINE",
                     help="another diffusers text-to-image pipeline (folder or hub id) as an extra row")
-    ap.add_argument("--prompts", required=True, help="prompt file (.txt, .csv, .jsonl)")
+    ap.add_argument("--prompts", help="prompt file (.txt, .csv, .jsonl)")
     ap.add_argument("--num_prompts", type=int, default=0, help="use the first N prompts (0: all)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--images_per_prompt", type=int, default=4)
@@ -223,22 +227,50 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _config_defaults(path: str) -> dict:
+    """Defaults for this CLI from a training config, so a run is evaluated with the settings it was trained with."""
+    from sd3_adrpo.config import parse_args
+
+    cfg = parse_args(["--config", path])
+    return {"base": cfg.pretrained_model, "prompts": cfg.final_eval_prompts or cfg.eval_prompts,
+            "steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale, "resolution": cfg.resolution,
+            "drop_t5": cfg.drop_t5, "max_sequence_length": cfg.t5_length, "clip": cfg.eval_clip_model}
+
+
+def _lora_dir(path: str) -> tuple[Path, Optional[Path]]:
+    """(LoRA folder, run folder or None) for a --run path: a run's output_dir or its final/ (or any LoRA folder)."""
+    p = Path(path)
+    if (p / "final" / "pytorch_lora_weights.safetensors").is_file():
+        return p / "final", p
+    run = p.parent if (p.parent / "eval_metrics.jsonl").is_file() else None
+    return p, run
+
+
 def main(argv: Optional[list[str]] = None) -> Table:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config:
+        parser.set_defaults(**_config_defaults(args.config))
+        args = parser.parse_args(argv)
+    for name in ("base", "prompts"):
+        if getattr(args, name) is None:
+            raise SystemExit(f"error: --{name} is required (or give --config with a training config)")
     if args.images_per_prompt < 2:
         raise SystemExit("error: --images_per_prompt must be >= 2 (ClipDiversity compares images of a prompt)")
     prompts = load_prompts(args.prompts)
     prompts = prompts[: args.num_prompts] if args.num_prompts else prompts
-    for label, path in [*map(_spec, args.run)]:
-        if not (Path(path) / "pytorch_lora_weights.safetensors").is_file():
-            raise SystemExit(f"error: run {label}: {path} has no pytorch_lora_weights.safetensors (pass <output_dir>/final)")
+    runs = [(label, *_lora_dir(path)) for label, path in map(_spec, args.run)]
+    for label, lora, _ in runs:
+        if not (lora / "pytorch_lora_weights.safetensors").is_file():
+            raise SystemExit(f"error: run {label}: {lora} has no pytorch_lora_weights.safetensors (pass a run's "
+                             "output_dir or its final/)")
     out = Path(args.out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     common = dict(prompts=tuple(prompts), seeds=tuple(args.seeds), images_per_prompt=args.images_per_prompt,
                   steps=args.steps, guidance_scale=args.guidance_scale, resolution=args.resolution)
     base_pipe = load_pipeline(args.base, drop_t5=args.drop_t5, dtype=DTYPES[args.dtype])
     rows_spec = [] if args.skip_base else [(args.base_label, Settings(args.base, None, **common), base_pipe)]
-    rows_spec += [(label, Settings(args.base, path, **common), base_pipe) for label, path in map(_spec, args.run)]
+    rows_spec += [(label, Settings(args.base, str(lora), **common), base_pipe) for label, lora, _ in runs]
     rows_spec += [(label, Settings(src, None, **common), None) for label, src in map(_spec, args.pipeline)]
     manifests = {}
     for label, settings, pipe in rows_spec:
@@ -262,4 +294,10 @@ def main(argv: Optional[list[str]] = None) -> Table:
             "base": args.base, "prompts_file": args.prompts}
     table = write_outputs(out, results, rows, notes, meta)
     print(table.to_markdown())
+    trajectories = {label: run for label, _, run in runs if run is not None and (run / "eval_metrics.jsonl").is_file()}
+    if trajectories:
+        from sd3_adrpo.plots import load_trajectory, plot_tradeoff
+
+        for path in plot_tradeoff({k: load_trajectory(v) for k, v in trajectories.items()}, out / "fig3"):
+            print(f"wrote {path} (Figure 3: the runs' held-out trajectories)")
     return table
