@@ -37,7 +37,7 @@ SAMPLER_FILE = "tinyworld_sampler.json"  # recommended sampler settings, written
 
 @dataclass
 class SD3TrainConfig:
-    steps: int = 8000
+    steps: int = 16000
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 200
@@ -47,7 +47,7 @@ class SD3TrainConfig:
     empty_prompt_prob: float = 0.1
     logit_mean: float = 0.0
     logit_std: float = 1.0
-    renders_per_category: int = 3000  # size of the pre-encoded latent pool, per category
+    renders_per_category: int = 5000  # size of the pre-encoded latent pool, per category
     seed: int = 0
     split_seed: int = 0
     num_layers: int = 4
