@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_two_processes_match_one_process_with_twice_the_batch(tiny_models, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\na blue square\na green triangle\na yellow square\na purple circle\n")
-    common = ["--config", str(ROOT / "configs/tiny.yaml"), "--pretrained_model", str(tiny_models["sd3"]),
+    common = ["--config", str(ROOT / "configs/tiny_random.yaml"), "--pretrained_model", str(tiny_models["sd3"]),
               "--reward_model", str(tiny_models["clip"]), "--train_prompts", str(prompts), "--eval_prompts", "null",
               "--num_iterations", "1", "--samples_per_prompt", "2", "--num_inference_steps", "3",
               "--checkpoint_every", "0", "--learning_rate", "1e-2", "--adv_scale", "batch_std",

@@ -49,7 +49,7 @@ def test_final_evaluation_is_paired_and_written(tiny_models, tmp_path, lr):
     prompts.write_text("a red circle\ntwo blue squares\na green triangle above a yellow circle\n"
                        "a purple square and an orange circle\n")
     out = tmp_path / "run"
-    args = ["--config", "configs/tiny.yaml", "--pretrained_model", str(tiny_models["sd3"]),
+    args = ["--config", "configs/tiny_random.yaml", "--pretrained_model", str(tiny_models["sd3"]),
             "--reward_model", str(tiny_models["clip"]), "--train_prompts", str(prompts), "--eval_prompts", "null",
             "--final_eval_prompts", str(prompts), "--final_eval_images_per_prompt", "3", "--num_iterations", "2",
             "--prompts_per_iteration", "2", "--samples_per_prompt", "2", "--train_batch_size", "2",

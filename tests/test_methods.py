@@ -106,7 +106,7 @@ def test_each_method_trains_end_to_end(method, tiny_models, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\na blue square\na green triangle\n")
     out = tmp_path / "run"
-    args = ["--config", "configs/tiny.yaml", "--pretrained_model", str(tiny_models["sd3"]),
+    args = ["--config", "configs/tiny_random.yaml", "--pretrained_model", str(tiny_models["sd3"]),
             "--reward_model", str(tiny_models["clip"]), "--train_prompts", str(prompts), "--eval_prompts", "null",
             "--method", method, "--num_iterations", "2", "--prompts_per_iteration", "2", "--samples_per_prompt", "4",
             "--train_batch_size", "2", "--num_inference_steps", "3", "--checkpoint_every", "0",

@@ -15,7 +15,7 @@ def test_training_records_the_trajectory_and_the_plot_renders(tiny_models, tmp_p
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\ntwo blue squares\na green triangle\na purple square and an orange circle\n")
     out = tmp_path / "run"
-    args = ["--config", str(ROOT / "configs/tiny.yaml"), "--pretrained_model", str(tiny_models["sd3"]),
+    args = ["--config", str(ROOT / "configs/tiny_random.yaml"), "--pretrained_model", str(tiny_models["sd3"]),
             "--reward_model", str(tiny_models["clip"]), "--train_prompts", str(prompts),
             "--eval_prompts", str(prompts), "--eval_every", "2", "--eval_num_prompts", "3",
             "--eval_images_per_prompt", "2", "--num_iterations", "3", "--prompts_per_iteration", "2",

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_args(tiny_models, tmp_path_factory):
     prompts = tmp_path_factory.mktemp("prompts") / "p.txt"
     prompts.write_text("a red circle\na blue square\na green triangle\na yellow square\n")
-    return ["--config", str(ROOT / "configs/tiny.yaml"), "--pretrained_model", str(tiny_models["sd3"]),
+    return ["--config", str(ROOT / "configs/tiny_random.yaml"), "--pretrained_model", str(tiny_models["sd3"]),
             "--reward_model", str(tiny_models["clip"]), "--train_prompts", str(prompts), "--eval_prompts", "null",
             "--num_iterations", "4", "--prompts_per_iteration", "2", "--samples_per_prompt", "2",
             "--train_batch_size", "2", "--num_inference_steps", "3", "--checkpoint_every", "1",

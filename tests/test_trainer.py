@@ -110,7 +110,7 @@ def test_saved_lora_reproduces_the_policy_in_a_stock_pipeline(tiny_models, tmp_p
 def tiny_run_args(tiny_models, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\na blue square\na green triangle\n")
-    return ["--config", "configs/tiny.yaml", "--pretrained_model", str(tiny_models["sd3"]),
+    return ["--config", "configs/tiny_random.yaml", "--pretrained_model", str(tiny_models["sd3"]),
             "--reward_model", str(tiny_models["clip"]), "--train_prompts", str(prompts), "--eval_prompts", str(prompts),
             "--num_iterations", "2", "--prompts_per_iteration", "2", "--samples_per_prompt", "2",
             "--train_batch_size", "2", "--num_inference_steps", "3", "--checkpoint_every", "1", "--sample_every", "1",

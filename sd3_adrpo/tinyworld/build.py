@@ -1,6 +1,6 @@
 """Build the trained tiny world from scratch: tokenizer, CLIP judge, VAE, SD3 pipeline, quality figures, model cards.
 
-    python -m sd3_adrpo.tinyworld.build --out assets/tinyworld            # full build (about 1.5 h on 2 CPU cores)
+    python -m sd3_adrpo.tinyworld.build --out assets/tinyworld            # full build (about 2 h on 2 CPU cores)
     python -m sd3_adrpo.tinyworld.build --out /tmp/tw --quick              # < 1 min, tiny step counts, no gates
     python -m sd3_adrpo.tinyworld.build --out assets/tinyworld --stage sd3 # re-run one stage (needs earlier ones)
 
