@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,15 +26,13 @@ def test_gpu_benchmark_tiny_mode(tmp_path):
     assert "SD3-medium architecture (TINY shapes)" in result.stdout
 
 
-def test_tinyworld_reproduction_at_reduced_size(tiny_models, tmp_path):
-    """The reproduction script end to end (two methods, one seed, the clipping ablation) on the tiny models."""
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("a red circle\na blue square\na green triangle\n")
+def test_tinyworld_reproduction_at_reduced_size(tmp_path):
+    """The reproduction script end to end (two methods, one seed, the clipping ablation) on the shipped tiny world
+    (its default config), at a reduced size."""
     out = tmp_path / "repro"
     args = [sys.executable, str(ROOT / "benchmarks/reproduce_tinyworld.py"), "--quick", "--methods", "adrpo", "raft",
             "--seeds", "0", "--eval_num_prompts", "3", "--images_per_prompt", "2", "--out", str(out), "--",
-            "--pretrained_model", str(tiny_models["sd3"]), "--reward_model", str(tiny_models["clip"]),
-            "--train_prompts", str(prompts), "--num_iterations", "2", "--prompts_per_iteration", "2",
+            "--num_iterations", "2", "--prompts_per_iteration", "2",
             "--samples_per_prompt", "2", "--train_batch_size", "2", "--num_inference_steps", "2"]
     result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -47,3 +46,24 @@ def test_tinyworld_reproduction_at_reduced_size(tiny_models, tmp_path):
     assert "reproduce_tinyworld.py --quick" in readme and "Commit:" in readme and "not SD3 results" in readme
     for run in ("adrpo_s0", "raft_s0", "adrpo_clip0.5_s0", "adrpo_clip2_s0"):
         assert (out / "runs" / run / "final" / "pytorch_lora_weights.safetensors").is_file(), run
+
+
+def test_tuning_sweep_picks_the_best_point_whose_oracle_does_not_fall(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import tune_tinyworld
+
+    def metrics(clip, oracle_high):
+        m = lambda d, lo, hi: {"diff": d, "ci_low": lo, "ci_high": hi}  # noqa: E731
+        return {"clip_score": m(clip, clip - 1, clip + 1), "clip_diversity_default": m(0.0, -1, 1),
+                "oracle_accuracy": m(oracle_high - 0.05, oracle_high - 0.1, oracle_high)}
+
+    results = [{"method": "adrpo", "point": {"beta0": 1.0}, "metrics": metrics(1.0, 0.02)},
+               {"method": "adrpo", "point": {"beta0": 2.0}, "metrics": metrics(3.0, -0.01)},  # oracle fell: out
+               {"method": "adrpo", "point": {"beta0": 4.0}, "metrics": metrics(2.0, 0.0)},
+               {"method": "raft", "point": {"raft_fraction": 0.25}, "metrics": metrics(-1.0, 0.1)}]
+    args = SimpleNamespace(command="python benchmarks/tune_tinyworld.py", commit="abc", jobs=1, threads=1,
+                           config="configs/tiny.yaml", eval_num_prompts=48)
+    tune_tinyworld.write_report(results, args, tmp_path, 60.0)
+    chosen = json.loads((tmp_path / "tuning.json").read_text())["chosen"]
+    assert chosen == {"adrpo": {"beta0": 4.0}, "raft": {"raft_fraction": 0.25}}
+    assert "| adrpo | **beta0=4.0** |" in (tmp_path / "tuning.md").read_text()
