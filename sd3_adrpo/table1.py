@@ -237,13 +237,13 @@ def _config_defaults(path: str) -> dict:
             "drop_t5": cfg.drop_t5, "max_sequence_length": cfg.t5_length, "clip": cfg.eval_clip_model}
 
 
-def _lora_dir(path: str) -> tuple[Path, Optional[Path]]:
-    """(LoRA folder, run folder or None) for a --run path: a run's output_dir or its final/ (or any LoRA folder)."""
+def _lora_dir(path: str) -> tuple[Path, Path]:
+    """(LoRA folder, the run folder that may hold its eval_metrics.jsonl) for a --run path: a run's output_dir,
+    or its final/ (or any LoRA folder)."""
     p = Path(path)
     if (p / "final" / "pytorch_lora_weights.safetensors").is_file():
         return p / "final", p
-    run = p.parent if (p.parent / "eval_metrics.jsonl").is_file() else None
-    return p, run
+    return p, p.parent
 
 
 def main(argv: Optional[list[str]] = None) -> Table:
@@ -294,7 +294,7 @@ def main(argv: Optional[list[str]] = None) -> Table:
             "base": args.base, "prompts_file": args.prompts}
     table = write_outputs(out, results, rows, notes, meta)
     print(table.to_markdown())
-    trajectories = {label: run for label, _, run in runs if run is not None and (run / "eval_metrics.jsonl").is_file()}
+    trajectories = {label: run for label, _, run in runs if (run / "eval_metrics.jsonl").is_file()}
     if trajectories:
         from sd3_adrpo.plots import load_trajectory, plot_tradeoff
 

@@ -25,8 +25,13 @@ STAGES = ("tokenizer", "clip", "vae", "sd3", "report")
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    _write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    from sd3_adrpo.io import atomic_write_bytes
+
+    atomic_write_bytes(path, text.encode())
 
 
 def _read_json(path: Path) -> dict:
@@ -163,7 +168,7 @@ def write_model_cards(out: Path, figures: dict, args) -> None:
     weakest = min(margin, key=margin.get)
     limitations += (f" Closest to its gate: {weakest} ({c[weakest]:.3f} vs {GATES[weakest]}). The judge knows only the "
                     "grammar's words and 64 px renders; off-grammar captions get arbitrary scores.")
-    (out / "clip" / "MODEL_CARD.md").write_text(f"""# tiny-world CLIP judge
+    _write_text(out / "clip" / "MODEL_CARD.md", f"""# tiny-world CLIP judge
 
 A `transformers.CLIPModel` ({clip_s['params']:,} parameters) with a `CLIPProcessor` (64 px, OpenAI mean/std,
 the tiny-world BPE tokenizer). Load it like openai/clip-vit-large-patch14: `ClipScoreReward("{out / 'clip'}")`.
@@ -206,7 +211,7 @@ Fraction of images whose true caption scores above a random one-attribute negati
     s = sd3_s["sampler"]
     tuning = "; ".join(f"cfg {r['settings']['guidance_scale']} shift {r['settings']['shift']}: {r['accuracy']:.3f}"
                        for r in sd3_s.get("sampler_tuning", [])) or "not run"
-    (out / "sd3" / "MODEL_CARD.md").write_text(f"""# tiny-world SD3
+    _write_text(out / "sd3" / "MODEL_CARD.md", f"""# tiny-world SD3
 
 A complete `StableDiffusion3Pipeline` folder without T5: load with
 `sd3_adrpo.models.load_pipeline("{out / 'sd3'}", drop_t5=True)`.

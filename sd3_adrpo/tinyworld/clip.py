@@ -212,18 +212,14 @@ def clip_loss(model, tokenizer, images: np.ndarray, captions: list[str], negativ
     if probe is not None:
         # the two groups of facts are averaged separately: relations (one entry, a quarter of the images) would
         # otherwise weigh ~2% of the probe loss and stay unlearnt
-        target, mask = layout
-        groups = torch.zeros(target.shape[1], dtype=torch.bool)
+        facts, mask = layout
+        groups = torch.zeros(facts.shape[1], dtype=torch.bool)
         groups[2 * len(COLOURS):] = True
-        for emb in (img, txt[target_index(captions, index)]):
-            error = (probe(emb) - target) ** 2 * mask
+        for emb in (img, txt[target]):
+            error = (probe(emb) - facts) ** 2 * mask
             for g in (~groups, groups):
                 loss = loss + aux_weight * error[:, g].sum() / mask[:, g].sum().clamp(min=1)
     return loss
-
-
-def target_index(captions: list[str], index: dict[str, int]) -> torch.Tensor:
-    return torch.tensor([index[c] for c in captions])
 
 
 def train_clip(out: str | Path, cfg: ClipTrainConfig, progress: bool = True, log_every: int = 100,

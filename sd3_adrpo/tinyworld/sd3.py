@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from sd3_adrpo.io import atomic_write_bytes
+
 from .grammar import parse, splits
 from .oracle import evaluate
 from .render import render_batch
@@ -123,7 +125,7 @@ def save_pipeline(pipe, out: str | Path, sampler: SamplerSettings) -> Path:
     out = Path(out)
     pipe.scheduler.register_to_config(shift=sampler.shift)
     pipe.save_pretrained(out)
-    (out / SAMPLER_FILE).write_text(json.dumps(asdict(sampler), indent=2) + "\n")
+    atomic_write_bytes(out / SAMPLER_FILE, (json.dumps(asdict(sampler), indent=2) + "\n").encode())
     return out
 
 
@@ -295,19 +297,6 @@ def evaluate_sd3(pipe_or_path, split: str = "heldout", n: int = 400, seed: int =
     if return_images:
         report["images"], report["prompts"] = images, prompts
     return report
-
-
-def save_grid(images: np.ndarray, path: str | Path, columns: int = 8, scale: int = 2) -> None:
-    from PIL import Image
-
-    n = len(images)
-    rows = (n + columns - 1) // columns
-    h, w = images.shape[1:3]
-    grid = np.full((rows * (h + 2), columns * (w + 2), 3), 255, dtype=np.uint8)
-    for i, im in enumerate(images):
-        r, c = divmod(i, columns)
-        grid[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = im
-    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
 
 
 SAMPLER_GRID = tuple(SamplerSettings(num_inference_steps=20, guidance_scale=g, shift=s)
