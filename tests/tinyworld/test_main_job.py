@@ -20,10 +20,11 @@ def test_main_job_config_is_the_tiny_world():
     assert cfg.pretrained_model == "assets/tinyworld/sd3" and cfg.reward_model == "assets/tinyworld/clip"
     assert cfg.train_prompts.endswith("tinyworld_train.txt")
     assert cfg.final_eval_prompts.endswith("tinyworld_heldout.txt")
-    # the rollout sampler is the one the build chose on the tune split
+    # the rollout sampler is the one the build chose on the tune split, with fewer steps (chosen on the tune split
+    # too: results/tinyworld_tuning/README.md)
     sampler = load_sampler_settings(ROOT / cfg.pretrained_model)
-    assert (cfg.num_inference_steps, cfg.guidance_scale, cfg.t5_length) == (
-        sampler.num_inference_steps, sampler.guidance_scale, sampler.max_sequence_length)
+    assert (cfg.guidance_scale, cfg.t5_length) == (sampler.guidance_scale, sampler.max_sequence_length)
+    assert 0 < cfg.num_inference_steps <= sampler.num_inference_steps
     assert load_pipeline(str(ROOT / cfg.pretrained_model), drop_t5=True).scheduler.config.shift == sampler.shift
     train = set((ROOT / cfg.train_prompts).read_text().splitlines())
     assert not train & set((ROOT / cfg.final_eval_prompts).read_text().splitlines())
