@@ -27,6 +27,15 @@ def fetch_hub_file(spec: str) -> Path:
                          "path instead (HF_HUB_OFFLINE=1 allows only what is already cached)") from None
 
 
+def seeded_subset(prompts: list[str], n: int, seed: int) -> list[str]:
+    """n of ``prompts`` drawn at random with ``seed``, kept in file order (all of them for n = 0 or n >= len).
+    Prompt files are often ordered by category, so a random subset represents them where the first n would not."""
+    if not 0 < n < len(prompts):
+        return list(prompts)
+    keep = np.random.default_rng(seed).permutation(len(prompts))[:n]
+    return [prompts[i] for i in sorted(keep)]
+
+
 def load_prompts(path: str | os.PathLike) -> list[str]:
     """Read prompts from .txt (one per line; blank lines and '#' comments skipped), .jsonl (a "prompt" field per
     line) or .csv (a "prompt" column), or a file of a hub dataset given as ``hf://datasets/<org>/<name>/<file>``

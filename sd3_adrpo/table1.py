@@ -21,7 +21,7 @@ from sd3_adrpo.evaluation import (DIVERSITY_DEFAULT, EVAL_NOISE, W2_NOISE, clip_
                                   w2_divergence)
 from sd3_adrpo.io import atomic_write_bytes, atomic_write_json, save_png
 from sd3_adrpo.models import DTYPES, load_pipeline
-from sd3_adrpo.prompts import load_prompts
+from sd3_adrpo.prompts import load_prompts, seeded_subset
 from sd3_adrpo.rollout import SD3Sampler, make_generator
 from sd3_adrpo.tables import Table, mean_and_se
 
@@ -203,7 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--pipeline", action="append", default=[], metavar="LABEL=PIPELINE",
                     help="another diffusers text-to-image pipeline (folder or hub id) as an extra row")
     ap.add_argument("--prompts", help="prompt file (.txt, .csv, .jsonl)")
-    ap.add_argument("--num_prompts", type=int, default=0, help="use the first N prompts (0: all)")
+    ap.add_argument("--num_prompts", type=int, default=0,
+                    help="use N prompts drawn at random with --prompt_seed, in file order (0: all)")
+    ap.add_argument("--prompt_seed", type=int, default=0, help="seed of the --num_prompts draw")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--images_per_prompt", type=int, default=4)
     ap.add_argument("--steps", type=int, default=28)
@@ -258,7 +260,7 @@ def main(argv: Optional[list[str]] = None) -> Table:
     if args.images_per_prompt < 2:
         raise SystemExit("error: --images_per_prompt must be >= 2 (ClipDiversity compares images of a prompt)")
     prompts = load_prompts(args.prompts)
-    prompts = prompts[: args.num_prompts] if args.num_prompts else prompts
+    prompts = seeded_subset(prompts, args.num_prompts, args.prompt_seed)
     runs = [(label, *_lora_dir(path)) for label, path in map(_spec, args.run)]
     for label, lora, _ in runs:
         if not (lora / "pytorch_lora_weights.safetensors").is_file():

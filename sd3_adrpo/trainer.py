@@ -25,7 +25,7 @@ from sd3_adrpo.io import append_jsonl, atomic_write_bytes, image_grid, save_png
 from sd3_adrpo.guards import NonFiniteError, StopOnSignal, TrainingInterrupted, check_in_sync
 from sd3_adrpo.methods import coefficients, dpo_pairs
 from sd3_adrpo.models import DTYPES, add_lora, load_pipeline, reference_mode, save_lora
-from sd3_adrpo.prompts import PromptSampler, load_prompts
+from sd3_adrpo.prompts import PromptSampler, load_prompts, seeded_subset
 from sd3_adrpo.rewards import ClipScoreReward, build_reward
 from sd3_adrpo.rollout import Rollout, SD3Sampler, make_generator
 from sd3_adrpo.update import update, update_dpo
@@ -116,13 +116,7 @@ def trajectory_point(cfg: TrainConfig, prompts: list[str], sampler: SD3Sampler, 
 
 def _subset(path: Optional[str], n: int, seed: int) -> list[str]:
     """A seeded random subset of n prompts of a file (all of them for n = 0 or n >= its length)."""
-    import numpy as np
-
-    prompts = load_prompts(path) if path else []
-    if 0 < n < len(prompts):
-        keep = np.random.default_rng(seed).permutation(len(prompts))[:n]
-        prompts = [prompts[i] for i in sorted(keep)]
-    return prompts
+    return seeded_subset(load_prompts(path), n, seed) if path else []
 
 
 def _warn_long_prompts(pipe, prompts: list[str]) -> None:

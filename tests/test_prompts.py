@@ -1,6 +1,6 @@
 import pytest
 
-from sd3_adrpo.prompts import PromptSampler, load_prompts
+from sd3_adrpo.prompts import PromptSampler, load_prompts, seeded_subset
 
 
 def test_formats(tmp_path):
@@ -65,3 +65,19 @@ def test_hub_dataset_offline_says_what_to_do(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match="pass its local path instead"):
         load_prompts("hf://datasets/no-such-org/no-such-set/prompts.csv")
+
+
+def test_seeded_subset_represents_a_category_ordered_file():
+    from pathlib import Path
+
+    from sd3_adrpo.tinyworld.grammar import parse
+
+    heldout = load_prompts(Path(__file__).parents[1] / "prompts/tinyworld_heldout.txt")
+    sub = seeded_subset(heldout, 60, 0)
+    assert len(sub) == 60 == len(set(sub)) and set(sub) <= set(heldout)
+    assert sub == sorted(sub, key=heldout.index)  # file order kept
+    assert sub == seeded_subset(heldout, 60, 0) and sub != seeded_subset(heldout, 60, 1)
+    assert seeded_subset(heldout, 0, 0) == heldout == seeded_subset(heldout, 10_000, 0)
+    # the file is ordered by category: its first 60 prompts have no binding prompt, a random 60 do
+    categories = lambda ps: {parse(p).category for p in ps}  # noqa: E731
+    assert "binding" not in categories(heldout[:60]) and "binding" in categories(sub)
