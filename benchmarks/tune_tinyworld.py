@@ -26,17 +26,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from sd3_adrpo.config import parse_args  # noqa: E402
 from sd3_adrpo.io import atomic_write_bytes  # noqa: E402
 
-# One knob (or the pair the issue names) per method. ADRPO's advantages are in reward units (100 * cosine) unless
-# adv_scale divides them by a standard deviation, so beta0's scale differs between the two.
+from _launch import cli_overrides, equal_compute_overrides, run_logged  # noqa: E402
+
+# One knob (or the pair the issue names) per method, three or four points each. ADRPO's advantages are group-normalised
+# (configs/tiny.yaml: adv_scale group_std, clip +-2 beta0), so beta0 moves the clip with it; its other knobs were
+# chosen by the hand probes in results/tinyworld_tuning/README.md. Rewards are 100 * cosine (a group's spread is a
+# few points), so ORW's tau spans weak (0.1: e^0.1 per point) to sharp (0.5) reward weighting.
 GRIDS: dict[str, list[dict]] = {
-    "adrpo": [{"beta0": b} for b in (5.0, 10.0, 20.0)]
-             + [{"adv_scale": "group_std", "beta0": b} for b in (1.0, 2.0)],
-    "orw_cfm_w2": [{"orw_tau": t, "orw_alpha": a} for t in (0.05, 0.2) for a in (1.0, 4.0)],
+    "adrpo": [{"beta0": b, "adv_clip_min": -2 * b, "adv_clip_max": 2 * b} for b in (0.5, 1.0, 2.0)],
+    "orw_cfm_w2": [{"orw_tau": t, "orw_alpha": a} for t in (0.1, 0.5) for a in (1.0, 4.0)],
     "raft": [{"raft_fraction": f} for f in (0.125, 0.25, 0.5)],
     "dpo": [{"dpo_beta": b} for b in (500.0, 2000.0, 8000.0)],
 }
@@ -48,24 +51,16 @@ def point_name(point: dict) -> str:
 
 
 def run_point(method: str, point: dict, args, out: Path) -> dict:
-    """Train one grid point in a subprocess (one torch thread) and return its summary metrics."""
+    """Train one grid point in a subprocess (``args.threads`` torch threads) and return its summary metrics."""
     summary = out / "summary.json"
     if not summary.is_file():
-        cmd = [sys.executable, str(ROOT / "train_sd3_adrpo.py"), "--config", args.config, "--method", method,
-               "--output_dir", str(out), "--overwrite_output_dir", "true", "--final_eval_prompts", TUNE_PROMPTS,
-               "--final_eval_num_prompts", str(args.eval_num_prompts), "--checkpoint_every", "0",
-               "--sample_every", "0", *args.train_overrides]
-        if method == "dpo":  # one pair per prompt: the reproduction's equal-compute rule (K/2 passes)
-            cfg = parse_args(["--config", args.config, *args.train_overrides])
-            cmd += ["--inner_epochs", str(max(1, cfg.samples_per_prompt // 2) * cfg.inner_epochs)]
-        for k, v in point.items():
-            cmd += [f"--{k}", str(v)]
-        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out.parent / f"{out.name}.log", "w") as log:
-            rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-        if rc != 0:
-            raise RuntimeError(f"{method} {point} failed (rc {rc}); see {out.parent / (out.name + '.log')}")
+        cfg = parse_args(["--config", args.config, *args.train_overrides])
+        cmd = ["train_sd3_adrpo.py", "--config", args.config, "--method", method, "--output_dir", str(out),
+               "--overwrite_output_dir", "true", "--final_eval_prompts", TUNE_PROMPTS, "--final_eval_num_prompts",
+               str(args.eval_num_prompts), "--eval_prompts", TUNE_PROMPTS, "--checkpoint_every", "0",
+               "--sample_every", "0", *args.train_overrides,
+               *cli_overrides({**equal_compute_overrides(method, cfg), **point})]
+        run_logged(cmd, out.parent / f"{out.name}.log", args.threads)
     return json.loads(summary.read_text())["metrics"]
 
 
@@ -89,7 +84,7 @@ def write_report(results: list[dict], args, out: Path, wall_s: float) -> None:
              f"{os.cpu_count()} CPUs, {args.jobs} runs at a time, {args.threads} torch thread(s) each  ",
              f"Wall time: {wall_s / 60:.1f} min", "",
              f"Each run: `{args.config}` with the overrides below; differences are trained - base on "
-             f"{args.eval_num_prompts} tune-split prompts x 4 images, same seeds, 95% bootstrap intervals over "
+             f"{args.eval_num_prompts or 'all'} tune-split prompts x 4 images, same seeds, 95% bootstrap intervals over "
              "prompts. Chosen (bold): largest ClipScore gain whose oracle interval reaches >= 0.", "",
              "| method | setting | ClipScore diff | ClipDiversity diff | oracle diff |", "|---|---|---|---|---|"]
     for r in results:
@@ -111,7 +106,7 @@ def main(argv=None) -> None:
     ap.add_argument("--config", default="configs/tiny.yaml")
     ap.add_argument("--out", default="results/tinyworld_tuning")
     ap.add_argument("--methods", nargs="+", default=list(GRIDS), choices=list(GRIDS))
-    ap.add_argument("--eval_num_prompts", type=int, default=48, help="tune-split prompts in each run's evaluation")
+    ap.add_argument("--eval_num_prompts", type=int, default=0, help="tune-split prompts in each run's evaluation (0: all)")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each a subprocess)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
     ap.add_argument("--train_overrides", nargs=argparse.REMAINDER, default=[],

@@ -1,0 +1,44 @@
+"""What the tiny-world sweep and reproduction scripts share: one training or evaluation as a logged subprocess (so
+several can run side by side, each with its own torch thread count), and the equal-compute rule for DPO."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli_overrides(overrides: dict) -> list[str]:
+    """{key: value} -> ["--key", "value", ...] as train_sd3_adrpo.py parses them (lists and booleans as JSON,
+    None as null)."""
+    argv = []
+    for k, v in overrides.items():
+        argv += [f"--{k}", "null" if v is None else json.dumps(v) if isinstance(v, (list, bool)) else str(v)]
+    return argv
+
+
+def equal_compute_overrides(method: str, cfg) -> dict:
+    """DPO trains on one (winner, loser) pair per prompt instead of samples_per_prompt samples: samples_per_prompt / 2
+    times the inner epochs give it the other methods' number of optimizer steps and sample-forwards."""
+    if method == "dpo":
+        return {"inner_epochs": max(1, cfg.samples_per_prompt // 2) * cfg.inner_epochs}
+    return {}
+
+
+def run_logged(cmd: list[str], log: Path, threads: int = 0) -> None:
+    """Run ``python cmd...`` from the repository root with its output in ``log``; ``threads`` > 0 sets OMP_NUM_THREADS
+    (torch's intra-op threads). Raises with the log's path when it fails."""
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    if threads > 0:
+        env["OMP_NUM_THREADS"] = str(threads)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        rc = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        tail = log.read_text(errors="replace")[-2000:]
+        raise RuntimeError(f"{' '.join(cmd[:1])} failed (rc {rc}); full log: {log}\n{tail}")
