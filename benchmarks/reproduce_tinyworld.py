@@ -2,76 +2,126 @@
 """Reproduce the paper's comparison in the tiny world: every method x seeds at equal compute, then Table 1 on
 held-out prompts, the Figure 3 trade-off plots and the Table 3 advantage-clipping ablation.
 
-    python benchmarks/reproduce_tinyworld.py --out results/tinyworld            # full: <= 3 h on 2 CPU cores
-    python benchmarks/reproduce_tinyworld.py --quick --out results/tinyworld_quick   # <= 20 min
+    python benchmarks/reproduce_tinyworld.py --jobs 2 --threads 1 --out results/tinyworld    # full: <= 3 h, 2 cores
+    python benchmarks/reproduce_tinyworld.py --quick --out results/tinyworld_quick                # <= 20 min
 
 Equal compute: every method samples the same images (iterations x prompts x samples) and takes the same number of
-optimizer steps (DPO, which trains on one pair per prompt, gets samples_per_prompt / 2 inner epochs). Each run's
-LoRA is then evaluated by the Table 1 pipeline with its training seed as the generation seed, and the table reports
-mean +- standard error over training seeds. Writes under --out: runs/, eval/, table1.{md,csv,tex}, ablation.{md,...},
-fig3.{png,pdf}, and README.md with the exact command, commit and machine.
+optimizer steps (DPO, which trains on one pair per prompt, gets samples_per_prompt / 2 times the inner epochs). Each
+run trains in its own subprocess (``--jobs`` side by side, ``--threads`` torch threads each: on 2 CPU cores, two
+one-thread runs finish sooner than one after the other) and is then evaluated by the Table 1 CLI on a seeded subset
+of held-out prompts, with its training seed as the generation seed; the table reports mean +- standard error over
+training seeds. A run whose LoRA (or evaluation) already exists is not repeated, so an interrupted reproduction
+resumes. Writes under --out: runs/, eval/, logs/, table1.{md,csv,tex}, ablation.md, fig3.{png,pdf}, tasks.json
+(each run's metrics and time) and README.md with the exact command, commit and machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
+
+from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from sd3_adrpo.config import parse_args  # noqa: E402
-from sd3_adrpo.io import atomic_write_bytes  # noqa: E402
+from sd3_adrpo.io import atomic_write_bytes, atomic_write_json  # noqa: E402
 from sd3_adrpo.plots import load_trajectory, plot_tradeoff  # noqa: E402
 from sd3_adrpo.tables import Table  # noqa: E402
+
+from _launch import cli_overrides, equal_compute_overrides, run_logged  # noqa: E402
 
 METHOD_LABELS = {"adrpo": "ADRPO", "fixed_beta": "Fixed beta (ablation)", "orw_cfm_w2": "ORW-CFM-W2", "raft": "RAFT",
                  "dpo": "DPO"}
 CLIP_MULTIPLES = (0.5, 1.0, 2.0)
 
 
-def train_run(config: str, out: Path, overrides: dict) -> Path:
-    """Train one run (skipped when its final LoRA already exists, so an interrupted reproduction resumes)."""
-    from sd3_adrpo.trainer import train
+@dataclass(frozen=True)
+class Task:
+    """One run: train (``overrides`` on top of the config; None for the base model, which is only evaluated), then
+    evaluate on the held-out subset with its seed."""
 
-    if (out / "final" / "pytorch_lora_weights.safetensors").is_file():
-        return out
-    argv = ["--config", config, "--output_dir", str(out), "--overwrite_output_dir", "true"]
-    for k, v in overrides.items():
-        argv += [f"--{k}", json.dumps(v) if isinstance(v, (list, bool)) else str(v)]
-    train(parse_args(argv))
-    return out
+    name: str
+    seed: int
+    overrides: Optional[dict] = None
 
 
-def evaluate_runs(runs: dict[str, dict[int, Path]], args, eval_dir: Path) -> dict[str, dict[str, list[float]]]:
-    """Table 1 metrics of every run, as per-training-seed values: {label: {metric: [value per seed]}}."""
-    from sd3_adrpo import table1
-    from sd3_adrpo.prompts import load_prompts
+def plan(args, base_cfg) -> tuple[dict[str, Task], dict[str, list[str]], dict[str, list[str]]]:
+    """(tasks by name, Table 1 rows {label: task names}, ablation rows {label: task names}). The ablation reuses the
+    ADRPO runs for the clip range the config already has."""
+    tasks: dict[str, Task] = {}
+    rows: dict[str, list[str]] = {}
+    ablation: dict[str, list[str]] = {}
 
-    cfg = parse_args(["--config", args.config, *args.train_overrides])
-    prompts = load_prompts(args.eval_prompts)[: args.eval_num_prompts or None]
-    results: dict[str, dict[str, list[float]]] = {}
-    for label, by_seed in runs.items():
-        for seed, run_dir in by_seed.items():
-            out = eval_dir / f"{label}_s{seed}"
-            argv = ["--base", cfg.pretrained_model, "--prompts", args.eval_prompts, "--seeds", str(seed),
-                    "--num_prompts", str(len(prompts)), "--images_per_prompt", str(args.images_per_prompt),
-                    "--steps", str(cfg.num_inference_steps), "--guidance_scale", str(cfg.guidance_scale),
-                    "--resolution", str(cfg.resolution), "--max_sequence_length", str(cfg.t5_length),
-                    "--clip", cfg.eval_clip_model, "--out", str(out)]
-            argv += ["--drop_t5"] if cfg.drop_t5 else []
-            argv += ["--run", f"run={run_dir / 'final'}", "--skip_base"] if run_dir is not None else []
-            table = table1.main(argv)
-            row = table.rows["run" if run_dir is not None else "Base"]
-            for metric, values in row.items():
-                results.setdefault(label, {}).setdefault(metric, []).extend(values)
-    return results
+    def add(name: str, seed: int, overrides: Optional[dict]) -> str:
+        tasks[name] = Task(name, seed, overrides)
+        return name
+
+    rows["Base"] = [add(f"base_s{s}", s, None) for s in args.seeds]
+    for method in args.methods:
+        rows[METHOD_LABELS[method]] = [add(f"{method}_s{s}", s, {"method": method, "seed": s,
+                                                                 **equal_compute_overrides(method, base_cfg)})
+                                       for s in args.seeds]
+    if not args.no_ablation and "adrpo" in args.methods:
+        lo, hi = base_cfg.clip_range or (None, None)
+        own = hi / base_cfg.beta0 if hi is not None and lo == -hi else None
+        for m in CLIP_MULTIPLES:
+            label = f"clip ±{m:g}·β0"
+            if own is not None and abs(m - own) < 1e-9:
+                ablation[label] = rows["ADRPO"]
+            else:
+                ablation[label] = [add(f"adrpo_clip{m:g}_s{s}", s, {"method": "adrpo", "seed": s,
+                                                                    "adv_clip_min": -m * base_cfg.beta0,
+                                                                    "adv_clip_max": m * base_cfg.beta0})
+                                   for s in args.seeds]
+    return tasks, rows, ablation
+
+
+def run_task(task: Task, args, base_cfg, out: Path) -> dict:
+    """Train (unless its LoRA exists) and evaluate (unless its scores exist) one task, each in a subprocess.
+    Returns {"metrics": {metric: value at this seed}, "seconds": time spent on it by this invocation}."""
+    t0 = time.perf_counter()
+    run_dir = out / "runs" / task.name
+    if task.overrides is not None and not (run_dir / "final" / "pytorch_lora_weights.safetensors").is_file():
+        # the reproduction's own settings, then the user's overrides, then the task's (method, seed, ...)
+        common = {"eval_every": max(1, base_cfg.num_iterations // 5), "eval_prompts": args.eval_prompts,
+                  "final_eval_prompts": None, "sample_every": 0, "checkpoint_every": 0}
+        run_logged(["train_sd3_adrpo.py", "--config", args.config, "--output_dir", str(run_dir),
+                    "--overwrite_output_dir", "true", *cli_overrides(common), *args.train_overrides,
+                    *cli_overrides(task.overrides)], out / "logs" / f"{task.name}.train.log", args.threads)
+    ev = out / "eval" / task.name
+    result = ev / "runs" / ("Base.json" if task.overrides is None else "run.json")
+    if not result.is_file():
+        cmd = ["eval/table1.py", "--base", base_cfg.pretrained_model, "--prompts", args.eval_prompts,
+               "--num_prompts", str(args.eval_num_prompts), "--prompt_seed", "0", "--seeds", str(task.seed),
+               "--images_per_prompt", str(args.images_per_prompt), "--steps", str(base_cfg.num_inference_steps),
+               "--guidance_scale", str(base_cfg.guidance_scale), "--resolution", str(base_cfg.resolution),
+               "--max_sequence_length", str(base_cfg.t5_length), "--clip", base_cfg.eval_clip_model, "--out", str(ev)]
+        cmd += ["--drop_t5"] if base_cfg.drop_t5 else []
+        cmd += [] if task.overrides is None else ["--run", f"run={run_dir / 'final'}", "--skip_base"]
+        run_logged(cmd, out / "logs" / f"{task.name}.eval.log", args.threads)
+    metrics = json.loads(result.read_text())["metrics"]
+    return {"metrics": {m: v["per_seed"][0] for m, v in metrics.items()}, "seconds": time.perf_counter() - t0}
+
+
+def table_of(rows: dict[str, list[str]], done: dict[str, dict], notes: list[str]) -> Table:
+    per_label = {}
+    for label, names in rows.items():
+        metrics = done[names[0]]["metrics"]
+        per_label[label] = {m: [done[n]["metrics"][m] for n in names] for m in metrics
+                            if not m.startswith("clip_diversity_")}
+    return Table(per_label, notes=notes)
 
 
 def main(argv=None) -> None:
@@ -80,9 +130,12 @@ def main(argv=None) -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHOD_LABELS), choices=list(METHOD_LABELS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--eval_prompts", default="prompts/tinyworld_heldout.txt")
-    ap.add_argument("--eval_num_prompts", type=int, default=120, help="held-out prompts in Table 1 (0: all)")
+    ap.add_argument("--eval_num_prompts", type=int, default=200,
+                    help="held-out prompts in Table 1, a seeded subset (0: all)")
     ap.add_argument("--images_per_prompt", type=int, default=4)
     ap.add_argument("--no_ablation", action="store_true", help="skip the advantage-clipping ablation")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time, each a subprocess")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     ap.add_argument("--quick", action="store_true", help="fewer iterations, prompts and one seed (<= 20 min)")
     ap.add_argument("--out", default="results/tinyworld")
     ap.add_argument("train_overrides", nargs="*", help="extra --key value pairs for every training run, after --")
@@ -93,56 +146,48 @@ def main(argv=None) -> None:
     out = Path(args.out)
     t0 = time.perf_counter()
     base_cfg = parse_args(["--config", args.config, *args.train_overrides])
-    common = {"eval_every": max(1, base_cfg.num_iterations // 5), "eval_prompts": args.eval_prompts,
-              "final_eval_prompts": "null", "sample_every": 0, "checkpoint_every": 0}
-    extra = dict(zip(args.train_overrides[::2], args.train_overrides[1::2]))
-    extra = {k.lstrip("-"): v for k, v in extra.items()}
+    tasks, rows, ablation = plan(args, base_cfg)
+    previous = json.loads((out / "tasks.json").read_text()) if (out / "tasks.json").is_file() else {}
+    done: dict[str, dict] = {}
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = {pool.submit(run_task, task, args, base_cfg, out): name for name, task in tasks.items()}
+        try:
+            for future in tqdm(as_completed(futures), total=len(futures), desc="runs"):
+                name = futures[future]
+                done[name] = future.result()
+                # a resumed task's time is the sum over the invocations that worked on it
+                done[name]["seconds"] += previous.get(name, {}).get("seconds", 0.0)
+                atomic_write_json(out / "tasks.json", {**previous, **done})
+        except BaseException:
+            for f in futures:  # stop what has not started; the runs under way finish (and are kept) first
+                f.cancel()
+            raise
 
-    runs: dict[str, dict[int, Path]] = {"Base": {s: None for s in args.seeds}}
-    for method in args.methods:
-        for seed in args.seeds:
-            overrides = {**common, **extra, "method": method, "seed": seed}
-            if method == "dpo":  # one pair per prompt: K/2 passes give the other methods' number of optimizer steps
-                overrides["inner_epochs"] = max(1, base_cfg.samples_per_prompt // 2) * base_cfg.inner_epochs
-            runs.setdefault(METHOD_LABELS[method], {})[seed] = train_run(args.config, out / "runs" / f"{method}_s{seed}",
-                                                                          overrides)
-    ablation: dict[str, dict[int, Path]] = {}
-    if not args.no_ablation and "adrpo" in args.methods:
-        for m in CLIP_MULTIPLES:
-            for seed in args.seeds:
-                if m == 1.0:  # the default clip is +-beta0: the ADRPO runs themselves
-                    ablation.setdefault(f"clip ±{m:g}·β0", {})[seed] = runs["ADRPO"][seed]
-                    continue
-                overrides = {**common, **extra, "method": "adrpo", "seed": seed,
-                             "adv_clip_min": -m * base_cfg.beta0, "adv_clip_max": m * base_cfg.beta0}
-                ablation.setdefault(f"clip ±{m:g}·β0", {})[seed] = train_run(
-                    args.config, out / "runs" / f"adrpo_clip{m:g}_s{seed}", overrides)
-
-    results = evaluate_runs(runs, args, out / "eval")
-    notes = [f"Tiny world, held-out prompts ({args.eval_prompts}), mean ± s.e. over training seeds {args.seeds}."]
-    table = Table({k: {m: v for m, v in r.items() if not m.startswith("clip_diversity_")} for k, r in results.items()},
-                  notes=notes)
+    notes = [f"Tiny world, {args.eval_num_prompts or 'all'} held-out prompts ({args.eval_prompts}, seeded subset) x "
+             f"{args.images_per_prompt} images; mean ± s.e. over training seeds {args.seeds}."]
+    table = table_of(rows, done, notes)
     for ext, text in (("md", table.to_markdown()), ("csv", table.to_csv()), ("tex", table.to_latex())):
         atomic_write_bytes(out / f"table1.{ext}", text.encode())
     if ablation:
-        abl = evaluate_runs(ablation, args, out / "eval_ablation")
-        abl_table = Table({k: {m: v for m, v in r.items() if not m.startswith("clip_diversity_")} for k, r in abl.items()},
-                          notes=["ADRPO with advantage clip ±0.5, ±1, ±2 × β0 (the poster's Table 3)."])
-        atomic_write_bytes(out / "ablation.md", abl_table.to_markdown().encode())
-    plot_tradeoff({label: load_trajectory(by_seed[args.seeds[0]]) for label, by_seed in runs.items() if label != "Base"},
-                  out / "fig3")
+        abl = table_of(ablation, done, ["ADRPO with advantage clip ±0.5, ±1, ±2 × β0 (the poster's Table 3)."])
+        atomic_write_bytes(out / "ablation.md", abl.to_markdown().encode())
+    first = {label: out / "runs" / names[0] for label, names in rows.items() if label != "Base"}
+    plot_tradeoff({label: load_trajectory(run) for label, run in first.items()}, out / "fig3")
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
     command = "python benchmarks/reproduce_tinyworld.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    compute = sum(d["seconds"] for d in done.values())
     readme = [f"# Tiny-world reproduction{' (quick mode)' if args.quick else ''}", "",
               f"Command: `{command}`  ", f"Commit: {commit.strip()}  ",
-              f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}, torch threads "
-              f"{__import__('torch').get_num_threads()}  ", f"Wall time: {(time.perf_counter() - t0) / 60:.1f} min", "",
+              f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {args.jobs} run(s) at a time with "
+              f"{args.threads or 'default'} torch thread(s) each  ",
+              f"Wall time of this invocation: {(time.perf_counter() - t0) / 60:.1f} min; summed time of the "
+              f"{len(done)} runs (training + evaluation, over every invocation): {compute / 60:.1f} min", "",
               "These are tiny-world numbers (a 64 px synthetic domain with project-trained models), not SD3 results.",
               "", "## Table 1", "", table.to_markdown()]
     if ablation:
         readme += ["## Advantage clipping (Table 3)", "", (out / "ablation.md").read_text()]
-    readme += ["## Figure 3", "", "![trade-off](fig3.png)", ""]
+    readme += ["## Figure 3", "", f"Trajectories of the seed-{args.seeds[0]} runs.", "", "![trade-off](fig3.png)", ""]
     atomic_write_bytes(out / "README.md", "\n".join(readme).encode())
     print("\n".join(readme))
 

@@ -127,20 +127,25 @@ def score(out: Path, manifest: dict, clip=None, metrics: Optional[dict] = None, 
                 r[name] = float(v)
         if check is not None:
             for r, im, p in zip(rows[s : s + batch_size], images, prompts):
-                r["oracle_accuracy"] = float(check(im, p).ok)
+                result = check(im, p)
+                r["oracle_accuracy"], r["category"] = float(result.ok), result.category
     return rows
 
 
-_NOT_METRICS = ("file", "seed", "prompt_index", "j", "prompt", "_embedding")
+_NOT_METRICS = ("file", "seed", "prompt_index", "j", "prompt", "_embedding", "category")
 
 
 def aggregate(rows: list[dict]) -> dict[str, list[float]]:
-    """Per-seed values of each metric: the mean over images, and ClipDiversity as the mean over prompts."""
+    """Per-seed values of each metric: the mean over images (the oracle's also per prompt category, as
+    ``oracle_accuracy_<category>``), and ClipDiversity as the mean over prompts."""
     per_seed: dict[str, list[float]] = {}
     for seed in sorted({r["seed"] for r in rows}):
         rs = [r for r in rows if r["seed"] == seed]
         for key in (k for k in rs[0] if k not in _NOT_METRICS):
             per_seed.setdefault(key, []).append(float(np.mean([r[key] for r in rs])))
+        for category in dict.fromkeys(r["category"] for r in rs if "category" in r):
+            per_seed.setdefault(f"oracle_accuracy_{category}", []).append(
+                float(np.mean([r["oracle_accuracy"] for r in rs if r.get("category") == category])))
         if "_embedding" in rs[0]:
             div = clip_diversity(torch.tensor([r["_embedding"] for r in rs]),
                                  torch.tensor([r["prompt_index"] for r in rs]))

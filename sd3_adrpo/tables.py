@@ -15,7 +15,9 @@ import numpy as np
 COLUMNS = {
     "clip_score": ("ClipScore", True), "clip_diversity": ("ClipDiversity", True), "aesthetic": ("Aesthetic", True),
     "blip_score": ("BLIPScore", True), "image_reward": ("ImageReward", True), "pickscore": ("PickScore", True),
-    "hpsv2": ("HPSv2", True), "oracle_accuracy": ("Oracle acc.", True), "w2_divergence": ("W2 divergence", None),
+    "hpsv2": ("HPSv2", True), "oracle_accuracy": ("Oracle acc.", True),
+    **{f"oracle_accuracy_{c}": (f"Oracle {c}", True) for c in ("colour", "counting", "position", "binding")},  # tiny world
+    "w2_divergence": ("W2 divergence", None),
 }
 
 

@@ -206,7 +206,7 @@ def train(cfg: TrainConfig) -> Path:
                                {"iteration": done, "prompt_sampler": prompt_sampler.state_dict()},
                                keep=cfg.checkpoints_total_limit)
 
-    bar = tqdm(range(start, cfg.num_iterations), initial=start, total=cfg.num_iterations, desc="ADRPO",
+    bar = tqdm(range(start, cfg.num_iterations), initial=start, total=cfg.num_iterations, desc=cfg.method,
                disable=not accelerator.is_local_main_process)
     if start == 0 and accelerator.is_main_process:
         if grid_prompts and cfg.sample_every:

@@ -48,6 +48,10 @@ def test_table1_end_to_end_and_no_regeneration(tiny_models, lora_dir, tmp_path, 
     assert run["clip_score"]["per_seed"][0] == pytest.approx(
         sum(s["clip_score"] for s in scores if s["seed"] == 0) / 4)
     assert (out / scores[0]["file"]).is_file()
+    for category in {s["category"] for s in scores}:  # per-category oracle columns: the mean over that category only
+        mine = [s["oracle_accuracy"] for s in scores if s["seed"] == 1 and s["category"] == category]
+        assert run[f"oracle_accuracy_{category}"]["per_seed"][1] == pytest.approx(sum(mine) / len(mine))
+    assert {s["category"] for s in scores} <= {"colour", "counting", "position", "binding"}
 
     # Scoring again reuses the saved images: generation must not run.
     monkeypatch.setattr(table1.SD3Sampler, "sample", lambda *a, **k: pytest.fail("regenerated"))
