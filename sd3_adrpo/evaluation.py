@@ -149,7 +149,8 @@ def compare(base: PolicyEval, trained: PolicyEval, images_per_prompt: int, seed:
 
 
 def _markdown(summary: dict, meta: dict) -> str:
-    lines = ["# Held-out evaluation: base vs trained\n",
+    where = f" on {meta['prompts_file']}" if meta.get("prompts_file") else ""
+    lines = [f"# Evaluation{where}: base vs trained\n",
              f"{meta['num_prompts']} prompts x {meta['images_per_prompt']} images, the same seeds for both; "
              f"differences are trained - base with {int(100 * meta['level'])}% bootstrap intervals over prompts. "
              f"ClipDiversity default: {summary['clip_diversity_default']}.\n",

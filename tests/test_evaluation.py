@@ -64,7 +64,8 @@ def test_final_evaluation_is_paired_and_written(tiny_models, tmp_path, lr):
         assert metrics[key]["ci_low"] <= metrics[key]["diff"] <= metrics[key]["ci_high"], key
     rows = [json.loads(line) for line in (out / "eval_images.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and rows[3]["prompt"] == "two blue squares"
-    assert "clip_score" in (out / "summary.md").read_text()
+    md = (out / "summary.md").read_text()
+    assert "clip_score" in md and f"# Evaluation on {prompts}: base vs trained" in md  # says which prompts it judged
     if lr == "0":  # an unchanged policy: the same seeds give the same images, so every difference is exactly 0
         assert all(r["clip_score_base"] == r["clip_score_trained"] for r in rows)
         assert all(m["diff"] == 0 for m in metrics.values() if isinstance(m, dict))
