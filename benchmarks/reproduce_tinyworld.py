@@ -18,10 +18,12 @@ resumes. Writes under --out: runs/, eval/, logs/, table1.{md,csv,tex}, ablation.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import yaml
 from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,6 +40,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from sd3_adrpo.config import parse_args  # noqa: E402
 from sd3_adrpo.io import atomic_write_bytes, atomic_write_json  # noqa: E402
+from sd3_adrpo.methods import unused_knobs  # noqa: E402
 from sd3_adrpo.plots import load_trajectory, plot_tradeoff  # noqa: E402
 from sd3_adrpo.tables import Table  # noqa: E402
 
@@ -88,29 +92,50 @@ def plan(args, base_cfg) -> tuple[dict[str, Task], dict[str, list[str]], dict[st
     return tasks, rows, ablation
 
 
+def train_argv(task: Task, args, base_cfg, out: Path) -> list[str]:
+    """The training command line of a task: the reproduction's own settings, then the user's overrides, then the
+    task's (method, seed, ...)."""
+    common = {"eval_every": max(1, base_cfg.num_iterations // 5), "eval_prompts": args.eval_prompts,
+              "final_eval_prompts": None, "sample_every": 0, "checkpoint_every": 0}
+    return ["--config", args.config, "--output_dir", str(out / "runs" / task.name), "--overwrite_output_dir", "true",
+            *cli_overrides(common), *args.train_overrides, *cli_overrides(task.overrides)]
+
+
+def stale_settings(task: Task, args, base_cfg, out: Path) -> list[str]:
+    """Settings in which an existing run differs from what this reproduction would train (fields only another
+    method reads are ignored, so tuning one baseline does not invalidate the others' runs); [] if none or no run."""
+    saved_path = out / "runs" / task.name / "final" / "config.yaml"
+    if task.overrides is None or not saved_path.is_file():
+        return []
+    saved = yaml.safe_load(saved_path.read_text())
+    want = dataclasses.asdict(parse_args(train_argv(task, args, base_cfg, out)))
+    ignore = {"output_dir", "overwrite_output_dir", "resume_from"} | unused_knobs(want["method"])
+    return sorted(k for k, v in want.items() if k not in ignore and saved.get(k) != v)
+
+
 def run_task(task: Task, args, base_cfg, out: Path) -> dict:
-    """Train (unless its LoRA exists) and evaluate (unless its scores exist) one task, each in a subprocess.
-    Returns {"metrics": {metric: value at this seed}, "seconds": time spent on it by this invocation}."""
+    """Train (unless its LoRA exists) and evaluate (unless the same evaluation exists) one task, each in a
+    subprocess. Returns {"metrics": {metric: value at this seed}, "seconds": time spent on it by this invocation}."""
     t0 = time.perf_counter()
-    run_dir = out / "runs" / task.name
+    run_dir, ev = out / "runs" / task.name, out / "eval" / task.name
     if task.overrides is not None and not (run_dir / "final" / "pytorch_lora_weights.safetensors").is_file():
-        # the reproduction's own settings, then the user's overrides, then the task's (method, seed, ...)
-        common = {"eval_every": max(1, base_cfg.num_iterations // 5), "eval_prompts": args.eval_prompts,
-                  "final_eval_prompts": None, "sample_every": 0, "checkpoint_every": 0}
-        run_logged(["train_sd3_adrpo.py", "--config", args.config, "--output_dir", str(run_dir),
-                    "--overwrite_output_dir", "true", *cli_overrides(common), *args.train_overrides,
-                    *cli_overrides(task.overrides)], out / "logs" / f"{task.name}.train.log", args.threads)
-    ev = out / "eval" / task.name
+        if ev.exists():  # the evaluation of an earlier, unfinished LoRA of this name
+            print(f"removing {ev}: it belongs to an earlier attempt at {run_dir}")
+            shutil.rmtree(ev)
+        run_logged(["train_sd3_adrpo.py", *train_argv(task, args, base_cfg, out)],
+                   out / "logs" / f"{task.name}.train.log", args.threads)
     result = ev / "runs" / ("Base.json" if task.overrides is None else "run.json")
-    if not result.is_file():
-        cmd = ["eval/table1.py", "--base", base_cfg.pretrained_model, "--prompts", args.eval_prompts,
-               "--num_prompts", str(args.eval_num_prompts), "--prompt_seed", "0", "--seeds", str(task.seed),
-               "--images_per_prompt", str(args.images_per_prompt), "--steps", str(base_cfg.num_inference_steps),
-               "--guidance_scale", str(base_cfg.guidance_scale), "--resolution", str(base_cfg.resolution),
-               "--max_sequence_length", str(base_cfg.t5_length), "--clip", base_cfg.eval_clip_model, "--out", str(ev)]
-        cmd += ["--drop_t5"] if base_cfg.drop_t5 else []
-        cmd += [] if task.overrides is None else ["--run", f"run={run_dir / 'final'}", "--skip_base"]
+    cmd = ["eval/table1.py", "--base", base_cfg.pretrained_model, "--prompts", args.eval_prompts,
+           "--num_prompts", str(args.eval_num_prompts), "--prompt_seed", "0", "--seeds", str(task.seed),
+           "--images_per_prompt", str(args.images_per_prompt), "--steps", str(base_cfg.num_inference_steps),
+           "--guidance_scale", str(base_cfg.guidance_scale), "--resolution", str(base_cfg.resolution),
+           "--max_sequence_length", str(base_cfg.t5_length), "--clip", base_cfg.eval_clip_model, "--out", str(ev)]
+    cmd += ["--drop_t5"] if base_cfg.drop_t5 else []
+    cmd += [] if task.overrides is None else ["--run", f"run={run_dir / 'final'}", "--skip_base"]
+    stamp = ev / "command.json"
+    if not (result.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == cmd):
         run_logged(cmd, out / "logs" / f"{task.name}.eval.log", args.threads)
+        atomic_write_json(stamp, cmd)
     metrics = json.loads(result.read_text())["metrics"]
     return {"metrics": {m: v["per_seed"][0] for m, v in metrics.items()}, "seconds": time.perf_counter() - t0}
 
@@ -147,6 +172,12 @@ def main(argv=None) -> None:
     t0 = time.perf_counter()
     base_cfg = parse_args(["--config", args.config, *args.train_overrides])
     tasks, rows, ablation = plan(args, base_cfg)
+    stale = {name: keys for name, task in tasks.items() if (keys := stale_settings(task, args, base_cfg, out))}
+    if stale:
+        name, keys = next(iter(stale.items()))
+        raise SystemExit(f"error: {len(stale)} existing run(s) under {out / 'runs'} were trained with other settings "
+                         f"than this command would use (e.g. {name}: {', '.join(keys)}). Delete them or pass another "
+                         "--out; runs are never overwritten.")
     previous = json.loads((out / "tasks.json").read_text()) if (out / "tasks.json").is_file() else {}
     done: dict[str, dict] = {}
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:

@@ -11,6 +11,13 @@ import math
 import torch
 
 METHODS = ("adrpo", "fixed_beta", "orw_cfm_w2", "raft", "dpo")
+# Config fields read by one method only: a run of any other method does not depend on them.
+METHOD_KNOBS = {"orw_cfm_w2": ("orw_tau", "orw_alpha"), "raft": ("raft_fraction",), "dpo": ("dpo_beta",)}
+
+
+def unused_knobs(method: str) -> set[str]:
+    """The other methods' knobs: fields a run of ``method`` ignores."""
+    return {k for m, knobs in METHOD_KNOBS.items() if m != method for k in knobs}
 
 
 def orw_weights(rewards: torch.Tensor, tau: float) -> torch.Tensor:

@@ -50,8 +50,21 @@ def test_tinyworld_reproduction_at_reduced_size(tmp_path):
     assert "Oracle acc." in table and "W2 divergence" in table
     readme = (out / "README.md").read_text()
     assert "reproduce_tinyworld.py --quick" in readme and "Commit:" in readme and "not SD3 results" in readme
-    for run in ("adrpo_s0", "raft_s0", "adrpo_clip0.5_s0", "adrpo_clip1_s0"):
-        assert (out / "runs" / run / "final" / "pytorch_lora_weights.safetensors").is_file(), run
+    loras = {run: out / "runs" / run / "final" / "pytorch_lora_weights.safetensors"
+             for run in ("adrpo_s0", "raft_s0", "adrpo_clip0.5_s0", "adrpo_clip1_s0")}
+    assert all(f.is_file() for f in loras.values())
+
+    # Run again: every run and evaluation is reused, nothing retrained, the same table.
+    stamps = {run: f.stat().st_mtime_ns for run, f in loras.items()}
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {run: f.stat().st_mtime_ns for run, f in loras.items()} == stamps
+    assert (out / "table1.md").read_text() == table
+    # A knob that changes what RAFT trains: its existing run is stale and refused up front (never overwritten);
+    # the ADRPO runs do not read that knob, so they are not the ones named.
+    changed = subprocess.run([*args, "--raft_fraction", "0.75"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert changed.returncode != 0 and "raft_s0: raft_fraction" in changed.stderr and "1 existing run" in changed.stderr
+    assert {run: f.stat().st_mtime_ns for run, f in loras.items()} == stamps
 
 
 def test_tuning_sweep_picks_the_best_point_whose_oracle_does_not_fall(tmp_path):
