@@ -94,7 +94,7 @@ def write_report(results: list[dict], args, out: Path, wall_s: float) -> None:
         chosen = best.get(r["method"]) is r
         setting = ", ".join(f"{k}={v}" for k, v in r["point"].items())
         lines.append(f"| {r['method']} | {'**' + setting + '**' if chosen else setting} | {_fmt(m['clip_score'])} | "
-                     f"{_fmt(m['clip_diversity_default'])} | "
+                     f"{_fmt(m['clip_diversity_' + m['clip_diversity_default']])} | "
                      f"{_fmt(m['oracle_accuracy']) if 'oracle_accuracy' in m else 'n/a'} |")
     atomic_write_bytes(out / "tuning.md", ("\n".join(lines) + "\n").encode())
     data = {"command": args.command, "commit": args.commit, "wall_s": wall_s, "results": results,

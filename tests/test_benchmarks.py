@@ -73,7 +73,9 @@ def test_tuning_sweep_picks_the_best_point_whose_oracle_does_not_fall(tmp_path):
 
     def metrics(clip, oracle_high):
         m = lambda d, lo, hi: {"diff": d, "ci_low": lo, "ci_high": hi}  # noqa: E731
-        return {"clip_score": m(clip, clip - 1, clip + 1), "clip_diversity_default": m(0.0, -1, 1),
+        # the layout of a run's summary.json metrics: the default diversity variant is named, its numbers are keyed
+        return {"clip_score": m(clip, clip - 1, clip + 1), "clip_diversity_default": "cosine",
+                "clip_diversity_cosine": m(0.5, -1, 2), "clip_diversity_l2": m(9.0, 8, 10),
                 "oracle_accuracy": m(oracle_high - 0.05, oracle_high - 0.1, oracle_high)}
 
     results = [{"method": "adrpo", "point": {"beta0": 1.0}, "metrics": metrics(1.0, 0.02)},
@@ -85,4 +87,6 @@ def test_tuning_sweep_picks_the_best_point_whose_oracle_does_not_fall(tmp_path):
     tune_tinyworld.write_report(results, args, tmp_path, 60.0)
     chosen = json.loads((tmp_path / "tuning.json").read_text())["chosen"]
     assert chosen == {"adrpo": {"beta0": 4.0}, "raft": {"raft_fraction": 0.25}}
-    assert "| adrpo | **beta0=4.0** |" in (tmp_path / "tuning.md").read_text()
+    report = (tmp_path / "tuning.md").read_text()
+    assert "| adrpo | **beta0=4.0** |" in report
+    assert "+0.50 [-1.00, +2.00]" in report and "+9.00" not in report  # the cosine variant, as the runs' default
