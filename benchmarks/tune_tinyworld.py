@@ -43,7 +43,8 @@ GRIDS: dict[str, list[dict]] = {
     # RAFT has no regulariser: at the shared learning rate it collapses at every fraction, so its fourth point
     # asks whether a 10x smaller step only slows that down
     "raft": [{"raft_fraction": f} for f in (0.125, 0.25, 0.5)] + [{"raft_fraction": 0.25, "learning_rate": 1e-4}],
-    "dpo": [{"dpo_beta": b} for b in (500.0, 2000.0, 8000.0)],
+    # DPO: the first sweep's best beta (500) was its smallest, so a fourth point goes one step further
+    "dpo": [{"dpo_beta": b} for b in (125.0, 500.0, 2000.0, 8000.0)],
 }
 TUNE_PROMPTS = "prompts/tinyworld_tune.txt"
 
