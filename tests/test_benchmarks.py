@@ -81,12 +81,25 @@ def test_tuning_sweep_picks_the_best_point_whose_oracle_does_not_fall(tmp_path):
     results = [{"method": "adrpo", "point": {"beta0": 1.0}, "metrics": metrics(1.0, 0.02)},
                {"method": "adrpo", "point": {"beta0": 2.0}, "metrics": metrics(3.0, -0.01)},  # oracle fell: out
                {"method": "adrpo", "point": {"beta0": 4.0}, "metrics": metrics(2.0, 0.0)},
-               {"method": "raft", "point": {"raft_fraction": 0.25}, "metrics": metrics(-1.0, 0.1)}]
+               {"method": "raft", "point": {"raft_fraction": 0.25}, "metrics": metrics(-1.0, 0.1)},
+               # no DPO setting keeps its oracle: the larger gain is still named, flagged
+               {"method": "dpo", "point": {"dpo_beta": 500.0}, "metrics": metrics(-3.0, -0.02)},
+               {"method": "dpo", "point": {"dpo_beta": 2000.0}, "metrics": metrics(-2.0, -0.05)}]
     args = SimpleNamespace(command="python benchmarks/tune_tinyworld.py", commit="abc", jobs=1, threads=1,
                            config="configs/tiny.yaml", eval_num_prompts=48)
     tune_tinyworld.write_report(results, args, tmp_path, 60.0)
-    chosen = json.loads((tmp_path / "tuning.json").read_text())["chosen"]
-    assert chosen == {"adrpo": {"beta0": 4.0}, "raft": {"raft_fraction": 0.25}}
+    data = json.loads((tmp_path / "tuning.json").read_text())
+    assert data["chosen"] == {"adrpo": {"beta0": 4.0}, "raft": {"raft_fraction": 0.25}, "dpo": {"dpo_beta": 2000.0}}
+    assert data["qualified"] == {"adrpo": True, "raft": True, "dpo": False}
     report = (tmp_path / "tuning.md").read_text()
-    assert "| adrpo | **beta0=4.0** |" in report
+    assert "| adrpo | **beta0=4.0** |" in report and "| dpo | **dpo_beta=2000.0** (oracle falls) |" in report
     assert "+0.50 [-1.00, +2.00]" in report and "+9.00" not in report  # the cosine variant, as the runs' default
+
+
+def test_tuning_sweep_loop_time_is_the_sum_of_iteration_times(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import tune_tinyworld
+
+    (tmp_path / "metrics.jsonl").write_text('{"iteration": 0, "time_total": 30.0}\n{"iteration": 1, "time_total": 90.0}\n')
+    assert tune_tinyworld.loop_minutes(tmp_path) == 2.0
+    assert tune_tinyworld.loop_minutes(tmp_path / "missing") is None
