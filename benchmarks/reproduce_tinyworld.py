@@ -49,6 +49,7 @@ from _launch import cli_overrides, equal_compute_overrides, run_logged  # noqa: 
 METHOD_LABELS = {"adrpo": "ADRPO", "fixed_beta": "Fixed beta (ablation)", "orw_cfm_w2": "ORW-CFM-W2", "raft": "RAFT",
                  "dpo": "DPO"}
 CLIP_MULTIPLES = (0.5, 1.0, 2.0)
+TUNED = "results/tinyworld_tuning/sweep/tuning.json"  # what benchmarks/tune_tinyworld.py chose on the tune split
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,8 @@ def plan(args, base_cfg) -> tuple[dict[str, Task], dict[str, list[str]], dict[st
     rows["Base"] = [add(f"base_s{s}", s, None) for s in args.seeds]
     for method in args.methods:
         rows[METHOD_LABELS[method]] = [add(f"{method}_s{s}", s, {"method": method, "seed": s,
-                                                                 **equal_compute_overrides(method, base_cfg)})
+                                                                 **equal_compute_overrides(method, base_cfg),
+                                                                 **args.tuned_points.get(method, {})})
                                        for s in args.seeds]
     if not args.no_ablation and "adrpo" in args.methods:
         lo, hi = base_cfg.clip_range or (None, None)
@@ -159,6 +161,9 @@ def main(argv=None) -> None:
                     help="held-out prompts in Table 1, a seeded subset (0: all)")
     ap.add_argument("--images_per_prompt", type=int, default=4)
     ap.add_argument("--no_ablation", action="store_true", help="skip the advantage-clipping ablation")
+    ap.add_argument("--tuned", default=TUNED,
+                    help="a tuning sweep's tuning.json: each method's chosen setting is applied to its runs (methods "
+                         "it has no entry for use the config as it is); 'none' for the config alone")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time, each a subprocess")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     ap.add_argument("--quick", action="store_true", help="fewer iterations, prompts and one seed (<= 20 min)")
@@ -171,6 +176,12 @@ def main(argv=None) -> None:
     out = Path(args.out)
     t0 = time.perf_counter()
     base_cfg = parse_args(["--config", args.config, *args.train_overrides])
+    args.tuned_points = {}
+    if args.tuned != "none":
+        if not Path(args.tuned).is_file():
+            raise SystemExit(f"error: --tuned {args.tuned} does not exist: run benchmarks/tune_tinyworld.py first, or "
+                             "pass --tuned none to use the config's settings for every method")
+        args.tuned_points = json.loads(Path(args.tuned).read_text())["chosen"]
     tasks, rows, ablation = plan(args, base_cfg)
     stale = {name: keys for name, task in tasks.items() if (keys := stale_settings(task, args, base_cfg, out))}
     if stale:
@@ -196,6 +207,8 @@ def main(argv=None) -> None:
 
     notes = [f"Tiny world, {args.eval_num_prompts or 'all'} held-out prompts ({args.eval_prompts}, seeded subset) x "
              f"{args.images_per_prompt} images; mean ± s.e. over training seeds {args.seeds}."]
+    notes += [f"{METHOD_LABELS[m]}: " + ", ".join(f"{k}={v}" for k, v in point.items()) + f" (tuned: {args.tuned})"
+              for m, point in args.tuned_points.items() if m in args.methods]
     table = table_of(rows, done, notes)
     for ext, text in (("md", table.to_markdown()), ("csv", table.to_csv()), ("tex", table.to_latex())):
         atomic_write_bytes(out / f"table1.{ext}", text.encode())

@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,9 +32,11 @@ def test_tinyworld_reproduction_at_reduced_size(tmp_path):
     """The reproduction script end to end (two methods, one seed, the clipping ablation) on the shipped tiny world
     (its default config), at a reduced size."""
     out = tmp_path / "repro"
+    tuned = tmp_path / "tuning.json"  # a sweep's choice for RAFT: it must reach RAFT's runs and no other
+    tuned.write_text(json.dumps({"chosen": {"raft": {"raft_fraction": 0.5}}}))
     args = [sys.executable, str(ROOT / "benchmarks/reproduce_tinyworld.py"), "--quick", "--methods", "adrpo", "raft",
             "--seeds", "0", "--jobs", "2", "--threads", "1", "--eval_num_prompts", "3", "--images_per_prompt", "2",
-            "--out", str(out), "--",
+            "--tuned", str(tuned), "--out", str(out), "--",
             "--num_iterations", "2", "--prompts_per_iteration", "2",
             "--samples_per_prompt", "2", "--train_batch_size", "2", "--num_inference_steps", "2"]
     result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -53,6 +57,9 @@ def test_tinyworld_reproduction_at_reduced_size(tmp_path):
     loras = {run: out / "runs" / run / "final" / "pytorch_lora_weights.safetensors"
              for run in ("adrpo_s0", "raft_s0", "adrpo_clip0.5_s0", "adrpo_clip1_s0")}
     assert all(f.is_file() for f in loras.values())
+    configs = {run: yaml.safe_load((f.parent / "config.yaml").read_text()) for run, f in loras.items()}
+    assert configs["raft_s0"]["raft_fraction"] == 0.5 and configs["adrpo_s0"]["raft_fraction"] == 0.25
+    assert "raft_fraction=0.5 (tuned:" in table
 
     # Run again: every run and evaluation is reused, nothing retrained, the same table.
     stamps = {run: f.stat().st_mtime_ns for run, f in loras.items()}
@@ -60,9 +67,10 @@ def test_tinyworld_reproduction_at_reduced_size(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert {run: f.stat().st_mtime_ns for run, f in loras.items()} == stamps
     assert (out / "table1.md").read_text() == table
-    # A knob that changes what RAFT trains: its existing run is stale and refused up front (never overwritten);
-    # the ADRPO runs do not read that knob, so they are not the ones named.
-    changed = subprocess.run([*args, "--raft_fraction", "0.75"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    # A new tuning choice changes what RAFT trains: its existing run is stale and refused up front (never
+    # overwritten); the ADRPO runs do not read that knob, so they are not the ones named.
+    tuned.write_text(json.dumps({"chosen": {"raft": {"raft_fraction": 0.75}}}))
+    changed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert changed.returncode != 0 and "raft_s0: raft_fraction" in changed.stderr and "1 existing run" in changed.stderr
     assert {run: f.stat().st_mtime_ns for run, f in loras.items()} == stamps
 
