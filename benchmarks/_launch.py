@@ -41,4 +41,4 @@ def run_logged(cmd: list[str], log: Path, threads: int = 0) -> None:
         rc = subprocess.run([sys.executable, *cmd], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         tail = log.read_text(errors="replace")[-2000:]
-        raise RuntimeError(f"{' '.join(cmd[:1])} failed (rc {rc}); full log: {log}\n{tail}")
+        raise RuntimeError(f"{cmd[0]} failed (rc {rc}); full log: {log}\n{tail}")

@@ -11,12 +11,14 @@ from typing import Optional
 
 import numpy as np
 
+from sd3_adrpo.tinyworld.grammar import CATEGORIES
+
 # Column order and direction (True: higher is better; None: no ranking).
 COLUMNS = {
     "clip_score": ("ClipScore", True), "clip_diversity": ("ClipDiversity", True), "aesthetic": ("Aesthetic", True),
     "blip_score": ("BLIPScore", True), "image_reward": ("ImageReward", True), "pickscore": ("PickScore", True),
     "hpsv2": ("HPSv2", True), "oracle_accuracy": ("Oracle acc.", True),
-    **{f"oracle_accuracy_{c}": (f"Oracle {c}", True) for c in ("colour", "counting", "position", "binding")},  # tiny world
+    **{f"oracle_accuracy_{c}": (f"Oracle {c}", True) for c in CATEGORIES},  # the tiny world's prompt categories
     "w2_divergence": ("W2 divergence", None),
 }
 
