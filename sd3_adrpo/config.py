@@ -63,7 +63,9 @@ class TrainConfig:
     reward_pretrained: Optional[str] = _f(None, "open_clip only: pretrained tag (e.g. openai) or local weights file")
     # --- the loop --------------------------------------------------------------------------------------------
     num_iterations: int = _f(100, "online iterations (sample -> score -> advantages -> update)")
-    prompts_per_iteration: int = _f(8, "N distinct prompts sampled per iteration (per process)")
+    prompts_per_iteration: int = _f(8, "N distinct prompts sampled per iteration (per process, unless split_batches)")
+    split_batches: bool = _f(False, "prompts_per_iteration and train_batch_size are global and split evenly over the "
+                                    "processes, so any process count gives the same update; false: they are per process")
     samples_per_prompt: int = _f(4, "K images per prompt: a group for the advantage baseline (>= 2)")
     resolution: int = _f(512, "image height and width in pixels")
     num_inference_steps: int = _f(10, "Euler ODE steps of each rollout")
@@ -100,7 +102,7 @@ class TrainConfig:
     lr_scheduler: str = _f("constant", "learning-rate schedule (diffusers.optimization names)",
                            ("constant", "constant_with_warmup", "linear", "cosine"))
     lr_warmup_steps: int = _f(0, "warm-up optimizer steps")
-    train_batch_size: int = _f(4, "samples per forward/backward (per process)")
+    train_batch_size: int = _f(4, "samples per forward/backward (per process, unless split_batches)")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
     inner_epochs: int = _f(1, "passes over each iteration's samples")
     seed: int = _f(0, "seed for LoRA init, prompt order, rollout noise and loss noise")
@@ -168,6 +170,38 @@ class TrainConfig:
     def optimizer_steps_per_iteration(self) -> int:
         return self.inner_epochs * self.items_per_iteration // (self.items_per_batch * self.gradient_accumulation_steps)
 
+    def per_process(self, num_processes: int) -> "TrainConfig":
+        """This process's config: with ``split_batches``, prompts_per_iteration and train_batch_size divided by the
+        number of processes (ConfigError if they do not divide evenly); otherwise unchanged."""
+        if not self.split_batches or num_processes == 1:
+            return self
+        for name in ("prompts_per_iteration", "train_batch_size"):
+            if getattr(self, name) % num_processes:
+                raise ConfigError(f"split_batches: {name}={getattr(self, name)} does not divide over {num_processes} "
+                                  f"processes; choose a multiple of {num_processes} or another process count")
+        local = dataclasses.replace(self, prompts_per_iteration=self.prompts_per_iteration // num_processes,
+                                    train_batch_size=self.train_batch_size // num_processes)
+        try:
+            local._check_batch_sizes()
+        except ConfigError as e:
+            raise ConfigError(f"split_batches over {num_processes} processes: {e}") from None
+        return local
+
+    def _check_batch_sizes(self) -> None:
+        if self.method == "dpo" and self.train_batch_size % 2:
+            raise ConfigError(f"dpo trains on (winner, loser) pairs: train_batch_size must be even, got {self.train_batch_size}")
+        micro = self.items_per_batch * self.gradient_accumulation_steps
+        if self.method == "dpo" and self.prompts_per_iteration % micro:
+            raise ConfigError(
+                f"dpo: {self.prompts_per_iteration} pairs per iteration (one per prompt) do not divide into "
+                f"train_batch_size / 2 * gradient_accumulation_steps = {micro}")
+        if self.samples_per_iteration % (self.train_batch_size * self.gradient_accumulation_steps):
+            raise ConfigError(
+                f"prompts_per_iteration * samples_per_prompt = {self.samples_per_iteration} samples per iteration "
+                f"do not divide into train_batch_size * gradient_accumulation_steps = "
+                f"{self.train_batch_size * self.gradient_accumulation_steps}: choose sizes so "
+                "that every optimizer step sees the same number of samples")
+
     def validate(self) -> "TrainConfig":
         """Check everything checkable without loading a model. Raises ConfigError saying what to do."""
         for name in ("num_iterations", "prompts_per_iteration", "resolution", "num_inference_steps",
@@ -190,19 +224,7 @@ class TrainConfig:
             raise ConfigError(f"resolution must be a multiple of 16 (VAE x8 times patch 2), got {self.resolution}")
         if not 0 < self.raft_fraction <= 1:
             raise ConfigError(f"raft_fraction is a fraction of each group: need 0 < raft_fraction <= 1, got {self.raft_fraction}")
-        if self.method == "dpo" and self.train_batch_size % 2:
-            raise ConfigError(f"dpo trains on (winner, loser) pairs: train_batch_size must be even, got {self.train_batch_size}")
-        micro = self.items_per_batch * self.gradient_accumulation_steps
-        if self.method == "dpo" and self.prompts_per_iteration % micro:
-            raise ConfigError(
-                f"dpo: {self.prompts_per_iteration} pairs per iteration (one per prompt) do not divide into "
-                f"train_batch_size / 2 * gradient_accumulation_steps = {micro}")
-        if self.samples_per_iteration % (self.train_batch_size * self.gradient_accumulation_steps):
-            raise ConfigError(
-                f"prompts_per_iteration * samples_per_prompt = {self.samples_per_iteration} samples per iteration "
-                f"do not divide into train_batch_size * gradient_accumulation_steps = "
-                f"{self.train_batch_size * self.gradient_accumulation_steps}: choose sizes so "
-                "that every optimizer step sees the same number of samples")
+        self._check_batch_sizes()
         if self.t5_8bit:
             import torch
 

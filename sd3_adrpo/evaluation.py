@@ -107,12 +107,29 @@ def w2_divergence(transformer, latents: torch.Tensor, prompt_embeds: torch.Tenso
     return (v_theta.float() - v_ref.float()).pow(2).flatten(1).mean(1).cpu().numpy()
 
 
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """[start, stop) of process ``rank``'s contiguous share of n items (shares differ by at most one)."""
+    return rank * n // world, (rank + 1) * n // world
+
+
 @torch.no_grad()
 def evaluate_policy(sampler: SD3Sampler, clip: ClipScoreReward, prompts: list[str], images_per_prompt: int,
-                    resolution: int, seed: int, with_w2: bool = False) -> PolicyEval:
+                    resolution: int, seed: int, with_w2: bool = False, shard: tuple[int, int] = (0, 1)) -> PolicyEval:
     """Sample ``images_per_prompt`` images per prompt from the sampler's current policy (fixed noise) and score them;
-    ``with_w2`` also measures the W2 divergence to the reference on those samples."""
-    rollout = sampler.sample(prompts, images_per_prompt, resolution, make_generator(seed, 0, EVAL_NOISE))
+    ``with_w2`` also measures the W2 divergence to the reference on those samples. ``shard=(rank, world)``
+    evaluates only process ``rank``'s share of the prompts, each with the noise it has in the whole evaluation, so
+    ``merge_shards`` of all shards is the unsharded result."""
+    k = images_per_prompt
+    if with_w2 and shard != (0, 1):
+        raise ValueError("with_w2 is not supported on a shard: evaluate the whole prompt list in one process")
+    start, stop = shard_bounds(len(prompts), *shard)
+    noise = torch.randn((len(prompts) * k, *sampler.latent_shape(resolution)),
+                        generator=make_generator(seed, 0, EVAL_NOISE))[start * k : stop * k]
+    prompts = prompts[start:stop]
+    if not prompts:  # more processes than prompts
+        return PolicyEval(prompts=[], images=np.zeros((0, resolution, resolution, 3), np.uint8), clip_score=np.zeros(0),
+                          oracle_ok=None, category=None, diversity={"cosine": np.zeros(0), "l2": np.zeros(0)})
+    rollout = sampler.sample(prompts, k, resolution, noise=noise)
     img = torch.cat([clip.embed_images(rollout.images[s : s + 64]) for s in range(0, len(rollout.prompts), 64)])
     txt_unique = clip.embed_texts(prompts)
     txt = txt_unique[rollout.group_ids.to(txt_unique.device)]
@@ -127,6 +144,23 @@ def evaluate_policy(sampler: SD3Sampler, clip: ClipScoreReward, prompts: list[st
                       diversity=clip_diversity(img.cpu(), rollout.group_ids),
                       w2=w2_divergence(sampler.pipe.transformer, rollout.latents, rollout.prompt_embeds,
                                        rollout.pooled_embeds, make_generator(seed, 0, W2_NOISE)) if with_w2 else None)
+
+
+def merge_shards(shards: list[PolicyEval]) -> PolicyEval:
+    """One PolicyEval from the shards of ``evaluate_policy`` in rank order (empty shards are skipped)."""
+    shards = [s for s in shards if s.prompts]
+    if len(shards) == 1:
+        return shards[0]
+
+    def cat(field):
+        values = [getattr(s, field) for s in shards]
+        return None if values[0] is None else np.concatenate(values)
+
+    return PolicyEval(prompts=[p for s in shards for p in s.prompts], images=cat("images"),
+                      clip_score=cat("clip_score"), oracle_ok=cat("oracle_ok"),
+                      category=None if shards[0].category is None else [c for s in shards for c in s.category],
+                      diversity={name: np.concatenate([s.diversity[name] for s in shards]) for name in shards[0].diversity},
+                      w2=cat("w2"))
 
 
 def compare(base: PolicyEval, trained: PolicyEval, images_per_prompt: int, seed: int = 0) -> dict:

@@ -135,15 +135,21 @@ class SD3Sampler:
         return torch.cat(images)
 
     def sample(self, prompts: list[str], samples_per_prompt: int, resolution: int,
-               generator: torch.Generator | list[torch.Generator]) -> Rollout:
+               generator: torch.Generator | list[torch.Generator] | None = None, *,
+               noise: torch.Tensor | None = None) -> Rollout:
         """K = samples_per_prompt images for each prompt (prompt-major). Noise comes from ``generator``, or with a
         list of one generator per prompt, prompt i's K noises from ``generator[i]`` (so a prompt's samples do not
-        depend on which other prompts, or which process, it was sampled with)."""
+        depend on which other prompts, or which process, it was sampled with); or is given as ``noise``."""
         expanded = [p for p in prompts for _ in range(samples_per_prompt)]
         group_ids = torch.arange(len(prompts)).repeat_interleave(samples_per_prompt)
         emb, pooled = self.embed(expanded)
         shape = self.latent_shape(resolution)
-        if isinstance(generator, torch.Generator):
+        if (generator is None) == (noise is None):
+            raise ValueError("pass either generator or noise")
+        if noise is not None:
+            if tuple(noise.shape) != (len(expanded), *shape):
+                raise ValueError(f"noise has shape {tuple(noise.shape)}, expected {(len(expanded), *shape)}")
+        elif isinstance(generator, torch.Generator):
             noise = torch.randn((len(expanded), *shape), generator=generator)
         else:
             if len(generator) != len(prompts):

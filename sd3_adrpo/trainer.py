@@ -86,14 +86,21 @@ def _prepare_output_dir(cfg: TrainConfig) -> Path:
 
 
 def final_evaluation(cfg: TrainConfig, prompts: list[str], sampler: SD3Sampler, base_transformer, clip,
-                     out: Path) -> dict:
-    """Base (adapter off) and trained policy on the same held-out prompts and noise; writes summary.json/.md."""
-    from sd3_adrpo.evaluation import evaluate_policy, write_results
+                     out: Path, accelerator) -> Optional[dict]:
+    """Base (adapter off) and trained policy on the same held-out prompts and noise; writes summary.json/.md.
+    Every process evaluates its share of the prompts; the main process gathers them, writes and returns the summary
+    (the others return None)."""
+    from accelerate.utils import gather_object
 
-    k = cfg.final_eval_images_per_prompt
+    from sd3_adrpo.evaluation import evaluate_policy, merge_shards, write_results
+
+    k, shard = cfg.final_eval_images_per_prompt, (accelerator.process_index, accelerator.num_processes)
     with reference_mode(base_transformer):
-        base = evaluate_policy(sampler, clip, prompts, k, cfg.resolution, cfg.seed)
-    trained = evaluate_policy(sampler, clip, prompts, k, cfg.resolution, cfg.seed)
+        base = evaluate_policy(sampler, clip, prompts, k, cfg.resolution, cfg.seed, shard=shard)
+    trained = evaluate_policy(sampler, clip, prompts, k, cfg.resolution, cfg.seed, shard=shard)
+    base, trained = (merge_shards(gather_object([ev])) for ev in (base, trained))
+    if not accelerator.is_main_process:
+        return None
     summary = write_results(out, base, trained, k, extra={"prompts_file": cfg.final_eval_prompts,
                                                           "clip_model": cfg.eval_clip_model})
     print((out / "summary.md").read_text())
@@ -147,11 +154,12 @@ def train(cfg: TrainConfig) -> Path:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               log_with="wandb" if cfg.report_to == "wandb" else None)
+    run_cfg, cfg = cfg, cfg.per_process(accelerator.num_processes)  # the run's settings (saved) and this process's
     if cfg.prompts_per_iteration * accelerator.num_processes > len(train_prompts):
         raise ConfigError(f"prompts_per_iteration={cfg.prompts_per_iteration} on {accelerator.num_processes} "
                           f"process(es) needs {cfg.prompts_per_iteration * accelerator.num_processes} distinct prompts "
                           f"per iteration but {cfg.train_prompts} has only {len(train_prompts)}")
-    out = _prepare_output_dir(cfg) if accelerator.is_main_process else Path(cfg.output_dir)
+    out = _prepare_output_dir(run_cfg) if accelerator.is_main_process else Path(cfg.output_dir)
     accelerator.wait_for_everyone()
     set_seed(cfg.seed)
     device = accelerator.device
@@ -199,7 +207,7 @@ def train(cfg: TrainConfig) -> Path:
             truncate_metrics(out / "eval_metrics.jsonl", start + 1)
         print(f"resumed from {resume} at iteration {start}")
     if accelerator.is_main_process:
-        accelerator.init_trackers(cfg.wandb_project, config=dataclasses.asdict(cfg))
+        accelerator.init_trackers(cfg.wandb_project, config=dataclasses.asdict(run_cfg))
 
     def checkpoint(done: int) -> Path:
         return save_checkpoint(out / "checkpoints", done, base_transformer, optimizer, lr_scheduler,
@@ -287,11 +295,11 @@ def train(cfg: TrainConfig) -> Path:
         tmp = out / ".tmp-final"
         shutil.rmtree(tmp, ignore_errors=True)
         save_lora(base_transformer, tmp)
-        atomic_write_bytes(tmp / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False).encode())
+        atomic_write_bytes(tmp / "config.yaml", yaml.safe_dump(dataclasses.asdict(run_cfg), sort_keys=False).encode())
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         print(f"done: LoRA saved to {final}")
-        if final_prompts:
-            final_evaluation(cfg, final_prompts, sampler, base_transformer, eval_clip, out)
+    if final_prompts:
+        final_evaluation(cfg, final_prompts, sampler, base_transformer, eval_clip, out, accelerator)
     accelerator.end_training()
     return final

@@ -105,6 +105,22 @@ def test_too_few_prompts_for_an_iteration(valid, monkeypatch):
         trainer.train(parse_args(["--config", str(valid), "--prompts_per_iteration", "4"]))
 
 
+def test_split_batches_divides_the_global_batch_over_processes(valid):
+    cfg = parse_args(["--config", str(valid), "--prompts_per_iteration", "4", "--train_batch_size", "8",
+                      "--split_batches", "true"])
+    local = cfg.per_process(2)
+    assert (local.prompts_per_iteration, local.train_batch_size) == (2, 4)
+    assert local.optimizer_steps_per_iteration == cfg.optimizer_steps_per_iteration  # the same number of steps
+    assert cfg.per_process(1) is cfg
+    with pytest.raises(ConfigError, match="does not divide over 3 processes"):
+        cfg.per_process(3)
+    dpo = dataclasses.replace(cfg, method="dpo", train_batch_size=6)
+    with pytest.raises(ConfigError, match="split_batches over 2 processes: dpo .* must be even, got 3"):
+        dpo.per_process(2)  # 3 samples per process cannot hold whole (winner, loser) pairs
+    per_process = dataclasses.replace(cfg, split_batches=False)
+    assert per_process.per_process(2) is per_process  # the sizes already are per process
+
+
 CONFIGS = sorted(p.name for p in (__import__("pathlib").Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
 

@@ -1,4 +1,5 @@
-"""Two processes (torchrun, gloo on CPU) give the same update as one process with the same global batch."""
+"""Two processes (torchrun, gloo on CPU) give the same update and the same final evaluation as one process with the
+same global batch."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file
 
 import train_sd3_adrpo
@@ -14,22 +16,21 @@ import train_sd3_adrpo
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_two_processes_match_one_process_with_twice_the_batch(tiny_models, tmp_path):
+def test_two_processes_match_one_process_with_the_same_config(tiny_models, tmp_path):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red circle\na blue square\na green triangle\na yellow square\na purple circle\n")
     common = ["--config", str(ROOT / "configs/tiny_random.yaml"), "--pretrained_model", str(tiny_models["sd3"]),
               "--reward_model", str(tiny_models["clip"]), "--train_prompts", str(prompts), "--eval_prompts", "null",
               "--num_iterations", "1", "--samples_per_prompt", "2", "--num_inference_steps", "3",
               "--checkpoint_every", "0", "--learning_rate", "1e-2", "--adv_scale", "batch_std",
-              "--adam_epsilon", "1e-4"]
+              "--adam_epsilon", "1e-4", "--prompts_per_iteration", "4", "--train_batch_size", "8",
+              "--split_batches", "true", "--final_eval_prompts", str(prompts), "--final_eval_images_per_prompt", "2"]
     one, two = tmp_path / "one", tmp_path / "two"
-    assert train_sd3_adrpo.main([*common, "--prompts_per_iteration", "4", "--train_batch_size", "8",
-                                 "--output_dir", str(one)]) == 0
+    assert train_sd3_adrpo.main([*common, "--output_dir", str(one)]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         str(ROOT / "train_sd3_adrpo.py"), *common, "--prompts_per_iteration", "2", "--train_batch_size", "4",
-         "--output_dir", str(two)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+         str(ROOT / "train_sd3_adrpo.py"), *common, "--output_dir", str(two)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
 
     a = load_file(one / "final" / "pytorch_lora_weights.safetensors")
@@ -45,3 +46,10 @@ def test_two_processes_match_one_process_with_twice_the_batch(tiny_models, tmp_p
     assert len(rows_two) == 1  # only rank 0 writes
     for key in ("reward_mean", "adv_std", "cfm", "w2"):  # stats are over all processes' samples
         assert abs(rows_two[0][key] - rows_one[0][key]) <= 1e-3 * max(1.0, abs(rows_one[0][key])), key
+
+    # the final evaluation: each process sampled its share of the prompts with that share's noise; rank 0 merged them
+    eval_one, eval_two = ([json.loads(x) for x in (d / "eval_images.jsonl").read_text().splitlines()] for d in (one, two))
+    assert [r["prompt"] for r in eval_two] == [r["prompt"] for r in eval_one] and len(eval_one) == 10
+    assert max(abs(a["clip_score_base"] - b["clip_score_base"]) for a, b in zip(eval_one, eval_two)) < 1e-3
+    assert max(abs(a["clip_score_trained"] - b["clip_score_trained"]) for a, b in zip(eval_one, eval_two)) < 1e-2
+    assert (yaml.safe_load((two / "final" / "config.yaml").read_text())["prompts_per_iteration"] == 4)  # as given

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import train_sd3_adrpo
-from sd3_adrpo.evaluation import clip_diversity, clip_scores, oracle_for, paired_bootstrap
+from sd3_adrpo.evaluation import (clip_diversity, clip_scores, evaluate_policy, merge_shards, oracle_for,
+                                  paired_bootstrap, shard_bounds)
 
 
 def test_clip_diversity_on_known_distances():
@@ -41,6 +42,40 @@ def test_paired_bootstrap():
 def test_oracle_only_for_tiny_world_prompts():
     assert oracle_for(["a red circle", "two blue squares"]) is not None
     assert oracle_for(["a red circle", "an astronaut riding a horse"]) is None
+
+
+def test_shard_bounds_cover_every_item_once():
+    for n, world in [(10, 3), (2, 4), (405, 2), (0, 2)]:
+        bounds = [shard_bounds(n, r, world) for r in range(world)]
+        assert bounds[0][0] == 0 and bounds[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))  # contiguous, in rank order
+        assert max(b - a for a, b in bounds) - min(b - a for a, b in bounds) <= 1
+
+
+def test_sharded_evaluation_merges_to_the_whole(tiny_pipe, tiny_models):
+    """Each process evaluates its share of the prompts with the noise those prompts get in the whole evaluation,
+    so the merged shards are the unsharded evaluation (one shard here is empty: more processes than prompts)."""
+    from sd3_adrpo.rewards import ClipScoreReward
+    from sd3_adrpo.rollout import SD3Sampler
+
+    sampler = SD3Sampler(tiny_pipe, torch.device("cpu"), num_inference_steps=3, guidance_scale=3.0,
+                         max_sequence_length=4, batch_size=64)
+    clip = ClipScoreReward(str(tiny_models["clip"]), device="cpu")
+    prompts = ["a red circle", "two blue squares", "a green triangle above a yellow circle"]
+    whole = evaluate_policy(sampler, clip, prompts, 3, 64, seed=7)
+    shards = [evaluate_policy(sampler, clip, prompts, 3, 64, seed=7, shard=(r, 4)) for r in range(4)]
+    assert [len(s.prompts) for s in shards] == [0, 3, 3, 3]
+    merged = merge_shards(shards)
+    assert merged.prompts == whole.prompts and merged.category == whole.category
+    assert np.abs(merged.images.astype(int) - whole.images.astype(int)).max() <= 1  # same noise, same images
+    assert np.allclose(merged.clip_score, whole.clip_score, atol=1e-3)
+    assert np.array_equal(merged.oracle_ok, whole.oracle_ok)
+    for name in whole.diversity:
+        assert np.allclose(merged.diversity[name], whole.diversity[name], atol=1e-3)
+    other_seed = merge_shards([evaluate_policy(sampler, clip, prompts, 3, 64, seed=8, shard=(r, 2)) for r in range(2)])
+    assert np.abs(other_seed.images.astype(int) - whole.images.astype(int)).max() > 10  # the check can fail
+    with pytest.raises(ValueError, match="with_w2"):
+        evaluate_policy(sampler, clip, prompts, 3, 64, seed=7, with_w2=True, shard=(0, 2))
 
 
 @pytest.mark.parametrize("lr", ["0", "5e-2"])
