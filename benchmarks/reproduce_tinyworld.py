@@ -49,7 +49,8 @@ from _launch import cli_overrides, equal_compute_overrides, run_logged  # noqa: 
 METHOD_LABELS = {"adrpo": "ADRPO", "fixed_beta": "Fixed beta (ablation)", "orw_cfm_w2": "ORW-CFM-W2", "raft": "RAFT",
                  "dpo": "DPO"}
 CLIP_MULTIPLES = (0.5, 1.0, 2.0)
-TUNED = "results/tinyworld_tuning/sweep/tuning.json"  # what benchmarks/tune_tinyworld.py chose on the tune split
+TUNED = "results/tinyworld_tuning/sweep/tuning.json"
+KEEP = "<!-- written by hand below this line: kept when the script rewrites this README -->"  # what benchmarks/tune_tinyworld.py chose on the tune split
 
 
 @dataclass(frozen=True)
@@ -111,7 +112,8 @@ def stale_settings(task: Task, args, base_cfg, out: Path) -> list[str]:
         return []
     saved = yaml.safe_load(saved_path.read_text())
     want = dataclasses.asdict(parse_args(train_argv(task, args, base_cfg, out)))
-    ignore = {"output_dir", "overwrite_output_dir", "resume_from"} | unused_knobs(want["method"])
+    # split_batches only changes how a batch is divided over processes (these runs have one): not a setting
+    ignore = {"output_dir", "overwrite_output_dir", "resume_from", "split_batches"} | unused_knobs(want["method"])
     return sorted(k for k, v in want.items() if k not in ignore and saved.get(k) != v)
 
 
@@ -232,8 +234,11 @@ def main(argv=None) -> None:
     if ablation:
         readme += ["## Advantage clipping (Table 3)", "", (out / "ablation.md").read_text()]
     readme += ["## Figure 3", "", f"Trajectories of the seed-{args.seeds[0]} runs.", "", "![trade-off](fig3.png)", ""]
-    atomic_write_bytes(out / "README.md", "\n".join(readme).encode())
     print("\n".join(readme))
+    old = (out / "README.md").read_text() if (out / "README.md").is_file() else ""
+    if KEEP in old:  # a reading written by hand below the generated part survives a rerun
+        readme += [old[old.index(KEEP):]]
+    atomic_write_bytes(out / "README.md", "\n".join(readme).encode())
 
 
 if __name__ == "__main__":

@@ -61,12 +61,20 @@ def test_tinyworld_reproduction_at_reduced_size(tmp_path):
     assert configs["raft_s0"]["raft_fraction"] == 0.5 and configs["adrpo_s0"]["raft_fraction"] == 0.25
     assert "raft_fraction=0.5 (tuned:" in table
 
-    # Run again: every run and evaluation is reused, nothing retrained, the same table.
+    # Run again: every run and evaluation is reused, nothing retrained, the same table; a reading written by hand
+    # below the marker survives the rewritten README.
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import reproduce_tinyworld
+
+    reading = f"{reproduce_tinyworld.KEEP}\n## What the numbers show\nWritten by hand.\n"
+    (out / "README.md").write_text(readme + reading)
     stamps = {run: f.stat().st_mtime_ns for run, f in loras.items()}
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     assert {run: f.stat().st_mtime_ns for run, f in loras.items()} == stamps
     assert (out / "table1.md").read_text() == table
+    rewritten = (out / "README.md").read_text()
+    assert rewritten.endswith(reading) and rewritten.count(reproduce_tinyworld.KEEP) == 1 and "Commit:" in rewritten
     # A new tuning choice changes what RAFT trains: its existing run is stale and refused up front (never
     # overwritten); the ADRPO runs do not read that knob, so they are not the ones named.
     tuned.write_text(json.dumps({"chosen": {"raft": {"raft_fraction": 0.75}}}))
