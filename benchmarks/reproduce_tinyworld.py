@@ -49,8 +49,8 @@ from _launch import cli_overrides, equal_compute_overrides, run_logged  # noqa: 
 METHOD_LABELS = {"adrpo": "ADRPO", "fixed_beta": "Fixed beta (ablation)", "orw_cfm_w2": "ORW-CFM-W2", "raft": "RAFT",
                  "dpo": "DPO"}
 CLIP_MULTIPLES = (0.5, 1.0, 2.0)
-TUNED = "results/tinyworld_tuning/sweep/tuning.json"
-KEEP = "<!-- written by hand below this line: kept when the script rewrites this README -->"  # what benchmarks/tune_tinyworld.py chose on the tune split
+TUNED = "results/tinyworld_tuning/sweep/tuning.json"  # what benchmarks/tune_tinyworld.py chose on the tune split
+KEEP = "<!-- written by hand below this line: kept when the script rewrites this README -->"
 
 
 @dataclass(frozen=True)
