@@ -11,13 +11,16 @@ import math
 import torch
 
 METHODS = ("adrpo", "fixed_beta", "orw_cfm_w2", "raft", "dpo")
-# Config fields read by one method only: a run of any other method does not depend on them.
-METHOD_KNOBS = {"orw_cfm_w2": ("orw_tau", "orw_alpha"), "raft": ("raft_fraction",), "dpo": ("dpo_beta",)}
+# Config fields that only some methods read (the methods, then their fields): a run of any other method does not
+# depend on them. The advantages are computed and logged for every method, but only ADRPO and its fixed-coefficient
+# ablation train on them.
+METHOD_KNOBS = {("adrpo", "fixed_beta"): ("beta0", "adv_scale", "adv_clip_min", "adv_clip_max"),
+                ("orw_cfm_w2",): ("orw_tau", "orw_alpha"), ("raft",): ("raft_fraction",), ("dpo",): ("dpo_beta",)}
 
 
 def unused_knobs(method: str) -> set[str]:
     """The other methods' knobs: fields a run of ``method`` ignores."""
-    return {k for m, knobs in METHOD_KNOBS.items() if m != method for k in knobs}
+    return {k for readers, knobs in METHOD_KNOBS.items() if method not in readers for k in knobs}
 
 
 def orw_weights(rewards: torch.Tensor, tau: float) -> torch.Tensor:

@@ -8,7 +8,8 @@ import train_sd3_adrpo
 from sd3_adrpo.config import make_config
 from sd3_adrpo.losses import (adrpo_fm_loss, dpo_fm_loss, fixed_beta_loss, orw_cfm_w2_loss, raft_loss,
                               weighted_fm_loss)
-from sd3_adrpo.methods import coefficients, dpo_pairs, orw_weights, raft_keep
+from sd3_adrpo.methods import METHODS, coefficients, dpo_pairs, orw_weights, raft_keep, unused_knobs
+from sd3_adrpo.trainer import advantage_stats
 
 
 def _v(seed=0, b=4):
@@ -97,6 +98,34 @@ def test_coefficients_match_each_method_and_drop_invalid_samples():
     assert torch.allclose(weighted_fm_loss(v, v_ref, u, c, w), adrpo_fm_loss(v, v_ref, u, a, 2.0))
     with pytest.raises(ValueError, match="no per-sample coefficients"):
         coefficients("dpo", r, a, g, valid, cfg)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_unused_knobs_do_not_change_what_a_method_trains_on(method):
+    """What a run of ``method`` trains on (its per-sample coefficients from this iteration's rewards, or for DPO its
+    pairs) is unchanged when any knob ``unused_knobs(method)`` names changes, and changes with each knob it reads: the
+    reproduction relies on this to keep runs whose method ignores a retuned knob."""
+    r = torch.tensor([1.0, 3.0, 2.5, 2.0, 6.0, 4.0, 0.5, 7.0])
+    g = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    valid = torch.ones(8, dtype=torch.bool)
+    base = {"beta0": 1.0, "adv_scale": "group_std", "adv_clip_min": -1.0, "adv_clip_max": 1.0, "orw_tau": 0.5,
+            "orw_alpha": 1.0, "raft_fraction": 0.5, "dpo_beta": 500.0}
+    changed = {"beta0": 0.5, "adv_scale": "none", "adv_clip_min": -0.5, "adv_clip_max": 0.5, "orw_tau": 0.1,
+               "orw_alpha": 4.0, "raft_fraction": 0.25, "dpo_beta": 2000.0}
+
+    def trains_on(overrides):
+        cfg = make_config({**base, **overrides})
+        if method == "dpo":
+            return [*dpo_pairs(r, g, valid), torch.tensor(cfg.dpo_beta)]
+        advantages, _ = advantage_stats(r, g, valid, cfg)
+        return list(coefficients(method, r, advantages, g, valid, cfg))
+
+    reference = trains_on({})
+    unused = unused_knobs(method)
+    assert unused and unused < set(base)
+    for knob, value in changed.items():
+        same = all(torch.equal(x, y) for x, y in zip(trains_on({knob: value}), reference))
+        assert same == (knob in unused), (method, knob)
 
 
 @pytest.mark.parametrize("method", ["fixed_beta", "orw_cfm_w2", "raft", "dpo"])
