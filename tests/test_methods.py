@@ -115,8 +115,10 @@ def test_unused_knobs_do_not_change_what_a_method_trains_on(method):
 
     def trains_on(overrides):
         cfg = make_config({**base, **overrides})
-        if method == "dpo":
-            return [*dpo_pairs(r, g, valid), torch.tensor(cfg.dpo_beta)]
+        if method == "dpo":  # its pairs, and its loss on fixed per-pair errors
+            winners, losers, weights = dpo_pairs(r, g, valid)
+            errors = torch.tensor([[0.3, 0.5], [0.4, 0.2], [0.6, 0.1], [0.2, 0.4]])
+            return [winners, losers, weights, dpo_fm_loss(*errors, cfg.dpo_beta, weights)]
         advantages, _ = advantage_stats(r, g, valid, cfg)
         return list(coefficients(method, r, advantages, g, valid, cfg))
 
