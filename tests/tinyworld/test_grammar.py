@@ -1,11 +1,12 @@
 """Tests of the tiny-world prompt grammar and its splits."""
+import hashlib
 from pathlib import Path
 
 import pytest
 
-from sd3_adrpo.tinyworld.grammar import (CATEGORIES, COLOURS, SHAPES, Obj, Scene, all_prompts, all_scenes,
-                                         heldout_pairs, is_heldout, parse, read_prompt_file, split_sizes, splits,
-                                         variants, write_prompt_files)
+from sd3_adrpo.tinyworld.grammar import (CATEGORIES, COLOURS, SHAPES, STYLES, Obj, Scene, all_prompts, all_scenes,
+                                         heldout_pairs, parse, read_prompt_file, split_sizes, splits,
+                                         uses_heldout_pair, variants, write_prompt_files)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -100,8 +101,21 @@ def test_heldout_combinations_never_appear_in_train_of_their_category(seed):
         for scene in heldout:
             assert _combos(scene) - train_combos, f"{scene.to_text()!r} has no combination unseen in train"
     pairs = heldout_pairs(seed)
-    assert all(is_heldout(s, pairs) for s in parts["heldout"])
-    assert not any(is_heldout(s, pairs) for s in parts["train"] + parts["tune"])
+    for scene in parts["heldout"]:
+        assert uses_heldout_pair(scene, pairs) == (scene.category != "colour"), scene.to_text()
+    for scene in parts["train"] + parts["tune"]:
+        assert scene.category == "colour" or not uses_heldout_pair(scene, pairs), scene.to_text()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+def test_heldout_colour_prompts_are_new_styles_of_pairs_seen_elsewhere(seed):
+    parts = {name: [parse(t) for t in prompts] for name, prompts in splits(seed).items()}
+    colour = [s.objects[0] for s in parts["heldout"] if s.category == "colour"]
+    assert sorted(o.style for o in colour) == ["filled"] * 3 + ["outlined"] * 3
+    assert len({(o.colour, o.shape) for o in colour}) == 6
+    assert not {(o.colour, o.shape) for o in colour} & set(heldout_pairs(seed))
+    trained_pairs = {(o.colour, o.shape) for s in parts["train"] if s.category != "colour" for o in s.objects}
+    assert all((o.colour, o.shape) in trained_pairs for o in colour)
 
 
 def test_heldout_pairs_are_seen_alone_in_train():
@@ -110,14 +124,24 @@ def test_heldout_pairs_are_seen_alone_in_train():
     assert all(c in COLOURS and s in SHAPES for c, s in pairs)
     train = set(splits(0)["train"])
     for colour, shape in pairs:
-        assert Scene("colour", (Obj(shape, colour),)).to_text() in train
+        for style in STYLES:
+            assert Scene("colour", (Obj(shape, colour, style=style),)).to_text() in train
+
+
+def test_the_tune_split_is_the_one_the_rl_defaults_were_chosen_on():
+    # The colour rule changed on 2026-11-28. The tune prompts must not have moved with it, or the tuning record
+    # (results/tinyworld_tuning) would not be disjoint from held-out. sha256 of prompts/tinyworld_tune.txt as
+    # committed before the change (git show 468059d:prompts/tinyworld_tune.txt | sha256sum).
+    tune = splits(0)["tune"]
+    assert hashlib.sha256("".join(t + "\n" for t in tune).encode()).hexdigest() == "a7fd9b54e17616fa959e16049b9fc6115c10dc6b95380b44d19383df4c7237e2"
+    assert not set(tune) & set(splits(0)["heldout"])
 
 
 def test_split_sizes_match_the_splits_and_the_docstring():
     sizes = split_sizes(0)
     assert sum(sum(s.values()) for s in sizes.values()) == len(all_prompts())
     assert sizes["position"] == {"train": 670, "tune": 74, "heldout": 336}
-    assert sizes["colour"] == {"train": 30, "tune": 3, "heldout": 3}
+    assert sizes["colour"] == {"train": 27, "tune": 3, "heldout": 6}
     assert sizes["binding"] == {"train": 113, "tune": 13, "heldout": 54}
     assert sizes["counting"] == {"train": 54, "tune": 6, "heldout": 12}
 
