@@ -109,3 +109,15 @@ def test_shipped_sd3_loads_and_generates():
     assert images.std() > 5  # not blank
     # the oracle runs on generated images (the accuracy itself is measured by the build's report stage)
     assert all(isinstance(check(im, p).ok, bool) for im, p in zip(images, rollout.prompts))
+
+
+def test_category_gaps_are_measured_against_colour_in_standard_errors():
+    from sd3_adrpo.tinyworld.build import _category_gaps
+
+    report = {"per_category": {"colour": 0.8, "counting": 0.5, "position": 0.8, "binding": 0.9},
+              "n_per_category": {"colour": 100, "counting": 100, "position": 100, "binding": 100}}
+    text = _category_gaps(report)
+    # counting: 30 points below colour, s.e. sqrt(0.16/100 + 0.25/100) = 0.064 -> 4.7 s.e.
+    assert "counting +30.0 points (4.7 s.e.)" in text
+    assert "position +0.0 points (0.0 s.e.)" in text
+    assert "binding -10.0 points (-2.0 s.e.)" in text
