@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import platform
@@ -104,6 +105,29 @@ def train_argv(task: Task, args, base_cfg, out: Path) -> list[str]:
             *cli_overrides(common), *args.train_overrides, *cli_overrides(task.overrides)]
 
 
+def input_fingerprint(*paths: Optional[str]) -> dict[str, str]:
+    """sha256 of each local file or folder a run reads besides its settings (weights, configs, prompt files; model
+    cards excluded), so that a retrained base model or an edited prompt file makes an existing run stale even though
+    its path did not change. A hub id, which is not a local path, stands for itself."""
+    out = {}
+    for p in filter(None, paths):
+        path = Path(p) if Path(p).is_absolute() else ROOT / p
+        if not path.exists():
+            out[p] = "not a local path"
+            continue
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix != ".md") if path.is_dir() else [path]
+        digest = hashlib.sha256()
+        for f in files:
+            digest.update(str(f.relative_to(path)).encode() if path.is_dir() else b"")
+            digest.update(hashlib.sha256(f.read_bytes()).digest())
+        out[p] = digest.hexdigest()
+    return out
+
+
+def train_inputs(cfg: dict) -> dict[str, str]:
+    return input_fingerprint(cfg["pretrained_model"], cfg["train_prompts"], cfg["reward_model"])
+
+
 def stale_settings(task: Task, args, base_cfg, out: Path) -> list[str]:
     """Settings in which an existing run differs from what this reproduction would train (fields only another
     method reads are ignored, so tuning one baseline does not invalidate the others' runs); [] if none or no run."""
@@ -114,7 +138,11 @@ def stale_settings(task: Task, args, base_cfg, out: Path) -> list[str]:
     want = dataclasses.asdict(parse_args(train_argv(task, args, base_cfg, out)))
     # split_batches only changes how a batch is divided over processes (these runs have one): not a setting
     ignore = {"output_dir", "overwrite_output_dir", "resume_from", "split_batches"} | unused_knobs(want["method"])
-    return sorted(k for k, v in want.items() if k not in ignore and saved.get(k) != v)
+    keys = sorted(k for k, v in want.items() if k not in ignore and saved.get(k) != v)
+    recorded = out / "runs" / task.name / "inputs.json"
+    if not recorded.is_file() or json.loads(recorded.read_text()) != train_inputs(want):
+        keys.append("the files behind pretrained_model / train_prompts / reward_model (changed or not recorded)")
+    return keys
 
 
 def run_task(task: Task, args, base_cfg, out: Path) -> dict:
@@ -126,8 +154,9 @@ def run_task(task: Task, args, base_cfg, out: Path) -> dict:
         if ev.exists():  # the evaluation of an earlier, unfinished LoRA of this name
             print(f"removing {ev}: it belongs to an earlier attempt at {run_dir}")
             shutil.rmtree(ev)
-        run_logged(["train_sd3_adrpo.py", *train_argv(task, args, base_cfg, out)],
-                   out / "logs" / f"{task.name}.train.log", args.threads)
+        argv = train_argv(task, args, base_cfg, out)
+        run_logged(["train_sd3_adrpo.py", *argv], out / "logs" / f"{task.name}.train.log", args.threads)
+        atomic_write_json(run_dir / "inputs.json", train_inputs(dataclasses.asdict(parse_args(argv))))
     result = ev / "runs" / ("Base.json" if task.overrides is None else "run.json")
     cmd = ["eval/table1.py", "--base", base_cfg.pretrained_model, "--prompts", args.eval_prompts,
            "--num_prompts", str(args.eval_num_prompts), "--prompt_seed", "0", "--seeds", str(task.seed),
@@ -136,12 +165,26 @@ def run_task(task: Task, args, base_cfg, out: Path) -> dict:
            "--max_sequence_length", str(base_cfg.t5_length), "--clip", base_cfg.eval_clip_model, "--out", str(ev)]
     cmd += ["--drop_t5"] if base_cfg.drop_t5 else []
     cmd += [] if task.overrides is None else ["--run", f"run={run_dir / 'final'}", "--skip_base"]
-    stamp = ev / "command.json"
-    if not (result.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == cmd):
+    # the evaluation is redone when its command or the files behind the base model, prompts or CLIP change
+    stamp, want = ev / "command.json", {"command": cmd, "inputs": input_fingerprint(
+        base_cfg.pretrained_model, args.eval_prompts, base_cfg.eval_clip_model)}
+    if not (result.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want):
         run_logged(cmd, out / "logs" / f"{task.name}.eval.log", args.threads)
-        atomic_write_json(stamp, cmd)
+        atomic_write_json(stamp, want)
     metrics = json.loads(result.read_text())["metrics"]
     return {"metrics": {m: v["per_seed"][0] for m, v in metrics.items()}, "seconds": time.perf_counter() - t0}
+
+
+def code_commit(out: Path) -> str:
+    """HEAD's short hash, and how many tracked files outside `out` differ from it: a stamp that says 'abc1234' of a
+    run made with an edited config would be wrong."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    commit = git("rev-parse", "--short", "HEAD") or "unknown (not a git checkout)"
+    inside = out.resolve().is_relative_to(ROOT.resolve())
+    exclude = [f":(exclude){out.resolve().relative_to(ROOT.resolve())}"] if inside else []
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", *exclude).splitlines()
+    return commit + (f" with uncommitted changes to {len(changed)} tracked file(s)" if changed else "")
 
 
 def table_of(rows: dict[str, list[str]], done: dict[str, dict], notes: list[str]) -> Table:
@@ -220,11 +263,11 @@ def main(argv=None) -> None:
     first = {label: out / "runs" / names[0] for label, names in rows.items() if label != "Base"}
     plot_tradeoff({label: load_trajectory(run) for label, run in first.items()}, out / "fig3")
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout
+    commit = code_commit(out)
     command = "python benchmarks/reproduce_tinyworld.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     compute = sum(d["seconds"] for d in done.values())
     readme = [f"# Tiny-world reproduction{' (quick mode)' if args.quick else ''}", "",
-              f"Command: `{command}`  ", f"Commit: {commit.strip()}  ",
+              f"Command: `{command}`  ", f"Commit: {commit}  ",
               f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {args.jobs} run(s) at a time with "
               f"{args.threads or 'default'} torch thread(s) each  ",
               f"Wall time of this invocation: {(time.perf_counter() - t0) / 60:.1f} min; summed time of the "

@@ -34,10 +34,13 @@ def test_tinyworld_reproduction_at_reduced_size(tmp_path):
     out = tmp_path / "repro"
     tuned = tmp_path / "tuning.json"  # a sweep's choice for RAFT: it must reach RAFT's runs and no other
     tuned.write_text(json.dumps({"chosen": {"raft": {"raft_fraction": 0.5}}}))
+    held_out, train_prompts = tmp_path / "heldout.txt", tmp_path / "train.txt"
+    held_out.write_text((ROOT / "prompts/tinyworld_heldout.txt").read_text())
+    train_prompts.write_text((ROOT / "prompts/tinyworld_train.txt").read_text())
     args = [sys.executable, str(ROOT / "benchmarks/reproduce_tinyworld.py"), "--quick", "--methods", "adrpo", "raft",
             "--seeds", "0", "--jobs", "2", "--threads", "1", "--eval_num_prompts", "3", "--images_per_prompt", "2",
-            "--tuned", str(tuned), "--out", str(out), "--",
-            "--num_iterations", "2", "--prompts_per_iteration", "2",
+            "--eval_prompts", str(held_out), "--tuned", str(tuned), "--out", str(out), "--",
+            "--train_prompts", str(train_prompts), "--num_iterations", "2", "--prompts_per_iteration", "2",
             "--samples_per_prompt", "2", "--train_batch_size", "2", "--num_inference_steps", "2"]
     result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -82,6 +85,20 @@ def test_tinyworld_reproduction_at_reduced_size(tmp_path):
     assert changed.returncode != 0 and "raft_s0: raft_fraction" in changed.stderr and "1 existing run" in changed.stderr
     assert {run: f.stat().st_mtime_ns for run, f in loras.items()} == stamps
 
+    # Same path, other contents. An edited held-out file is evaluated again, nothing is retrained; an edited train
+    # file (like a retrained base model) makes every trained run stale, and the runs are refused, not overwritten.
+    tuned.write_text(json.dumps({"chosen": {"raft": {"raft_fraction": 0.5}}}))
+    evaluated = {p: p.stat().st_mtime_ns for p in (out / "eval").glob("*/command.json")}
+    held_out.write_text("".join(reversed(held_out.read_text().splitlines(keepends=True))))
+    edited = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert edited.returncode == 0, edited.stderr[-3000:]
+    assert {run: f.stat().st_mtime_ns for run, f in loras.items()} == stamps
+    assert len(evaluated) == 5 and all(p.stat().st_mtime_ns != t for p, t in evaluated.items())
+    train_prompts.write_text(train_prompts.read_text().replace("a red circle\n", ""))
+    retrained = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert retrained.returncode != 0 and "4 existing run" in retrained.stderr and "train_prompts" in retrained.stderr
+    assert {run: f.stat().st_mtime_ns for run, f in loras.items()} == stamps
+
 
 def test_tuning_sweep_picks_the_best_point_whose_oracle_does_not_fall(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -119,3 +136,30 @@ def test_tuning_sweep_loop_time_is_the_sum_of_iteration_times(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"iteration": 0, "time_total": 30.0}\n{"iteration": 1, "time_total": 90.0}\n')
     assert tune_tinyworld.loop_minutes(tmp_path) == 2.0
     assert tune_tinyworld.loop_minutes(tmp_path / "missing") is None
+
+
+def test_reproduction_stamp_names_uncommitted_changes_outside_its_output(tmp_path, monkeypatch):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import reproduce_tinyworld
+
+    repo = tmp_path / "repo"
+    (repo / "configs").mkdir(parents=True)
+    (repo / "results").mkdir()
+    (repo / "configs/tiny.yaml").write_text("beta0: 1.0\n")
+    (repo / "results/table.md").write_text("old\n")
+
+    def git(*a):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=repo, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "x")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True).stdout
+    monkeypatch.setattr(reproduce_tinyworld, "ROOT", repo)
+    out = repo / "results"
+    (out / "table.md").write_text("new\n")  # the reproduction's own output does not count
+    (repo / "untracked.txt").write_text("x")  # nor do files git does not track
+    assert reproduce_tinyworld.code_commit(out) == head.strip()
+    (repo / "configs/tiny.yaml").write_text("beta0: 0.5\n")
+    assert reproduce_tinyworld.code_commit(out) == f"{head.strip()} with uncommitted changes to 1 tracked file(s)"
