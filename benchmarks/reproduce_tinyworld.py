@@ -51,6 +51,7 @@ METHOD_LABELS = {"adrpo": "ADRPO", "fixed_beta": "Fixed beta (ablation)", "orw_c
                  "dpo": "DPO"}
 CLIP_MULTIPLES = (0.5, 1.0, 2.0)
 TUNED = "results/tinyworld_tuning/sweep/tuning.json"  # what benchmarks/tune_tinyworld.py chose on the tune split
+HEADER_FIELDS = ("Command: ", "Commit: ", "Machine: ", "Wall time of this invocation: ")
 KEEP = "<!-- written by hand below this line: kept when the script rewrites this README -->"
 
 
@@ -147,8 +148,9 @@ def stale_settings(task: Task, args, base_cfg, out: Path) -> list[str]:
 
 def run_task(task: Task, args, base_cfg, out: Path) -> dict:
     """Train (unless its LoRA exists) and evaluate (unless the same evaluation exists) one task, each in a
-    subprocess. Returns {"metrics": {metric: value at this seed}, "seconds": time spent on it by this invocation}."""
-    t0 = time.perf_counter()
+    subprocess. Returns {"metrics": {metric: value at this seed}, "seconds": time spent on it by this invocation,
+    "worked": whether it trained or evaluated anything}."""
+    t0, worked = time.perf_counter(), False
     run_dir, ev = out / "runs" / task.name, out / "eval" / task.name
     if task.overrides is not None and not (run_dir / "final" / "pytorch_lora_weights.safetensors").is_file():
         if ev.exists():  # the evaluation of an earlier, unfinished LoRA of this name
@@ -157,6 +159,7 @@ def run_task(task: Task, args, base_cfg, out: Path) -> dict:
         argv = train_argv(task, args, base_cfg, out)
         run_logged(["train_sd3_adrpo.py", *argv], out / "logs" / f"{task.name}.train.log", args.threads)
         atomic_write_json(run_dir / "inputs.json", train_inputs(dataclasses.asdict(parse_args(argv))))
+        worked = True
     result = ev / "runs" / ("Base.json" if task.overrides is None else "run.json")
     cmd = ["eval/table1.py", "--base", base_cfg.pretrained_model, "--prompts", args.eval_prompts,
            "--num_prompts", str(args.eval_num_prompts), "--prompt_seed", "0", "--seeds", str(task.seed),
@@ -171,8 +174,10 @@ def run_task(task: Task, args, base_cfg, out: Path) -> dict:
     if not (result.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want):
         run_logged(cmd, out / "logs" / f"{task.name}.eval.log", args.threads)
         atomic_write_json(stamp, want)
+        worked = True
     metrics = json.loads(result.read_text())["metrics"]
-    return {"metrics": {m: v["per_seed"][0] for m, v in metrics.items()}, "seconds": time.perf_counter() - t0}
+    return {"metrics": {m: v["per_seed"][0] for m, v in metrics.items()}, "worked": worked,
+            "seconds": time.perf_counter() - t0 if worked else 0.0}
 
 
 def code_commit(out: Path) -> str:
@@ -236,12 +241,14 @@ def main(argv=None) -> None:
                          "--out; runs are never overwritten.")
     previous = json.loads((out / "tasks.json").read_text()) if (out / "tasks.json").is_file() else {}
     done: dict[str, dict] = {}
+    worked = False
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(run_task, task, args, base_cfg, out): name for name, task in tasks.items()}
         try:
             for future in tqdm(as_completed(futures), total=len(futures), desc="runs"):
                 name = futures[future]
                 done[name] = future.result()
+                worked |= done[name].pop("worked")
                 # a resumed task's time is the sum over the invocations that worked on it
                 done[name]["seconds"] += previous.get(name, {}).get("seconds", 0.0)
                 atomic_write_json(out / "tasks.json", {**previous, **done})
@@ -266,19 +273,24 @@ def main(argv=None) -> None:
     commit = code_commit(out)
     command = "python benchmarks/reproduce_tinyworld.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     compute = sum(d["seconds"] for d in done.values())
-    readme = [f"# Tiny-world reproduction{' (quick mode)' if args.quick else ''}", "",
-              f"Command: `{command}`  ", f"Commit: {commit}  ",
+    old = (out / "README.md").read_text() if (out / "README.md").is_file() else ""
+    header = [f"Command: `{command}`  ", f"Commit: {commit}  ",
               f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {args.jobs} run(s) at a time with "
               f"{args.threads or 'default'} torch thread(s) each  ",
               f"Wall time of this invocation: {(time.perf_counter() - t0) / 60:.1f} min; summed time of the "
-              f"{len(done)} runs (training + evaluation, over every invocation): {compute / 60:.1f} min", "",
+              f"{len(done)} runs (training + evaluation, over every invocation): {compute / 60:.1f} min"]
+    previous_header = [line for line in old.splitlines() if line.startswith(HEADER_FIELDS)]
+    if not worked and len(previous_header) == len(HEADER_FIELDS):
+        # nothing was trained or evaluated: the header stays that of the invocation that did the work
+        header = previous_header + [f"Rerun on {time.strftime('%Y-%m-%d')} at commit {commit}: every run and "
+                                    "evaluation was current, nothing was trained or evaluated again."]
+    readme = [f"# Tiny-world reproduction{' (quick mode)' if args.quick else ''}", "", *header, "",
               "These are tiny-world numbers (a 64 px synthetic domain with project-trained models), not SD3 results.",
               "", "## Table 1", "", table.to_markdown()]
     if ablation:
         readme += ["## Advantage clipping (Table 3)", "", (out / "ablation.md").read_text()]
     readme += ["## Figure 3", "", f"Trajectories of the seed-{args.seeds[0]} runs.", "", "![trade-off](fig3.png)", ""]
     print("\n".join(readme))
-    old = (out / "README.md").read_text() if (out / "README.md").is_file() else ""
     if KEEP in old:  # a reading written by hand below the generated part survives a rerun
         readme += [old[old.index(KEEP):]]
     atomic_write_bytes(out / "README.md", "\n".join(readme).encode())

@@ -78,6 +78,10 @@ def test_tinyworld_reproduction_at_reduced_size(tmp_path):
     assert (out / "table1.md").read_text() == table
     rewritten = (out / "README.md").read_text()
     assert rewritten.endswith(reading) and rewritten.count(reproduce_tinyworld.KEEP) == 1 and "Commit:" in rewritten
+    # ... and its header is still that of the invocation that did the work (its wall time, not the rerun's)
+    wall = next(line for line in readme.splitlines() if line.startswith("Wall time"))
+    assert wall in rewritten.splitlines() and "nothing was trained or evaluated again" in rewritten
+    assert json.loads((out / "tasks.json").read_text()) == tasks
     # A new tuning choice changes what RAFT trains: its existing run is stale and refused up front (never
     # overwritten); the ADRPO runs do not read that knob, so they are not the ones named.
     tuned.write_text(json.dumps({"chosen": {"raft": {"raft_fraction": 0.75}}}))
@@ -94,6 +98,7 @@ def test_tinyworld_reproduction_at_reduced_size(tmp_path):
     assert edited.returncode == 0, edited.stderr[-3000:]
     assert {run: f.stat().st_mtime_ns for run, f in loras.items()} == stamps
     assert len(evaluated) == 5 and all(p.stat().st_mtime_ns != t for p, t in evaluated.items())
+    assert "nothing was trained or evaluated again" not in (out / "README.md").read_text()
     train_prompts.write_text(train_prompts.read_text().replace("a red circle\n", ""))
     retrained = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert retrained.returncode != 0 and "4 existing run" in retrained.stderr and "train_prompts" in retrained.stderr
