@@ -282,7 +282,7 @@ def main(argv=None) -> None:
     previous_header = [line for line in old.splitlines() if line.startswith(HEADER_FIELDS)]
     if not worked and len(previous_header) == len(HEADER_FIELDS):
         # nothing was trained or evaluated: the header stays that of the invocation that did the work
-        header = previous_header + [f"Rerun on {time.strftime('%Y-%m-%d')} at commit {commit}: every run and "
+        header = [line.rstrip() + "  " for line in previous_header] + [f"Rerun on {time.strftime('%Y-%m-%d')} at commit {commit}: every run and "
                                     "evaluation was current, nothing was trained or evaluated again."]
     readme = [f"# Tiny-world reproduction{' (quick mode)' if args.quick else ''}", "", *header, "",
               "These are tiny-world numbers (a 64 px synthetic domain with project-trained models), not SD3 results.",
