@@ -104,7 +104,7 @@ def stage_report(out: Path, args) -> dict:
     from .sd3 import evaluate_sd3
     from .vae import evaluate_vae
 
-    n_clip, n_sd3, n_vae = (20, 8, 16) if args.quick else (500, 800, 400)
+    n_clip, n_sd3, n_vae = (20, 8, 16) if args.quick else (500, 4000, 400)
     eval_seed = 1000 + args.seed  # fresh renders: training uses seeds >= 10**6
     start = time.time()
     clip = evaluate_clip(out / "clip", n=n_clip, seed=eval_seed)
@@ -121,8 +121,10 @@ def stage_report(out: Path, args) -> dict:
     for name, rep in (("held-out", sd3), ("train", sd3_train)):
         print(f"SD3 oracle accuracy on {name} prompts (n={rep['n']}): {rep['accuracy']:.3f}; "
               + ", ".join(f"{k} {v:.3f}" for k, v in rep["per_category"].items())
-              + "; aspects " + ", ".join(f"{k} {v:.3f}" for k, v in rep["per_aspect"].items()))
-    print(_category_gaps(sd3))
+              + "; aspects " + ", ".join(f"{k} {v:.3f}" for k, v in rep["per_aspect"].items())
+              + "; counting by number " + ", ".join(f"{k}: {v:.3f}" for k, v in rep["per_count"].items()))
+    print("Held-out: " + _category_gaps(sd3))
+    print("Train: " + _category_gaps(sd3_train))
     failures = gate_failures(clip)
     if not args.quick:
         if failures:
@@ -134,15 +136,22 @@ def stage_report(out: Path, args) -> dict:
 
 
 def _category_gaps(report: dict) -> str:
-    """How far each composition category's held-out accuracy lies below colour's, in standard errors."""
-    p, n = report["per_category"], report["n_per_category"]
+    """How far each composition category's accuracy lies below colour's, in standard errors; for counting also
+    without its one-object prompts (GenEval's counting task asks for two to four)."""
+    p, n = dict(report["per_category"]), dict(report["n_per_category"])
+    many = {k: m for k, m in report.get("n_per_count", {}).items() if k != "1"}
+    if many:
+        n["counting of 2-4 objects"] = sum(many.values())
+        p["counting of 2-4 objects"] = sum(report["per_count"][k] * m for k, m in many.items()) / sum(many.values())
     parts = []
-    for category in ("counting", "position", "binding"):
+    for category in ("counting", "counting of 2-4 objects", "position", "binding"):
+        if category not in p:
+            continue
         gap = p["colour"] - p[category]
         se = (p["colour"] * (1 - p["colour"]) / n["colour"] + p[category] * (1 - p[category]) / n[category]) ** 0.5
         parts.append(f"{category} {gap * 100:+.1f} points ({gap / se:.1f} s.e.)" if se > 0 else f"{category} "
                      f"{gap * 100:+.1f} points")
-    return "Held-out colour accuracy minus " + ", ".join(parts) + "."
+    return "colour accuracy minus " + ", ".join(parts) + "."
 
 
 def _machine() -> str:
@@ -213,7 +222,7 @@ Fraction of images whose true caption scores above a random one-attribute negati
 
 - Training command: `{clip_s.get('command', '?')}`
 - Quality figures: `{_command()}`{' (quick mode: NOT a usable model)' if args.quick else ''}
-- Machine: {_machine()} (the build machine has 2 CPU cores, no GPU; another job shared them).
+- Machine: {_machine()} (the build machine has 2 CPU cores, no GPU; training times depend on its load that day).
 - Versions: {versions}
 """)
     h, t, v = figures["sd3_heldout"], figures["sd3_train"], figures["vae"]
@@ -221,6 +230,9 @@ Fraction of images whose true caption scores above a random one-attribute negati
                      for k in h["per_category"])
     aspects = "\n".join(f"| {k} | {h['per_aspect'][k]:.3f} | {t['per_aspect'].get(k, float('nan')):.3f} |"
                         for k in h["per_aspect"])
+    counts = "\n".join(f"| {k} | {h['per_count'][k]:.3f} (n = {h['n_per_count'][k]}) | "
+                       f"{t['per_count'].get(k, float('nan')):.3f} (n = {t['n_per_count'].get(k, 0)}) |"
+                       for k in h.get("per_count", {}))
     s = sd3_s["sampler"]
     tuning = "; ".join(f"cfg {r['settings']['guidance_scale']} shift {r['settings']['shift']}: {r['accuracy']:.3f}"
                        for r in sd3_s.get("sampler_tuning", [])) or "not run"
@@ -265,7 +277,8 @@ held-out {h['accuracy']:.3f} (n = {h['n']}), train {t['accuracy']:.3f} (n = {t['
 |---|---|---|
 {rows}
 
-Target for held-out accuracy: 0.25-0.75 ({'met' if 0.25 <= h['accuracy'] <= 0.75 else 'NOT met'}). {_category_gaps(h)}
+Target for held-out accuracy: 0.25-0.75 ({'met' if 0.25 <= h['accuracy'] <= 0.75 else 'NOT met'}). Held-out:
+{_category_gaps(h)}
 Held-out prompts (`sd3_adrpo/tinyworld/grammar.py`): counting, position and binding prompts with one of three
 colour-shape pairs the generator never saw counted, placed or bound, and colour prompts with a colour-shape-style
 combination it never saw. Sampler tuning on the tune split (200 prompts each): {tuning}.
@@ -274,12 +287,16 @@ combination it never saw. Sampler tuning on the tune split (200 prompts each): {
 |---|---|---|
 {aspects}
 
+| counting prompts asking for | held-out | train |
+|---|---|---|
+{counts}
+
 ## Provenance
 
 - VAE training command: `{vae_s.get('command', '?')}`
 - Transformer training command: `{sd3_s.get('command', '?')}`
 - Quality figures: `{_command()}`{' (quick mode: NOT a usable model)' if args.quick else ''}
-- Machine: {_machine()} (the build machine has 2 CPU cores, no GPU; another job shared them).
+- Machine: {_machine()} (the build machine has 2 CPU cores, no GPU; training times depend on its load that day).
 - Versions: {versions}
 """)
 

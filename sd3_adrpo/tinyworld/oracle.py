@@ -237,8 +237,9 @@ def evaluate(images: Sequence[Image.Image | np.ndarray] | np.ndarray, prompts: S
     """Oracle accuracy over image/prompt pairs.
 
     Returns {"accuracy": float, "n": int, "per_category": {category: accuracy}, "n_per_category":
-    {category: n}, "per_aspect": {aspect: fraction of applicable images where that aspect is right}};
-    categories without images are left out.
+    {category: n}, "per_aspect": {aspect: fraction of applicable images where that aspect is right},
+    "per_count": {"1".."4": accuracy of counting images asking for that many objects}, "n_per_count": {...}};
+    categories and counts without images are left out.
     """
     if len(images) != len(prompts):
         raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; pass one prompt per image")
@@ -256,8 +257,17 @@ def evaluate(images: Sequence[Image.Image | np.ndarray] | np.ndarray, prompts: S
         values = [v for v in values if v is not None]
         if values:
             per_aspect[aspect] = float(np.mean(values))
+    # counting asks for one to four objects; a one-object prompt is a single-object test (GenEval's counting task
+    # starts at two), so the accuracy by number is reported too
+    by_count: dict[str, list[bool]] = {}
+    for prompt, r in zip(prompts, results):
+        if r.category == "counting":
+            scene = parse(prompt) if isinstance(prompt, str) else prompt
+            by_count.setdefault(str(scene.objects[0].count), []).append(r.ok)
+    per_count = {k: float(np.mean(v)) for k, v in sorted(by_count.items())}
     return {"accuracy": float(np.mean([r.ok for r in results])), "n": len(results),
-            "per_category": per_category, "n_per_category": n_per_category, "per_aspect": per_aspect}
+            "per_category": per_category, "n_per_category": n_per_category, "per_aspect": per_aspect,
+            "per_count": per_count, "n_per_count": {k: len(v) for k, v in sorted(by_count.items())}}
 
 
 def benchmark(n: int = 2000, seed: int = 2025) -> dict:

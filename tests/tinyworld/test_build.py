@@ -115,9 +115,13 @@ def test_category_gaps_are_measured_against_colour_in_standard_errors():
     from sd3_adrpo.tinyworld.build import _category_gaps
 
     report = {"per_category": {"colour": 0.8, "counting": 0.5, "position": 0.8, "binding": 0.9},
-              "n_per_category": {"colour": 100, "counting": 100, "position": 100, "binding": 100}}
+              "n_per_category": {"colour": 100, "counting": 100, "position": 100, "binding": 100},
+              # counting's 100 images: 40 one-object ones all right, then 60 of two to four objects with 10 right
+              "per_count": {"1": 1.0, "2": 0.3, "3": 0.1, "4": 0.0}, "n_per_count": {"1": 40, "2": 20, "3": 20, "4": 20}}
     text = _category_gaps(report)
     # counting: 30 points below colour, s.e. sqrt(0.16/100 + 0.25/100) = 0.064 -> 4.7 s.e.
     assert "counting +30.0 points (4.7 s.e.)" in text
+    # two to four objects: 8 of 60 right = 0.133, 66.7 points below; s.e. sqrt(0.0016 + 0.1156/60) = 0.0593 -> 11.2
+    assert "counting of 2-4 objects +66.7 points (11.2 s.e.)" in text
     assert "position +0.0 points (0.0 s.e.)" in text
     assert "binding -10.0 points (-2.0 s.e.)" in text
