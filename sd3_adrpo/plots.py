@@ -6,9 +6,12 @@ Points fade in from early (transparent) to late (solid) checkpoints; a star mark
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
+
+from sd3_adrpo.io import atomic_write_bytes
 
 
 def load_trajectory(run_dir: str | os.PathLike) -> list[dict]:
@@ -54,7 +57,11 @@ def plot_tradeoff(runs: dict[str, list[dict]], out: str | os.PathLike, reward_ke
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out.with_suffix(".png"), out.with_suffix(".pdf")]
     for p in paths:
-        fig.savefig(p, dpi=150)
+        # written whole or not at all; the PDF without its creation date, so an unchanged figure is the same file
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format=p.suffix[1:], dpi=150,
+                    metadata={"CreationDate": None} if p.suffix == ".pdf" else None)
+        atomic_write_bytes(p, buffer.getvalue())
     plt.close(fig)
     return paths
 

@@ -41,3 +41,15 @@ def test_training_records_the_trajectory_and_the_plot_renders(tiny_models, tmp_p
 def test_missing_trajectory_says_how_to_record_it(tmp_path):
     with pytest.raises(FileNotFoundError, match="--eval_every"):
         load_trajectory(tmp_path)
+
+
+def test_the_same_trajectory_gives_the_same_files(tmp_path):
+    from sd3_adrpo.plots import plot_tradeoff
+
+    rows = [{"iteration": i, "reward": 60 + i, "clip_score": 60 + i, "clip_diversity": 30 - i,
+             "w2_divergence": 1e-3 * i} for i in range(4)]
+    first = [p.read_bytes() for p in plot_tradeoff({"ADRPO": rows}, tmp_path / "a" / "fig3")]
+    second = [p.read_bytes() for p in plot_tradeoff({"ADRPO": rows}, tmp_path / "b" / "fig3")]
+    assert first == second and first[1].startswith(b"%PDF")
+    assert b"/CreationDate" not in first[1]  # a date would make every rewrite a new file
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["fig3.pdf", "fig3.png"]  # no temporary left
