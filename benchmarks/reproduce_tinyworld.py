@@ -278,12 +278,14 @@ def main(argv=None) -> None:
               f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {args.jobs} run(s) at a time with "
               f"{args.threads or 'default'} torch thread(s) each  ",
               f"Wall time of this invocation: {(time.perf_counter() - t0) / 60:.1f} min; summed time of the "
-              f"{len(done)} runs (training + evaluation, over every invocation): {compute / 60:.1f} min"]
+              f"{len(done)} runs (training + evaluation, over every invocation): {compute / 60:.1f} min  "]
     previous_header = [line for line in old.splitlines() if line.startswith(HEADER_FIELDS)]
     if not worked and len(previous_header) == len(HEADER_FIELDS):
         # nothing was trained or evaluated: the header stays that of the invocation that did the work
-        header = [line.rstrip() + "  " for line in previous_header] + [f"Rerun on {time.strftime('%Y-%m-%d')} at commit {commit}: every run and "
-                                    "evaluation was current, nothing was trained or evaluated again."]
+        # (every header line ends in a markdown line break, so the rerun line is not run into the wall time)
+        header = [line.rstrip() + "  " for line in previous_header] + [
+            f"Rerun on {time.strftime('%Y-%m-%d')} at commit {commit}: every run and evaluation was current, nothing "
+            "was trained or evaluated again."]
     readme = [f"# Tiny-world reproduction{' (quick mode)' if args.quick else ''}", "", *header, "",
               "These are tiny-world numbers (a 64 px synthetic domain with project-trained models), not SD3 results.",
               "", "## Table 1", "", table.to_markdown()]
