@@ -1,13 +1,16 @@
 """What the tiny-world sweep and reproduction scripts share: one training or evaluation as a logged subprocess (so
-several can run side by side, each with its own torch thread count), and the equal-compute rule for DPO."""
+several can run side by side, each with its own torch thread count), the equal-compute rule for DPO, and the
+fingerprint of the files a run reads, by which an existing run is found stale."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,3 +45,22 @@ def run_logged(cmd: list[str], log: Path, threads: int = 0) -> None:
     if rc != 0:
         tail = log.read_text(errors="replace")[-2000:]
         raise RuntimeError(f"{cmd[0]} failed (rc {rc}); full log: {log}\n{tail}")
+
+
+def input_fingerprint(*paths: Optional[str]) -> dict[str, str]:
+    """sha256 of each local file or folder a run reads besides its settings (weights, configs, prompt files; model
+    cards excluded), so that a retrained base model or an edited prompt file makes an existing run stale even though
+    its path did not change. A hub id, which is not a local path, stands for itself."""
+    out = {}
+    for p in filter(None, paths):
+        path = Path(p) if Path(p).is_absolute() else ROOT / p
+        if not path.exists():
+            out[p] = "not a local path"
+            continue
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix != ".md") if path.is_dir() else [path]
+        digest = hashlib.sha256()
+        for f in files:
+            digest.update(str(f.relative_to(path)).encode() if path.is_dir() else b"")
+            digest.update(hashlib.sha256(f.read_bytes()).digest())
+        out[p] = digest.hexdigest()
+    return out

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import platform
@@ -45,7 +44,7 @@ from sd3_adrpo.methods import unused_knobs  # noqa: E402
 from sd3_adrpo.plots import load_trajectory, plot_tradeoff  # noqa: E402
 from sd3_adrpo.tables import Table  # noqa: E402
 
-from _launch import cli_overrides, equal_compute_overrides, run_logged  # noqa: E402
+from _launch import cli_overrides, equal_compute_overrides, input_fingerprint, run_logged  # noqa: E402
 
 METHOD_LABELS = {"adrpo": "ADRPO", "fixed_beta": "Fixed beta (ablation)", "orw_cfm_w2": "ORW-CFM-W2", "raft": "RAFT",
                  "dpo": "DPO"}
@@ -104,25 +103,6 @@ def train_argv(task: Task, args, base_cfg, out: Path) -> list[str]:
               "final_eval_prompts": None, "sample_every": 0, "checkpoint_every": 0}
     return ["--config", args.config, "--output_dir", str(out / "runs" / task.name), "--overwrite_output_dir", "true",
             *cli_overrides(common), *args.train_overrides, *cli_overrides(task.overrides)]
-
-
-def input_fingerprint(*paths: Optional[str]) -> dict[str, str]:
-    """sha256 of each local file or folder a run reads besides its settings (weights, configs, prompt files; model
-    cards excluded), so that a retrained base model or an edited prompt file makes an existing run stale even though
-    its path did not change. A hub id, which is not a local path, stands for itself."""
-    out = {}
-    for p in filter(None, paths):
-        path = Path(p) if Path(p).is_absolute() else ROOT / p
-        if not path.exists():
-            out[p] = "not a local path"
-            continue
-        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix != ".md") if path.is_dir() else [path]
-        digest = hashlib.sha256()
-        for f in files:
-            digest.update(str(f.relative_to(path)).encode() if path.is_dir() else b"")
-            digest.update(hashlib.sha256(f.read_bytes()).digest())
-        out[p] = digest.hexdigest()
-    return out
 
 
 def train_inputs(cfg: dict) -> dict[str, str]:

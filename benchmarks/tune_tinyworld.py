@@ -9,12 +9,15 @@ before/after evaluation moved to ``prompts/tinyworld_tune.txt``. A run's score i
 on the tune prompts (same seeds); a grid point qualifies only when the upper end of its oracle-accuracy interval is
 >= 0 (accuracy not down beyond noise). The best qualifying point per method is the recommended default.
 Writes ``runs/<method>/<point>/`` (each a normal run folder), ``tuning.json`` and ``tuning.md`` under --out.
-Runs whose summary.json exists are not repeated, so an interrupted sweep resumes.
+Runs whose summary.json exists are not repeated, so an interrupted sweep resumes; a finished run trained with other
+settings, or on other files behind the same paths (a rebuilt tiny world, an edited prompt file), is refused before
+anything starts, never reused or overwritten.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -29,9 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from sd3_adrpo.config import parse_args  # noqa: E402
-from sd3_adrpo.io import atomic_write_bytes  # noqa: E402
+from sd3_adrpo.io import atomic_write_bytes, atomic_write_json  # noqa: E402
+from sd3_adrpo.methods import unused_knobs  # noqa: E402
 
-from _launch import cli_overrides, equal_compute_overrides, run_logged  # noqa: E402
+from _launch import cli_overrides, equal_compute_overrides, input_fingerprint, run_logged  # noqa: E402
 
 # One knob (or the pair the issue names) per method, three or four points each. ADRPO's advantages are group-normalised
 # (configs/tiny.yaml: adv_scale group_std, clip +-2 beta0), so beta0 moves the clip with it; its other knobs were
@@ -47,23 +51,55 @@ GRIDS: dict[str, list[dict]] = {
     "dpo": [{"dpo_beta": b} for b in (125.0, 500.0, 2000.0, 8000.0)],
 }
 TUNE_PROMPTS = "prompts/tinyworld_tune.txt"
+RECORD = "sweep_inputs.json"  # in each run folder: run_record() of the command that trained it
 
 
 def point_name(point: dict) -> str:
     return "_".join(f"{k}={v}" for k, v in point.items())
 
 
+def run_argv(method: str, point: dict, args, out: Path) -> list[str]:
+    """The training command line of one grid point: the main job with its final evaluation on the tune split, the
+    user's overrides, then the method's equal-compute setting and the point itself."""
+    cfg = parse_args(["--config", args.config, *args.train_overrides])
+    return ["--config", args.config, "--method", method, "--output_dir", str(out), "--overwrite_output_dir", "true",
+            "--final_eval_prompts", TUNE_PROMPTS, "--final_eval_num_prompts", str(args.eval_num_prompts),
+            "--eval_prompts", TUNE_PROMPTS, "--checkpoint_every", "0", "--sample_every", "0", *args.train_overrides,
+            *cli_overrides({**equal_compute_overrides(method, cfg), **point})]
+
+
+def run_record(argv: list[str]) -> dict:
+    """What a run's result depends on: its settings as parsed (where it is written, and knobs only other methods read,
+    aside) and the sha256 of the files behind its model, prompts and reward."""
+    cfg = dataclasses.asdict(parse_args(argv))
+    ignore = {"output_dir", "overwrite_output_dir", "resume_from"} | unused_knobs(cfg["method"])
+    settings = {k: v for k, v in cfg.items() if k not in ignore}
+    inputs = input_fingerprint(cfg["pretrained_model"], cfg["train_prompts"], cfg["reward_model"], TUNE_PROMPTS)
+    return json.loads(json.dumps({"settings": settings, "inputs": inputs}))  # as it reads back from disk
+
+
+def stale_reason(run: Path, argv: list[str]) -> str:
+    """Why a finished run (one with summary.json) is not what ``argv`` would train; "" if it is, or if it is not
+    finished (an unfinished run is simply trained again)."""
+    if not (run / "summary.json").is_file():
+        return ""
+    if not (run / RECORD).is_file():
+        return f"{run.parent.name}/{run.name}: no {RECORD} (trained before the sweep recorded its inputs)"
+    saved, want = json.loads((run / RECORD).read_text()), run_record(argv)
+    keys = sorted(k for k in want["settings"].keys() | saved["settings"].keys()
+                  if saved["settings"].get(k) != want["settings"].get(k))
+    keys += [f"the file(s) behind {p}" for p in want["inputs"] if saved["inputs"].get(p) != want["inputs"][p]]
+    return f"{run.parent.name}/{run.name}: {', '.join(keys)}" if keys else ""
+
+
 def run_point(method: str, point: dict, args, out: Path) -> dict:
-    """Train one grid point in a subprocess (``args.threads`` torch threads) and return its summary metrics."""
+    """Train one grid point in a subprocess (``args.threads`` torch threads), unless it is already finished, and
+    return its summary metrics."""
     summary = out / "summary.json"
     if not summary.is_file():
-        cfg = parse_args(["--config", args.config, *args.train_overrides])
-        cmd = ["train_sd3_adrpo.py", "--config", args.config, "--method", method, "--output_dir", str(out),
-               "--overwrite_output_dir", "true", "--final_eval_prompts", TUNE_PROMPTS, "--final_eval_num_prompts",
-               str(args.eval_num_prompts), "--eval_prompts", TUNE_PROMPTS, "--checkpoint_every", "0",
-               "--sample_every", "0", *args.train_overrides,
-               *cli_overrides({**equal_compute_overrides(method, cfg), **point})]
-        run_logged(cmd, out.parent / f"{out.name}.log", args.threads)
+        argv = run_argv(method, point, args, out)
+        atomic_write_json(out / RECORD, run_record(argv))
+        run_logged(["train_sd3_adrpo.py", *argv], out.parent / f"{out.name}.log", args.threads)
     return json.loads(summary.read_text())["metrics"]
 
 
@@ -140,6 +176,14 @@ def main(argv=None) -> None:
                                  text=True).stdout.strip() or "unknown"
     out = Path(args.out)
     jobs = [(m, p) for m in args.methods for p in GRIDS[m]]
+    stale = []
+    for m, p in jobs:  # checked for every run before any starts
+        run = out / "runs" / m / point_name(p)
+        stale += filter(None, [stale_reason(run, run_argv(m, p, args, run))])
+    if stale:
+        raise SystemExit(f"error: {len(stale)} finished run(s) under {out / 'runs'} were trained with other settings or "
+                         f"inputs than this command would use (e.g. {stale[0]}). Delete them or pass another --out; "
+                         "runs are never overwritten.")
     start = time.time()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         metrics = list(pool.map(lambda j: run_point(j[0], j[1], args, out / "runs" / j[0] / point_name(j[1])), jobs))

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,6 +133,53 @@ def test_tuning_sweep_picks_the_best_point_whose_oracle_does_not_fall(tmp_path):
     report = (tmp_path / "tuning.md").read_text()
     assert "| adrpo | **beta0=4.0** |" in report and "| dpo | **dpo_beta=2000.0** (oracle falls) |" in report
     assert "+0.50 [-1.00, +2.00]" in report and "+9.00" not in report  # the cosine variant, as the runs' default
+
+
+def test_tuning_sweep_reuses_a_finished_run_only_when_its_settings_and_files_are_the_same(tmp_path, monkeypatch):
+    """The sweep's bookkeeping, with training replaced by a stand-in that writes a run's summary: a rerun reuses
+    finished runs; other settings, or other contents behind the same train-prompt path (as after a rebuild), or a run
+    with no record are refused before anything trains, and the existing runs are left as they are."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import tune_tinyworld
+
+    trained = []
+
+    def fake_train(cmd, log, threads=0):
+        out = Path(cmd[cmd.index("--output_dir") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        gain = {"diff": 1.0, "ci_low": 0.5, "ci_high": 1.5}
+        (out / "summary.json").write_text(json.dumps({"metrics": {
+            "clip_score": gain, "clip_diversity_default": "cosine", "clip_diversity_cosine": gain,
+            "oracle_accuracy": gain}}))
+        trained.append(out.name)
+
+    monkeypatch.setattr(tune_tinyworld, "run_logged", fake_train)
+    monkeypatch.setattr(tune_tinyworld, "GRIDS", {"raft": [{"raft_fraction": 0.25}, {"raft_fraction": 0.5}]})
+    prompts = tmp_path / "train.txt"
+    prompts.write_text((ROOT / "prompts/tinyworld_train.txt").read_text())
+    out = tmp_path / "sweep"
+
+    def sweep(*overrides):
+        tune_tinyworld.main(["--out", str(out), "--train_overrides", "--train_prompts", str(prompts), *overrides])
+
+    sweep("--num_iterations", "2")
+    assert sorted(trained) == ["raft_fraction=0.25", "raft_fraction=0.5"]
+    assert json.loads((out / "tuning.json").read_text())["chosen"] == {"raft": {"raft_fraction": 0.25}}
+    sweep("--num_iterations", "2")  # the same command: nothing trains again
+    assert len(trained) == 2
+    summaries = {p: p.stat().st_mtime_ns for p in out.glob("runs/raft/*/summary.json")}
+
+    with pytest.raises(SystemExit, match=r"2 finished run\(s\).*num_iterations"):
+        sweep("--num_iterations", "3")
+    prompts.write_text(prompts.read_text().replace("a red circle\n", ""))
+    with pytest.raises(SystemExit, match=rf"2 finished run\(s\).*the file\(s\) behind {prompts}"):
+        sweep("--num_iterations", "2")
+    prompts.write_text((ROOT / "prompts/tinyworld_train.txt").read_text())
+    sweep("--num_iterations", "2")  # the original file again: current again
+    (out / "runs/raft/raft_fraction=0.5" / tune_tinyworld.RECORD).unlink()
+    with pytest.raises(SystemExit, match=r"1 finished run\(s\).*raft/raft_fraction=0.5: no sweep_inputs.json"):
+        sweep("--num_iterations", "2")
+    assert len(trained) == 2 and {p: p.stat().st_mtime_ns for p in summaries} == summaries
 
 
 def test_tuning_sweep_loop_time_is_the_sum_of_iteration_times(tmp_path):
