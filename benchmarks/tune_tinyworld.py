@@ -98,8 +98,10 @@ def run_point(method: str, point: dict, args, out: Path) -> dict:
     summary = out / "summary.json"
     if not summary.is_file():
         argv = run_argv(method, point, args, out)
-        atomic_write_json(out / RECORD, run_record(argv))
+        record = run_record(argv)  # the inputs as training starts
         run_logged(["train_sd3_adrpo.py", *argv], out.parent / f"{out.name}.log", args.threads)
+        # written once training has finished: the trainer empties `out` first (--overwrite_output_dir true)
+        atomic_write_json(out / RECORD, record)
     return json.loads(summary.read_text())["metrics"]
 
 

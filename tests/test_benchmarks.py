@@ -1,6 +1,7 @@
 """The benchmarks' smoke modes (their numbers mean nothing on CPU; the scripts must keep working)."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -146,7 +147,9 @@ def test_tuning_sweep_reuses_a_finished_run_only_when_its_settings_and_files_are
 
     def fake_train(cmd, log, threads=0):
         out = Path(cmd[cmd.index("--output_dir") + 1])
-        out.mkdir(parents=True, exist_ok=True)
+        assert cmd[cmd.index("--overwrite_output_dir") + 1] == "true"
+        shutil.rmtree(out, ignore_errors=True)  # as the trainer does with --overwrite_output_dir true
+        out.mkdir(parents=True)
         gain = {"diff": 1.0, "ci_low": 0.5, "ci_high": 1.5}
         (out / "summary.json").write_text(json.dumps({"metrics": {
             "clip_score": gain, "clip_diversity_default": "cosine", "clip_diversity_cosine": gain,
