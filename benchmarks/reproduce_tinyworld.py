@@ -49,7 +49,7 @@ from _launch import cli_overrides, equal_compute_overrides, input_fingerprint, r
 METHOD_LABELS = {"adrpo": "ADRPO", "fixed_beta": "Fixed beta (ablation)", "orw_cfm_w2": "ORW-CFM-W2", "raft": "RAFT",
                  "dpo": "DPO"}
 CLIP_MULTIPLES = (0.5, 1.0, 2.0)
-TUNED = "results/tinyworld_tuning/sweep/tuning.json"  # what benchmarks/tune_tinyworld.py chose on the tune split
+TUNED = "results/tinyworld_tuning/sweep_v2/tuning.json"  # what benchmarks/tune_tinyworld.py chose on the tune split
 HEADER_FIELDS = ("Command: ", "Commit: ", "Machine: ", "Wall time of this invocation: ")
 KEEP = "<!-- written by hand below this line: kept when the script rewrites this README -->"
 
@@ -129,8 +129,8 @@ def stale_settings(task: Task, args, base_cfg, out: Path) -> list[str]:
 def run_task(task: Task, args, base_cfg, out: Path) -> dict:
     """Train (unless its LoRA exists) and evaluate (unless the same evaluation exists) one task, each in a
     subprocess. Returns {"metrics": {metric: value at this seed}, "seconds": time spent on it by this invocation,
-    "worked": whether it trained or evaluated anything}."""
-    t0, worked = time.perf_counter(), False
+    "worked": whether it trained or evaluated anything, "trained": whether it trained}."""
+    t0, worked, trained = time.perf_counter(), False, False
     run_dir, ev = out / "runs" / task.name, out / "eval" / task.name
     if task.overrides is not None and not (run_dir / "final" / "pytorch_lora_weights.safetensors").is_file():
         if ev.exists():  # the evaluation of an earlier, unfinished LoRA of this name
@@ -139,7 +139,7 @@ def run_task(task: Task, args, base_cfg, out: Path) -> dict:
         argv = train_argv(task, args, base_cfg, out)
         run_logged(["train_sd3_adrpo.py", *argv], out / "logs" / f"{task.name}.train.log", args.threads)
         atomic_write_json(run_dir / "inputs.json", train_inputs(dataclasses.asdict(parse_args(argv))))
-        worked = True
+        worked = trained = True
     result = ev / "runs" / ("Base.json" if task.overrides is None else "run.json")
     cmd = ["eval/table1.py", "--base", base_cfg.pretrained_model, "--prompts", args.eval_prompts,
            "--num_prompts", str(args.eval_num_prompts), "--prompt_seed", "0", "--seeds", str(task.seed),
@@ -156,7 +156,7 @@ def run_task(task: Task, args, base_cfg, out: Path) -> dict:
         atomic_write_json(stamp, want)
         worked = True
     metrics = json.loads(result.read_text())["metrics"]
-    return {"metrics": {m: v["per_seed"][0] for m, v in metrics.items()}, "worked": worked,
+    return {"metrics": {m: v["per_seed"][0] for m, v in metrics.items()}, "worked": worked, "trained": trained,
             "seconds": time.perf_counter() - t0 if worked else 0.0}
 
 
@@ -229,8 +229,10 @@ def main(argv=None) -> None:
                 name = futures[future]
                 done[name] = future.result()
                 worked |= done[name].pop("worked")
-                # a resumed task's time is the sum over the invocations that worked on it
-                done[name]["seconds"] += previous.get(name, {}).get("seconds", 0.0)
+                # a resumed task's time is the sum over the invocations that worked on it; a run trained (again)
+                # from scratch starts its count afresh: the earlier run's training and evaluation were discarded
+                if not done[name].pop("trained"):
+                    done[name]["seconds"] += previous.get(name, {}).get("seconds", 0.0)
                 atomic_write_json(out / "tasks.json", {**previous, **done})
         except BaseException:
             for f in futures:  # stop what has not started; the runs under way finish (and are kept) first

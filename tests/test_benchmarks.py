@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -105,6 +106,22 @@ def test_tinyworld_reproduction_at_reduced_size(tmp_path):
     retrained = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert retrained.returncode != 0 and "4 existing run" in retrained.stderr and "train_prompts" in retrained.stderr
     assert {run: f.stat().st_mtime_ns for run, f in loras.items()} == stamps
+
+    # A stale run deleted, as the error says, is trained again with the new choice, and only it; its time is that of
+    # this invocation, not added to the discarded run's.
+    train_prompts.write_text((ROOT / "prompts/tinyworld_train.txt").read_text())
+    tuned.write_text(json.dumps({"chosen": {"raft": {"raft_fraction": 0.75}}}))
+    shutil.rmtree(out / "runs" / "raft_s0")
+    before = json.loads((out / "tasks.json").read_text())
+    t0 = time.perf_counter()
+    redone = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    wall = time.perf_counter() - t0
+    assert redone.returncode == 0, redone.stderr[-3000:]
+    after = json.loads((out / "tasks.json").read_text())
+    assert 0 < after["raft_s0"]["seconds"] <= wall and after["adrpo_s0"] == before["adrpo_s0"]
+    assert yaml.safe_load((loras["raft_s0"].parent / "config.yaml").read_text())["raft_fraction"] == 0.75
+    assert {run: f.stat().st_mtime_ns for run, f in loras.items() if run != "raft_s0"} == \
+        {run: t for run, t in stamps.items() if run != "raft_s0"}
 
 
 def test_tuning_sweep_picks_the_best_point_whose_oracle_does_not_fall(tmp_path):
