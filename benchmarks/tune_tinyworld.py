@@ -177,20 +177,18 @@ def main(argv=None) -> None:
     args.commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                  text=True).stdout.strip() or "unknown"
     out = Path(args.out)
-    jobs = [(m, p) for m in args.methods for p in GRIDS[m]]
-    stale = []
-    for m, p in jobs:  # checked for every run before any starts
-        run = out / "runs" / m / point_name(p)
-        stale += filter(None, [stale_reason(run, run_argv(m, p, args, run))])
+    jobs = [(m, p, out / "runs" / m / point_name(p)) for m in args.methods for p in GRIDS[m]]
+    # every run is checked before any starts
+    stale = [reason for m, p, run in jobs if (reason := stale_reason(run, run_argv(m, p, args, run)))]
     if stale:
         raise SystemExit(f"error: {len(stale)} finished run(s) under {out / 'runs'} were trained with other settings or "
                          f"inputs than this command would use (e.g. {stale[0]}). Delete them or pass another --out; "
                          "runs are never overwritten.")
     start = time.time()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        metrics = list(pool.map(lambda j: run_point(j[0], j[1], args, out / "runs" / j[0] / point_name(j[1])), jobs))
-    results = [{"method": m, "point": p, "metrics": x, "loop_minutes": loop_minutes(out / "runs" / m / point_name(p))}
-               for (m, p), x in zip(jobs, metrics)]
+        metrics = list(pool.map(lambda job: run_point(job[0], job[1], args, job[2]), jobs))
+    results = [{"method": m, "point": p, "metrics": x, "loop_minutes": loop_minutes(run)}
+               for (m, p, run), x in zip(jobs, metrics)]
     write_report(results, args, out, time.time() - start)
 
 
