@@ -125,3 +125,21 @@ def test_category_gaps_are_measured_against_colour_in_standard_errors():
     assert "counting of 2-4 objects +66.7 points (11.2 s.e.)" in text
     assert "position +0.0 points (0.0 s.e.)" in text
     assert "binding -10.0 points (-2.0 s.e.)" in text
+
+
+def test_composition_target_needs_counting_of_several_objects_position_and_binding_clearly_below_colour():
+    from sd3_adrpo.tinyworld.build import _composition_target
+
+    n = {"colour": 1000, "counting": 1000, "position": 1000, "binding": 1000}
+    # counting as a whole is 2.5 points above colour, but its 750 images of two to four objects are at 0.5
+    # (the 250 one-object ones all right): 10 points below colour, s.e. sqrt(0.24/1000 + 0.25/750) = 0.024 -> 4.2
+    report = {"per_category": {"colour": 0.6, "counting": 0.625, "position": 0.2, "binding": 0.3},
+              "n_per_category": n, "per_count": {"1": 1.0, "2": 0.7, "3": 0.5, "4": 0.3},
+              "n_per_count": {"1": 250, "2": 250, "3": 250, "4": 250}}
+    assert _composition_target(report).endswith(": met.")
+    # binding 2 points below colour, s.e. about 0.022: 0.9 s.e., not clearly lower
+    assert _composition_target({**report, "per_category": {**report["per_category"], "binding": 0.58}}
+                               ).endswith("NOT met (binding).")
+    # without a count breakdown there is no two-to-four figure, so the target cannot be judged as met
+    no_counts = {k: v for k, v in report.items() if not k.endswith("per_count")}
+    assert "NOT met (counting of 2-4 objects)" in _composition_target(no_counts)
