@@ -1,9 +1,10 @@
 """What the tiny-world sweep and reproduction scripts share: one training or evaluation as a logged subprocess (so
-several can run side by side, each with its own torch thread count), the equal-compute rule for DPO, and the
-fingerprint of the files a run reads, by which an existing run is found stale."""
+several can run side by side, each with its own torch thread count), the equal-compute rule for DPO, and how an
+existing run is found stale: its saved settings compared with a command's, and the fingerprint of the files it read."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -12,7 +13,16 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import yaml
+
+from sd3_adrpo.config import parse_args
+from sd3_adrpo.methods import unused_knobs
+
 ROOT = Path(__file__).resolve().parents[1]
+
+# where a run is written, whether it may replace a folder, what it resumes from and how a batch is divided over
+# processes: none of them changes what the run learns
+NOT_LEARNING_SETTINGS = {"output_dir", "overwrite_output_dir", "resume_from", "split_batches"}
 
 
 def cli_overrides(overrides: dict) -> list[str]:
@@ -45,6 +55,16 @@ def run_logged(cmd: list[str], log: Path, threads: int = 0) -> None:
     if rc != 0:
         tail = log.read_text(errors="replace")[-2000:]
         raise RuntimeError(f"{cmd[0]} failed (rc {rc}); full log: {log}\n{tail}")
+
+
+def changed_settings(saved_config: Path, argv: list[str]) -> list[str]:
+    """The settings in which the run whose trainer wrote ``saved_config`` (its config.yaml) differs from what
+    ``train_sd3_adrpo.py argv`` would train, sorted; fields only another method reads are ignored, so that tuning
+    one baseline does not make the other methods' runs stale."""
+    saved = yaml.safe_load(saved_config.read_text())
+    want = dataclasses.asdict(parse_args(argv))
+    ignore = NOT_LEARNING_SETTINGS | unused_knobs(want["method"])
+    return sorted(k for k in want.keys() | saved.keys() if k not in ignore and saved.get(k) != want.get(k))
 
 
 def input_fingerprint(*paths: Optional[str]) -> dict[str, str]:

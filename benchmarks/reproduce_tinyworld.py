@@ -18,7 +18,6 @@ resumes. Writes under --out: runs/, eval/, logs/, table1.{md,csv,tex}, ablation.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -32,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-import yaml
 from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,11 +38,10 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from sd3_adrpo.config import parse_args  # noqa: E402
 from sd3_adrpo.io import atomic_write_bytes, atomic_write_json  # noqa: E402
-from sd3_adrpo.methods import unused_knobs  # noqa: E402
 from sd3_adrpo.plots import load_trajectory, plot_tradeoff  # noqa: E402
 from sd3_adrpo.tables import Table  # noqa: E402
 
-from _launch import cli_overrides, equal_compute_overrides, input_fingerprint, run_logged  # noqa: E402
+from _launch import changed_settings, cli_overrides, equal_compute_overrides, input_fingerprint, run_logged  # noqa: E402
 
 METHOD_LABELS = {"adrpo": "ADRPO", "fixed_beta": "Fixed beta (ablation)", "orw_cfm_w2": "ORW-CFM-W2", "raft": "RAFT",
                  "dpo": "DPO"}
@@ -105,8 +102,10 @@ def train_argv(task: Task, args, base_cfg, out: Path) -> list[str]:
             *cli_overrides(common), *args.train_overrides, *cli_overrides(task.overrides)]
 
 
-def train_inputs(cfg: dict) -> dict[str, str]:
-    return input_fingerprint(cfg["pretrained_model"], cfg["train_prompts"], cfg["reward_model"])
+def train_inputs(argv: list[str]) -> dict[str, str]:
+    """The sha256 of the files behind a run's model, prompts and reward (its settings are in its config.yaml)."""
+    cfg = parse_args(argv)
+    return input_fingerprint(cfg.pretrained_model, cfg.train_prompts, cfg.reward_model)
 
 
 def stale_settings(task: Task, args, base_cfg, out: Path) -> list[str]:
@@ -115,13 +114,10 @@ def stale_settings(task: Task, args, base_cfg, out: Path) -> list[str]:
     saved_path = out / "runs" / task.name / "final" / "config.yaml"
     if task.overrides is None or not saved_path.is_file():
         return []
-    saved = yaml.safe_load(saved_path.read_text())
-    want = dataclasses.asdict(parse_args(train_argv(task, args, base_cfg, out)))
-    # split_batches only changes how a batch is divided over processes (these runs have one): not a setting
-    ignore = {"output_dir", "overwrite_output_dir", "resume_from", "split_batches"} | unused_knobs(want["method"])
-    keys = sorted(k for k, v in want.items() if k not in ignore and saved.get(k) != v)
+    argv = train_argv(task, args, base_cfg, out)
+    keys = changed_settings(saved_path, argv)
     recorded = out / "runs" / task.name / "inputs.json"
-    if not recorded.is_file() or json.loads(recorded.read_text()) != train_inputs(want):
+    if not recorded.is_file() or json.loads(recorded.read_text()) != train_inputs(argv):
         keys.append("the files behind pretrained_model / train_prompts / reward_model (changed or not recorded)")
     return keys
 
@@ -138,7 +134,7 @@ def run_task(task: Task, args, base_cfg, out: Path) -> dict:
             shutil.rmtree(ev)
         argv = train_argv(task, args, base_cfg, out)
         run_logged(["train_sd3_adrpo.py", *argv], out / "logs" / f"{task.name}.train.log", args.threads)
-        atomic_write_json(run_dir / "inputs.json", train_inputs(dataclasses.asdict(parse_args(argv))))
+        atomic_write_json(run_dir / "inputs.json", train_inputs(argv))
         worked = trained = True
     result = ev / "runs" / ("Base.json" if task.overrides is None else "run.json")
     cmd = ["eval/table1.py", "--base", base_cfg.pretrained_model, "--prompts", args.eval_prompts,

@@ -17,7 +17,6 @@ anything starts, never reused or overwritten.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -33,9 +32,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from sd3_adrpo.config import parse_args  # noqa: E402
 from sd3_adrpo.io import atomic_write_bytes, atomic_write_json  # noqa: E402
-from sd3_adrpo.methods import unused_knobs  # noqa: E402
 
-from _launch import cli_overrides, equal_compute_overrides, input_fingerprint, run_logged  # noqa: E402
+from _launch import changed_settings, cli_overrides, equal_compute_overrides, input_fingerprint, run_logged  # noqa: E402
 
 # One knob (or the pair the issue names) per method, three or four points each. ADRPO's advantages are group-normalised
 # (configs/tiny.yaml: adv_scale group_std, clip +-2 beta0), so beta0 moves the clip with it; its other knobs were
@@ -51,7 +49,7 @@ GRIDS: dict[str, list[dict]] = {
     "dpo": [{"dpo_beta": b} for b in (125.0, 500.0, 2000.0, 8000.0)],
 }
 TUNE_PROMPTS = "prompts/tinyworld_tune.txt"
-RECORD = "sweep_inputs.json"  # in each run folder: run_record() of the command that trained it
+RECORD = "sweep_inputs.json"  # in each run folder: run_inputs() as the run was trained (its settings: config.yaml)
 
 
 def point_name(point: dict) -> str:
@@ -68,14 +66,10 @@ def run_argv(method: str, point: dict, args, out: Path) -> list[str]:
             *cli_overrides({**equal_compute_overrides(method, cfg), **point})]
 
 
-def run_record(argv: list[str]) -> dict:
-    """What a run's result depends on: its settings as parsed (where it is written, and knobs only other methods read,
-    aside) and the sha256 of the files behind its model, prompts and reward."""
-    cfg = dataclasses.asdict(parse_args(argv))
-    ignore = {"output_dir", "overwrite_output_dir", "resume_from"} | unused_knobs(cfg["method"])
-    settings = {k: v for k, v in cfg.items() if k not in ignore}
-    inputs = input_fingerprint(cfg["pretrained_model"], cfg["train_prompts"], cfg["reward_model"], TUNE_PROMPTS)
-    return json.loads(json.dumps({"settings": settings, "inputs": inputs}))  # as it reads back from disk
+def run_inputs(argv: list[str]) -> dict[str, str]:
+    """The sha256 of the files behind a run's model, prompts and reward (its settings are in its own config.yaml)."""
+    cfg = parse_args(argv)
+    return input_fingerprint(cfg.pretrained_model, cfg.train_prompts, cfg.reward_model, TUNE_PROMPTS)
 
 
 def stale_reason(run: Path, argv: list[str]) -> str:
@@ -83,12 +77,12 @@ def stale_reason(run: Path, argv: list[str]) -> str:
     finished (an unfinished run is simply trained again)."""
     if not (run / "summary.json").is_file():
         return ""
-    if not (run / RECORD).is_file():
-        return f"{run.parent.name}/{run.name}: no {RECORD} (trained before the sweep recorded its inputs)"
-    saved, want = json.loads((run / RECORD).read_text()), run_record(argv)
-    keys = sorted(k for k in want["settings"].keys() | saved["settings"].keys()
-                  if saved["settings"].get(k) != want["settings"].get(k))
-    keys += [f"the file(s) behind {p}" for p in want["inputs"] if saved["inputs"].get(p) != want["inputs"][p]]
+    missing = [f for f in ("config.yaml", RECORD) if not (run / f).is_file()]
+    if missing:
+        return f"{run.parent.name}/{run.name}: no {' or '.join(missing)} (trained before the sweep recorded its inputs)"
+    saved, want = json.loads((run / RECORD).read_text()), run_inputs(argv)
+    keys = changed_settings(run / "config.yaml", argv)
+    keys += [f"the file(s) behind {p}" for p in want if saved.get(p) != want[p]]
     return f"{run.parent.name}/{run.name}: {', '.join(keys)}" if keys else ""
 
 
@@ -98,10 +92,10 @@ def run_point(method: str, point: dict, args, out: Path) -> dict:
     summary = out / "summary.json"
     if not summary.is_file():
         argv = run_argv(method, point, args, out)
-        record = run_record(argv)  # the inputs as training starts
+        inputs = run_inputs(argv)  # as training starts
         run_logged(["train_sd3_adrpo.py", *argv], out.parent / f"{out.name}.log", args.threads)
         # written once training has finished: the trainer empties `out` first (--overwrite_output_dir true)
-        atomic_write_json(out / RECORD, record)
+        atomic_write_json(out / RECORD, inputs)
     return json.loads(summary.read_text())["metrics"]
 
 

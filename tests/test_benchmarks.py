@@ -1,5 +1,6 @@
 """The benchmarks' smoke modes (their numbers mean nothing on CPU; the scripts must keep working)."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -10,6 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+
+from sd3_adrpo.config import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,6 +170,8 @@ def test_tuning_sweep_reuses_a_finished_run_only_when_its_settings_and_files_are
         assert cmd[cmd.index("--overwrite_output_dir") + 1] == "true"
         shutil.rmtree(out, ignore_errors=True)  # as the trainer does with --overwrite_output_dir true
         out.mkdir(parents=True)
+        # the trainer saves the settings it parsed from its command line
+        (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(parse_args(cmd[1:])), sort_keys=False))
         gain = {"diff": 1.0, "ci_low": 0.5, "ci_high": 1.5}
         (out / "summary.json").write_text(json.dumps({"metrics": {
             "clip_score": gain, "clip_diversity_default": "cosine", "clip_diversity_cosine": gain,
@@ -198,6 +203,9 @@ def test_tuning_sweep_reuses_a_finished_run_only_when_its_settings_and_files_are
     sweep("--num_iterations", "2")  # the original file again: current again
     (out / "runs/raft/raft_fraction=0.5" / tune_tinyworld.RECORD).unlink()
     with pytest.raises(SystemExit, match=r"1 finished run\(s\).*raft/raft_fraction=0.5: no sweep_inputs.json"):
+        sweep("--num_iterations", "2")
+    (out / "runs/raft/raft_fraction=0.25/config.yaml").unlink()
+    with pytest.raises(SystemExit, match=r"2 finished run\(s\).*raft/raft_fraction=0.25: no config.yaml \("):
         sweep("--num_iterations", "2")
     assert len(trained) == 2 and {p: p.stat().st_mtime_ns for p in summaries} == summaries
 
