@@ -3,12 +3,16 @@
 
     python benchmarks/tune_tinyworld.py --out results/tinyworld_tuning --jobs 2     # every method's grid
     python benchmarks/tune_tinyworld.py --methods adrpo --out results/tinyworld_tuning
+    python benchmarks/tune_tinyworld.py --methods adrpo --seeds 0 1 2 --out ...      # each point at three seeds
 
 Every run is the main job (``--config``, default configs/tiny.yaml) with one grid point's overrides and its final
 before/after evaluation moved to ``prompts/tinyworld_tune.txt``. A run's score is its ClipScore gain over the base
 on the tune prompts (same seeds); a grid point qualifies only when the upper end of its oracle-accuracy interval is
->= 0 (accuracy not down beyond noise). The best qualifying point per method is the recommended default.
-Writes ``runs/<method>/<point>/`` (each a normal run folder), ``tuning.json`` and ``tuning.md`` under --out.
+>= 0 (accuracy not down beyond noise). The best qualifying point per method is the recommended default. With
+``--seeds`` every point is trained at each training seed, and a point's gain is the mean over its seeds; it qualifies
+only when its oracle interval reaches >= 0 at every seed.
+Writes ``runs/<method>/<point>/`` (each a normal run folder; ``<point>_seed<S>`` for a seed other than the config's),
+``tuning.json`` and ``tuning.md`` under --out.
 Runs whose summary.json exists are not repeated, so an interrupted sweep resumes; a finished run trained with other
 settings, or on other files behind the same paths (a rebuilt tiny world, an edited prompt file), is refused before
 anything starts, never reused or overwritten.
@@ -26,6 +30,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
@@ -56,14 +61,22 @@ def point_name(point: dict) -> str:
     return "_".join(f"{k}={v}" for k, v in point.items())
 
 
-def run_argv(method: str, point: dict, args, out: Path) -> list[str]:
+def run_dir(out: Path, method: str, point: dict, seed: Optional[int], config_seed: int) -> Path:
+    """A run's folder: ``runs/<method>/<point>``, with ``_seed<S>`` for a training seed other than the config's (so
+    a single-seed sweep's runs are the config-seed runs of a later multi-seed one)."""
+    name = point_name(point) + ("" if seed is None or seed == config_seed else f"_seed{seed}")
+    return out / "runs" / method / name
+
+
+def run_argv(method: str, point: dict, args, out: Path, seed: Optional[int] = None) -> list[str]:
     """The training command line of one grid point: the main job with its final evaluation on the tune split, the
-    user's overrides, then the method's equal-compute setting and the point itself."""
+    user's overrides, then the method's equal-compute setting, the point itself and the training seed if given."""
     cfg = parse_args(["--config", args.config, *args.train_overrides])
     return ["--config", args.config, "--method", method, "--output_dir", str(out), "--overwrite_output_dir", "true",
             "--final_eval_prompts", TUNE_PROMPTS, "--final_eval_num_prompts", str(args.eval_num_prompts),
             "--eval_prompts", TUNE_PROMPTS, "--checkpoint_every", "0", "--sample_every", "0", *args.train_overrides,
-            *cli_overrides({**equal_compute_overrides(method, cfg), **point})]
+            *cli_overrides({**equal_compute_overrides(method, cfg), **point,
+                            **({} if seed is None else {"seed": seed})})]
 
 
 def run_inputs(argv: list[str]) -> dict[str, str]:
@@ -86,12 +99,12 @@ def stale_reason(run: Path, argv: list[str]) -> str:
     return f"{run.parent.name}/{run.name}: {', '.join(keys)}" if keys else ""
 
 
-def run_point(method: str, point: dict, args, out: Path) -> dict:
-    """Train one grid point in a subprocess (``args.threads`` torch threads), unless it is already finished, and
-    return its summary metrics."""
+def run_point(method: str, point: dict, seed: Optional[int], args, out: Path) -> dict:
+    """Train one grid point at one seed in a subprocess (``args.threads`` torch threads), unless it is already
+    finished, and return its summary metrics."""
     summary = out / "summary.json"
     if not summary.is_file():
-        argv = run_argv(method, point, args, out)
+        argv = run_argv(method, point, args, out, seed)
         inputs = run_inputs(argv)  # as training starts
         run_logged(["train_sd3_adrpo.py", *argv], out.parent / f"{out.name}.log", args.threads)
         # written once training has finished: the trainer empties `out` first (--overwrite_output_dir true)
@@ -116,38 +129,72 @@ def _fmt(m: dict) -> str:
     return f"{m['diff']:+.2f} [{m['ci_low']:+.2f}, {m['ci_high']:+.2f}]"
 
 
-def choose(results: list[dict]) -> dict[str, tuple[dict, bool]]:
-    """Per method, (its chosen run, whether that run qualified): the largest ClipScore gain among the runs whose oracle
-    accuracy does not fall beyond noise; if none qualifies, the largest gain anyway (flagged, so it is not hidden)."""
-    best: dict[str, tuple[dict, bool]] = {}
+def _mean_se(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, (var / len(values)) ** 0.5
+
+
+def by_point(results: list[dict]) -> list[dict]:
+    """The runs grouped per (method, point), in order: {"method", "point", "runs", "gain" (mean ClipScore gain over
+    the point's seeds), "qualifies" (its oracle accuracy does not fall beyond noise at any seed)}."""
+    groups: dict[tuple[str, str], list[dict]] = {}
     for r in results:
-        key = (qualifies(r["metrics"]), r["metrics"]["clip_score"]["diff"])
-        if r["method"] not in best or key > (best[r["method"]][1], best[r["method"]][0]["metrics"]["clip_score"]["diff"]):
-            best[r["method"]] = (r, key[0])
+        groups.setdefault((r["method"], point_name(r["point"])), []).append(r)
+    return [{"method": runs[0]["method"], "point": runs[0]["point"], "runs": runs,
+             "gain": _mean_se([r["metrics"]["clip_score"]["diff"] for r in runs])[0],
+             "qualifies": all(qualifies(r["metrics"]) for r in runs)} for runs in groups.values()]
+
+
+def choose(points: list[dict]) -> dict[str, tuple[dict, bool]]:
+    """Per method, (its chosen point, whether it qualified): the largest mean ClipScore gain among the points whose
+    oracle accuracy does not fall beyond noise; if none qualifies, the largest gain anyway (flagged, so it is not
+    hidden)."""
+    best: dict[str, tuple[dict, bool]] = {}
+    for p in points:
+        if p["method"] not in best or (p["qualifies"], p["gain"]) > (best[p["method"]][1], best[p["method"]][0]["gain"]):
+            best[p["method"]] = (p, p["qualifies"])
     return best
 
 
+def _cell(runs: list[dict], metric) -> str:
+    """One run: its difference with the 95% interval; several seeds: mean +- standard error over them."""
+    values = [metric(r["metrics"]) for r in runs]
+    if len(values) == 1:
+        return _fmt(values[0])
+    mean, se = _mean_se([v["diff"] for v in values])
+    return f"{mean:+.2f} ± {se:.2f}"
+
+
 def write_report(results: list[dict], args, out: Path, wall_s: float) -> None:
-    best = choose(results)
+    points = by_point(results)
+    best = choose(points)
+    several = any(len(p["runs"]) > 1 for p in points)
+    spread = ("mean ± standard error over the point's training seeds (each run's interval is in tuning.json)"
+              if several else "95% bootstrap intervals over prompts")
     lines = ["# Tiny-world tuning sweep (tune split)", "",
              f"Command: `{args.command}`  ", f"Commit: `{args.commit}`  ", f"Machine: {platform.platform()}, "
              f"{os.cpu_count()} CPUs, {args.jobs} runs at a time, {args.threads} torch thread(s) each  ",
              f"Wall time of this invocation: {wall_s / 60:.1f} min (runs already done are reused, not repeated)", "",
              f"Each run: `{args.config}` with the overrides below; differences are trained - base on "
-             f"{args.eval_num_prompts or 'all'} tune-split prompts x 4 images, same seeds, 95% bootstrap intervals over "
-             "prompts. Chosen (bold): largest ClipScore gain whose oracle interval reaches >= 0; where no setting "
-             "qualifies, the largest gain anyway, marked (oracle falls). Loop: the training loop's minutes "
-             "(metrics.jsonl).", "",
-             "| method | setting | ClipScore diff | ClipDiversity diff | oracle diff | loop |", "|---|---|---|---|---|---|"]
-    for r in results:
-        m = r["metrics"]
-        chosen, ok = best[r["method"]][0] is r, best[r["method"]][1]
-        setting = ", ".join(f"{k}={v}" for k, v in r["point"].items())
+             f"{args.eval_num_prompts or 'all'} tune-split prompts x 4 images, same sampling seeds; {spread}. "
+             "Chosen (bold): largest ClipScore gain whose oracle interval reaches >= 0 (at every training seed); "
+             "where no setting qualifies, the largest gain anyway, marked (oracle falls). Loop: the training loop's "
+             "minutes (metrics.jsonl; per run).", "",
+             "| method | setting | seeds | ClipScore diff | ClipDiversity diff | oracle diff | loop |",
+             "|---|---|---|---|---|---|---|"]
+    for p in points:
+        runs = p["runs"]
+        chosen, ok = best[p["method"]][0] is p, best[p["method"]][1]
+        setting = ", ".join(f"{k}={v}" for k, v in p["point"].items())
         setting = f"**{setting}**{'' if ok else ' (oracle falls)'}" if chosen else setting
-        loop = f"{r['loop_minutes']:.1f} min" if r.get("loop_minutes") is not None else "n/a"
-        lines.append(f"| {r['method']} | {setting} | {_fmt(m['clip_score'])} | "
-                     f"{_fmt(m['clip_diversity_' + m['clip_diversity_default']])} | "
-                     f"{_fmt(m['oracle_accuracy']) if 'oracle_accuracy' in m else 'n/a'} | {loop} |")
+        minutes = [r["loop_minutes"] for r in runs if r.get("loop_minutes") is not None]
+        loop = f"{sum(minutes) / len(minutes):.1f} min" if minutes else "n/a"
+        seeds = ", ".join("n/a" if r.get("seed") is None else str(r["seed"]) for r in runs)
+        oracle = _cell(runs, lambda m: m["oracle_accuracy"]) if all("oracle_accuracy" in r["metrics"] for r in runs) \
+            else "n/a"
+        lines.append(f"| {p['method']} | {setting} | {seeds} | {_cell(runs, lambda m: m['clip_score'])} | "
+                     f"{_cell(runs, lambda m: m['clip_diversity_' + m['clip_diversity_default']])} | {oracle} | {loop} |")
     atomic_write_bytes(out / "tuning.md", ("\n".join(lines) + "\n").encode())
     data = {"command": args.command, "commit": args.commit, "wall_s": wall_s, "results": results,
             "chosen": {k: v["point"] for k, (v, _) in best.items()},
@@ -164,25 +211,33 @@ def main(argv=None) -> None:
     ap.add_argument("--eval_num_prompts", type=int, default=0, help="tune-split prompts in each run's evaluation (0: all)")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each a subprocess)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="train every point at each of these training seeds and choose by the mean gain "
+                         "(default: the config's seed only)")
     ap.add_argument("--train_overrides", nargs=argparse.REMAINDER, default=[],
                     help="extra --key value pairs for every run (e.g. --num_iterations 4 for a smoke test)")
     args = ap.parse_args(argv)
     args.command = shlex.join(["python", "benchmarks/tune_tinyworld.py", *(sys.argv[1:] if argv is None else argv)])
     args.commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                  text=True).stdout.strip() or "unknown"
+    if args.seeds is not None and "--seed" in args.train_overrides:
+        raise SystemExit("error: pass the training seed either with --seeds or in --train_overrides, not both")
     out = Path(args.out)
-    jobs = [(m, p, out / "runs" / m / point_name(p)) for m in args.methods for p in GRIDS[m]]
+    config_seed = parse_args(["--config", args.config, *args.train_overrides]).seed
+    jobs = [(m, p, seed, run_dir(out, m, p, seed, config_seed))
+            for m in args.methods for p in GRIDS[m] for seed in (args.seeds or [None])]
     # every run is checked before any starts
-    stale = [reason for m, p, run in jobs if (reason := stale_reason(run, run_argv(m, p, args, run)))]
+    stale = [reason for m, p, seed, run in jobs if (reason := stale_reason(run, run_argv(m, p, args, run, seed)))]
     if stale:
         raise SystemExit(f"error: {len(stale)} finished run(s) under {out / 'runs'} were trained with other settings or "
                          f"inputs than this command would use (e.g. {stale[0]}). Delete them or pass another --out; "
                          "runs are never overwritten.")
     start = time.time()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        metrics = list(pool.map(lambda job: run_point(job[0], job[1], args, job[2]), jobs))
-    results = [{"method": m, "point": p, "metrics": x, "loop_minutes": loop_minutes(run)}
-               for (m, p, run), x in zip(jobs, metrics)]
+        metrics = list(pool.map(lambda job: run_point(*job[:3], args, job[3]), jobs))
+    results = [{"method": m, "point": p, "seed": config_seed if seed is None else seed, "metrics": x,
+                "loop_minutes": loop_minutes(run)}
+               for (m, p, seed, run), x in zip(jobs, metrics)]
     write_report(results, args, out, time.time() - start)
 
 

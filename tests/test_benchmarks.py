@@ -210,6 +210,57 @@ def test_tuning_sweep_reuses_a_finished_run_only_when_its_settings_and_files_are
     assert len(trained) == 2 and {p: p.stat().st_mtime_ns for p in summaries} == summaries
 
 
+def test_tuning_sweep_with_seeds_chooses_by_the_mean_gain_and_reuses_the_config_seed_runs(tmp_path, monkeypatch):
+    """--seeds trains each point at every seed (the config's seed in the single-seed sweep's folder, so those runs are
+    reused), gives each run its seed, and chooses by the mean gain over seeds among points whose oracle holds at
+    every seed."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import tune_tinyworld
+
+    # the stand-in trainer's gains per (raft_fraction, seed): 0.25 is best at seed 0 but worst on average;
+    # 0.125 has the largest mean but its oracle falls at seed 2
+    gains = {(0.25, 0): 3.0, (0.25, 1): -1.0, (0.25, 2): 0.0, (0.5, 0): 1.0, (0.5, 1): 2.0, (0.5, 2): 1.5,
+             (0.125, 0): 4.0, (0.125, 1): 4.0, (0.125, 2): 4.0}
+    trained = []
+
+    def fake_train(cmd, log, threads=0):
+        cfg = parse_args(cmd[1:])
+        out = Path(cfg.output_dir)
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+        gain = gains[(cfg.raft_fraction, cfg.seed)]
+        oracle_high = -0.01 if (cfg.raft_fraction, cfg.seed) == (0.125, 2) else 0.02
+        (out / "summary.json").write_text(json.dumps({"metrics": {
+            "clip_score": {"diff": gain, "ci_low": gain - 1, "ci_high": gain + 1},
+            "clip_diversity_default": "cosine", "clip_diversity_cosine": {"diff": 0.0, "ci_low": -1, "ci_high": 1},
+            "oracle_accuracy": {"diff": oracle_high - 0.03, "ci_low": oracle_high - 0.06, "ci_high": oracle_high}}}))
+        trained.append((out.name, cfg.seed))
+
+    monkeypatch.setattr(tune_tinyworld, "run_logged", fake_train)
+    monkeypatch.setattr(tune_tinyworld, "GRIDS", {"raft": [{"raft_fraction": f} for f in (0.125, 0.25, 0.5)]})
+    out = tmp_path / "sweep"
+    base = ["--out", str(out), "--methods", "raft"]
+
+    tune_tinyworld.main(base + ["--train_overrides", "--num_iterations", "2"])  # one seed: the config's (0)
+    single = json.loads((out / "tuning.json").read_text())
+    assert single["chosen"] == {"raft": {"raft_fraction": 0.125}} and {r["seed"] for r in single["results"]} == {0}
+    assert len(trained) == 3
+
+    tune_tinyworld.main(base + ["--seeds", "0", "1", "2", "--train_overrides", "--num_iterations", "2"])
+    assert sorted(trained[3:]) == sorted((f"raft_fraction={f}_seed{s}", s) for f in (0.125, 0.25, 0.5) for s in (1, 2))
+    data = json.loads((out / "tuning.json").read_text())
+    # means: 0.125 -> 4.0 (oracle falls at seed 2), 0.25 -> 0.67, 0.5 -> 1.5
+    assert data["chosen"] == {"raft": {"raft_fraction": 0.5}} and data["qualified"] == {"raft": True}
+    assert sorted((r["point"]["raft_fraction"], r["seed"]) for r in data["results"]) == sorted(gains)
+    report = (out / "tuning.md").read_text()
+    # 0.5: mean 1.5, s.e. sqrt(0.25 / 3) = 0.29
+    assert "| raft | **raft_fraction=0.5** | 0, 1, 2 | +1.50 ± 0.29 |" in report
+
+    with pytest.raises(SystemExit, match="either with --seeds or in --train_overrides"):
+        tune_tinyworld.main(base + ["--seeds", "1", "--train_overrides", "--seed", "1"])
+
+
 def test_tuning_sweep_loop_time_is_the_sum_of_iteration_times(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import tune_tinyworld
