@@ -125,8 +125,8 @@ def qualifies(metrics: dict) -> bool:
     return oracle is None or oracle["ci_high"] >= 0
 
 
-def _fmt(m: dict) -> str:
-    return f"{m['diff']:+.2f} [{m['ci_low']:+.2f}, {m['ci_high']:+.2f}]"
+def _fmt(m: dict, digits: int = 2) -> str:
+    return f"{m['diff']:+.{digits}f} [{m['ci_low']:+.{digits}f}, {m['ci_high']:+.{digits}f}]"
 
 
 def _mean_se(values: list[float]) -> tuple[float, float]:
@@ -157,13 +157,13 @@ def choose(points: list[dict]) -> dict[str, tuple[dict, bool]]:
     return best
 
 
-def _cell(runs: list[dict], metric) -> str:
+def _cell(runs: list[dict], metric, digits: int = 2) -> str:
     """One run: its difference with the 95% interval; several seeds: mean +- standard error over them."""
     values = [metric(r["metrics"]) for r in runs]
     if len(values) == 1:
-        return _fmt(values[0])
+        return _fmt(values[0], digits)
     mean, se = _mean_se([v["diff"] for v in values])
-    return f"{mean:+.2f} ± {se:.2f}"
+    return f"{mean:+.{digits}f} ± {se:.{digits}f}"
 
 
 def write_report(results: list[dict], args, out: Path, wall_s: float) -> None:
@@ -191,7 +191,7 @@ def write_report(results: list[dict], args, out: Path, wall_s: float) -> None:
         minutes = [r["loop_minutes"] for r in runs if r.get("loop_minutes") is not None]
         loop = f"{sum(minutes) / len(minutes):.1f} min" if minutes else "n/a"
         seeds = ", ".join("n/a" if r.get("seed") is None else str(r["seed"]) for r in runs)
-        oracle = _cell(runs, lambda m: m["oracle_accuracy"]) if all("oracle_accuracy" in r["metrics"] for r in runs) \
+        oracle = _cell(runs, lambda m: m["oracle_accuracy"], 3) if all("oracle_accuracy" in r["metrics"] for r in runs) \
             else "n/a"
         lines.append(f"| {p['method']} | {setting} | {seeds} | {_cell(runs, lambda m: m['clip_score'])} | "
                      f"{_cell(runs, lambda m: m['clip_diversity_' + m['clip_diversity_default']])} | {oracle} | {loop} |")
