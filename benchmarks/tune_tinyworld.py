@@ -28,9 +28,11 @@ import shlex
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Optional
+
+from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
@@ -234,7 +236,10 @@ def main(argv=None) -> None:
                          "runs are never overwritten.")
     start = time.time()
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        metrics = list(pool.map(lambda job: run_point(*job[:3], args, job[3]), jobs))
+        futures = [pool.submit(run_point, *job[:3], args, job[3]) for job in jobs]
+        for _ in tqdm(as_completed(futures), total=len(futures), desc="sweep runs"):
+            pass
+        metrics = [f.result() for f in futures]
     results = [{"method": m, "point": p, "seed": config_seed if seed is None else seed, "metrics": x,
                 "loop_minutes": loop_minutes(run)}
                for (m, p, seed, run), x in zip(jobs, metrics)]
