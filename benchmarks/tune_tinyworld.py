@@ -30,7 +30,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
-from typing import Optional
 
 from tqdm.auto import tqdm
 
@@ -39,6 +38,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from sd3_adrpo.config import parse_args  # noqa: E402
 from sd3_adrpo.io import atomic_write_bytes, atomic_write_json  # noqa: E402
+from sd3_adrpo.tables import mean_and_se  # noqa: E402
 
 from _launch import changed_settings, cli_overrides, equal_compute_overrides, input_fingerprint, run_logged  # noqa: E402
 
@@ -63,22 +63,20 @@ def point_name(point: dict) -> str:
     return "_".join(f"{k}={v}" for k, v in point.items())
 
 
-def run_dir(out: Path, method: str, point: dict, seed: Optional[int], config_seed: int) -> Path:
+def run_dir(out: Path, method: str, point: dict, seed: int, config_seed: int) -> Path:
     """A run's folder: ``runs/<method>/<point>``, with ``_seed<S>`` for a training seed other than the config's (so
     a single-seed sweep's runs are the config-seed runs of a later multi-seed one)."""
-    name = point_name(point) + ("" if seed is None or seed == config_seed else f"_seed{seed}")
-    return out / "runs" / method / name
+    return out / "runs" / method / (point_name(point) + ("" if seed == config_seed else f"_seed{seed}"))
 
 
-def run_argv(method: str, point: dict, args, out: Path, seed: Optional[int] = None) -> list[str]:
-    """The training command line of one grid point: the main job with its final evaluation on the tune split, the
-    user's overrides, then the method's equal-compute setting, the point itself and the training seed if given."""
+def run_argv(method: str, point: dict, args, out: Path, seed: int) -> list[str]:
+    """The training command line of one grid point at one training seed: the main job with its final evaluation on
+    the tune split, the user's overrides, then the method's equal-compute setting, the point itself and the seed."""
     cfg = parse_args(["--config", args.config, *args.train_overrides])
     return ["--config", args.config, "--method", method, "--output_dir", str(out), "--overwrite_output_dir", "true",
             "--final_eval_prompts", TUNE_PROMPTS, "--final_eval_num_prompts", str(args.eval_num_prompts),
             "--eval_prompts", TUNE_PROMPTS, "--checkpoint_every", "0", "--sample_every", "0", *args.train_overrides,
-            *cli_overrides({**equal_compute_overrides(method, cfg), **point,
-                            **({} if seed is None else {"seed": seed})})]
+            *cli_overrides({**equal_compute_overrides(method, cfg), **point, "seed": seed})]
 
 
 def run_inputs(argv: list[str]) -> dict[str, str]:
@@ -101,7 +99,7 @@ def stale_reason(run: Path, argv: list[str]) -> str:
     return f"{run.parent.name}/{run.name}: {', '.join(keys)}" if keys else ""
 
 
-def run_point(method: str, point: dict, seed: Optional[int], args, out: Path) -> dict:
+def run_point(method: str, point: dict, seed: int, args, out: Path) -> dict:
     """Train one grid point at one seed in a subprocess (``args.threads`` torch threads), unless it is already
     finished, and return its summary metrics."""
     summary = out / "summary.json"
@@ -131,12 +129,6 @@ def _fmt(m: dict, digits: int = 2) -> str:
     return f"{m['diff']:+.{digits}f} [{m['ci_low']:+.{digits}f}, {m['ci_high']:+.{digits}f}]"
 
 
-def _mean_se(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-    return mean, (var / len(values)) ** 0.5
-
-
 def by_point(results: list[dict]) -> list[dict]:
     """The runs grouped per (method, point), in order: {"method", "point", "runs", "gain" (mean ClipScore gain over
     the point's seeds), "qualifies" (its oracle accuracy does not fall beyond noise at any seed)}."""
@@ -144,7 +136,7 @@ def by_point(results: list[dict]) -> list[dict]:
     for r in results:
         groups.setdefault((r["method"], point_name(r["point"])), []).append(r)
     return [{"method": runs[0]["method"], "point": runs[0]["point"], "runs": runs,
-             "gain": _mean_se([r["metrics"]["clip_score"]["diff"] for r in runs])[0],
+             "gain": mean_and_se([r["metrics"]["clip_score"]["diff"] for r in runs])[0],
              "qualifies": all(qualifies(r["metrics"]) for r in runs)} for runs in groups.values()]
 
 
@@ -164,7 +156,7 @@ def _cell(runs: list[dict], metric, digits: int = 2) -> str:
     values = [metric(r["metrics"]) for r in runs]
     if len(values) == 1:
         return _fmt(values[0], digits)
-    mean, se = _mean_se([v["diff"] for v in values])
+    mean, se = mean_and_se([v["diff"] for v in values])
     return f"{mean:+.{digits}f} ± {se:.{digits}f}"
 
 
@@ -192,7 +184,7 @@ def write_report(results: list[dict], args, out: Path, wall_s: float) -> None:
         setting = f"**{setting}**{'' if ok else ' (oracle falls)'}" if chosen else setting
         minutes = [r["loop_minutes"] for r in runs if r.get("loop_minutes") is not None]
         loop = f"{sum(minutes) / len(minutes):.1f} min" if minutes else "n/a"
-        seeds = ", ".join("n/a" if r.get("seed") is None else str(r["seed"]) for r in runs)
+        seeds = ", ".join(str(r.get("seed", "n/a")) for r in runs)
         oracle = _cell(runs, lambda m: m["oracle_accuracy"], 3) if all("oracle_accuracy" in r["metrics"] for r in runs) \
             else "n/a"
         lines.append(f"| {p['method']} | {setting} | {seeds} | {_cell(runs, lambda m: m['clip_score'])} | "
@@ -227,7 +219,7 @@ def main(argv=None) -> None:
     out = Path(args.out)
     config_seed = parse_args(["--config", args.config, *args.train_overrides]).seed
     jobs = [(m, p, seed, run_dir(out, m, p, seed, config_seed))
-            for m in args.methods for p in GRIDS[m] for seed in (args.seeds or [None])]
+            for m in args.methods for p in GRIDS[m] for seed in (args.seeds or [config_seed])]
     # every run is checked before any starts
     stale = [reason for m, p, seed, run in jobs if (reason := stale_reason(run, run_argv(m, p, args, run, seed)))]
     if stale:
@@ -240,8 +232,7 @@ def main(argv=None) -> None:
         for _ in tqdm(as_completed(futures), total=len(futures), desc="sweep runs"):
             pass
         metrics = [f.result() for f in futures]
-    results = [{"method": m, "point": p, "seed": config_seed if seed is None else seed, "metrics": x,
-                "loop_minutes": loop_minutes(run)}
+    results = [{"method": m, "point": p, "seed": seed, "metrics": x, "loop_minutes": loop_minutes(run)}
                for (m, p, seed, run), x in zip(jobs, metrics)]
     write_report(results, args, out, time.time() - start)
 

@@ -166,7 +166,7 @@ def _category_gaps(report: dict) -> str:
 
 
 def _composition_target(report: dict) -> str:
-    """The issue's target "clearly lower on counting, position and binding than on colour", judged as: each of
+    """The tiny SD3's target "clearly lower on counting, position and binding than on colour", judged as: each of
     counting of two to four objects, position and binding at least `CLEARLY_LOWER_SE` standard errors below colour."""
     gaps = _gaps(report)
     short = [c for c in TARGET_CATEGORIES if not gaps.get(c, (0.0, 0.0))[1] >= CLEARLY_LOWER_SE]
