@@ -53,8 +53,8 @@ class TrainConfig:
     free_text_encoders: bool = _f(False, "encode every prompt once at start-up, then free the text encoders")
     t5_8bit: bool = _f(False, "load the T5 encoder in 8 bit (bitsandbytes; needs a CUDA GPU)")
     # --- prompts ---------------------------------------------------------------------------------------------
-    train_prompts: str = _f("prompts/tiny_train.txt", "prompt file the RL loop samples from (.txt, .csv, .jsonl)")
-    eval_prompts: Optional[str] = _f("prompts/tiny_heldout.txt",
+    train_prompts: str = _f("prompts/example_train.txt", "prompt file the RL loop samples from (.txt, .csv, .jsonl)")
+    eval_prompts: Optional[str] = _f("prompts/example_heldout.txt",
                                      "held-out prompts for the periodic sample grid; null to skip grids")
     # --- reward ----------------------------------------------------------------------------------------------
     reward: str = _f("clip", "reward name from sd3_adrpo.rewards.REWARDS (clip, open_clip, ...)")
@@ -283,7 +283,7 @@ def _check_model_source(name: str, key: str, need: str) -> None:
     path = Path(name).expanduser()
     if not path.is_dir():
         raise ConfigError(f"{key}: no such model folder {name!r}. Pass a hub id (org/name) or an existing local "
-                          "folder; for the tiny default run `python -m sd3_adrpo.tiny` first")
+                          "folder; for the tiny default run `python -m tinyworld.stand_ins` first")
     if not (path / need).is_file():
         raise ConfigError(f"{key}: {name!r} has no {need}; it is not a diffusers/transformers model folder")
 

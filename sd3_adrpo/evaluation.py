@@ -61,14 +61,14 @@ def paired_bootstrap(before: np.ndarray, after: np.ndarray, n_boot: int = 2000, 
 
 def oracle_for(prompts: list[str]):
     """The tiny world's oracle ``check`` if every prompt belongs to its grammar, else None (no oracle for SD3)."""
-    from sd3_adrpo.tinyworld.grammar import parse
+    from tinyworld.grammar import parse
 
     try:
         for p in set(prompts):
             parse(p)
     except ValueError:
         return None
-    from sd3_adrpo.tinyworld.oracle import check
+    from tinyworld.oracle import check
 
     return check
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 import numpy as np
 
-from sd3_adrpo.tinyworld.grammar import CATEGORIES
+from tinyworld.grammar import CATEGORIES
 
 # Column order and direction (True: higher is better; None: no ranking).
 COLUMNS = {

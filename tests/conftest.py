@@ -14,7 +14,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
     """Paths of a tiny random ``StableDiffusion3Pipeline`` folder (no T5) and a tiny ``CLIPModel`` folder."""
-    from sd3_adrpo.tiny import build_all
+    from tinyworld.stand_ins import build_all
 
     return build_all(tmp_path_factory.mktemp("tiny"), seed=0)
 

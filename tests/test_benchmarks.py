@@ -43,7 +43,7 @@ def test_tinyworld_reproduction_at_reduced_size(tmp_path):
     held_out, train_prompts = tmp_path / "heldout.txt", tmp_path / "train.txt"
     held_out.write_text((ROOT / "prompts/tinyworld_heldout.txt").read_text())
     train_prompts.write_text((ROOT / "prompts/tinyworld_train.txt").read_text())
-    args = [sys.executable, str(ROOT / "benchmarks/reproduce_tinyworld.py"), "--quick", "--methods", "adrpo", "raft",
+    args = [sys.executable, str(ROOT / "experiments/reproduce_tinyworld.py"), "--quick", "--methods", "adrpo", "raft",
             "--seeds", "0", "--jobs", "2", "--threads", "1", "--eval_num_prompts", "3", "--images_per_prompt", "2",
             "--eval_prompts", str(held_out), "--tuned", str(tuned), "--out", str(out), "--",
             "--train_prompts", str(train_prompts), "--num_iterations", "2", "--prompts_per_iteration", "2",
@@ -145,7 +145,7 @@ def test_tuning_sweep_picks_the_best_point_whose_oracle_does_not_fall(tmp_path):
                # no DPO setting keeps its oracle: the larger gain is still named, flagged
                {"method": "dpo", "point": {"dpo_beta": 500.0}, "metrics": metrics(-3.0, -0.02)},
                {"method": "dpo", "point": {"dpo_beta": 2000.0}, "metrics": metrics(-2.0, -0.05)}]
-    args = SimpleNamespace(command="python benchmarks/tune_tinyworld.py", commit="abc", jobs=1, threads=1,
+    args = SimpleNamespace(command="python experiments/tune_tinyworld.py", commit="abc", jobs=1, threads=1,
                            config="configs/tiny.yaml", eval_num_prompts=48)
     tune_tinyworld.write_report(results, args, tmp_path, 60.0)
     data = json.loads((tmp_path / "tuning.json").read_text())

@@ -131,7 +131,7 @@ def test_shipped_configs_parse_and_validate(name, tmp_path, tiny_models, monkeyp
     root = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(root)  # configs use paths relative to the repository root
     cfg = parse_args(["--config", f"configs/{name}", "--output_dir", str(tmp_path / "out")])
-    if name == "tiny_random.yaml":  # its models are built by `python -m sd3_adrpo.tiny`; point at the test copies
+    if name == "tiny_random.yaml":  # its models are built by `python -m tinyworld.stand_ins`; point at the test copies
         cfg.pretrained_model, cfg.reward_model = str(tiny_models["sd3"]), str(tiny_models["clip"])
     cfg.validate()
     assert cfg.optimizer_steps_per_iteration >= 1

@@ -70,7 +70,7 @@ def test_hub_dataset_offline_says_what_to_do(monkeypatch):
 def test_seeded_subset_represents_a_category_ordered_file():
     from pathlib import Path
 
-    from sd3_adrpo.tinyworld.grammar import parse
+    from tinyworld.grammar import parse
 
     heldout = load_prompts(Path(__file__).parents[1] / "prompts/tinyworld_heldout.txt")
     sub = seeded_subset(heldout, 60, 0)

@@ -11,8 +11,8 @@ ASSETS = Path(__file__).resolve().parents[2] / "assets" / "tinyworld"
 
 
 def test_tokenizer_covers_every_prompt_deterministically():
-    from sd3_adrpo.tinyworld.grammar import all_prompts
-    from sd3_adrpo.tinyworld.tokenizer import build_tokenizer, byte_symbols
+    from tinyworld.grammar import all_prompts
+    from tinyworld.tokenizer import build_tokenizer, byte_symbols
 
     tok = build_tokenizer()
     assert tok.model_max_length == 16
@@ -34,7 +34,7 @@ def test_tokenizer_covers_every_prompt_deterministically():
 
 @pytest.fixture(scope="module")
 def quick_build(tmp_path_factory):
-    from sd3_adrpo.tinyworld.build import main
+    from tinyworld.build import main
 
     out = tmp_path_factory.mktemp("tinyworld")
     main(["--out", str(out), "--quick", "--threads", str(torch.get_num_threads())])
@@ -56,7 +56,7 @@ def test_quick_build_loads_with_project_loaders(quick_build):
 
     for name in ("sd3", "clip"):
         card = (quick_build / name / "MODEL_CARD.md").read_text()
-        assert "python -m sd3_adrpo.tinyworld.build" in card
+        assert "python -m tinyworld.build" in card
     prompts = ["a red circle", "two blue squares"]
     rollout = _sample(quick_build / "sd3", prompts)
     assert rollout.images.dtype == torch.uint8 and rollout.images.shape == (4, 64, 64, 3)
@@ -68,14 +68,14 @@ def test_quick_build_loads_with_project_loaders(quick_build):
 
 @pytest.fixture(scope="module")
 def shipped_clip_ranking():
-    from sd3_adrpo.tinyworld.clip import evaluate_clip
+    from tinyworld.clip import evaluate_clip
 
     return evaluate_clip(ASSETS / "clip", n=200, seed=4242)  # renders unseen in training (seeds >= 10**6)
 
 
 @pytest.mark.parametrize("change", ["colour", "shape", "count", "relation", "swap"])
 def test_shipped_clip_meets_ranking_gate(shipped_clip_ranking, change):
-    from sd3_adrpo.tinyworld.clip import GATES
+    from tinyworld.clip import GATES
 
     assert shipped_clip_ranking[change] >= GATES[change], shipped_clip_ranking
 
@@ -101,7 +101,7 @@ def test_model_cards_carry_the_measured_figures():
 
 
 def test_shipped_sd3_loads_and_generates():
-    from sd3_adrpo.tinyworld.oracle import check
+    from tinyworld.oracle import check
 
     rollout = _sample(ASSETS / "sd3", ["a red circle", "a blue square"])
     assert rollout.images.shape == (4, 64, 64, 3)
@@ -112,7 +112,7 @@ def test_shipped_sd3_loads_and_generates():
 
 
 def test_category_gaps_are_measured_against_colour_in_standard_errors():
-    from sd3_adrpo.tinyworld.build import _category_gaps
+    from tinyworld.build import _category_gaps
 
     report = {"per_category": {"colour": 0.8, "counting": 0.5, "position": 0.8, "binding": 0.9},
               "n_per_category": {"colour": 100, "counting": 100, "position": 100, "binding": 100},
@@ -128,7 +128,7 @@ def test_category_gaps_are_measured_against_colour_in_standard_errors():
 
 
 def test_composition_target_needs_counting_of_several_objects_position_and_binding_clearly_below_colour():
-    from sd3_adrpo.tinyworld.build import _composition_target
+    from tinyworld.build import _composition_target
 
     n = {"colour": 1000, "counting": 1000, "position": 1000, "binding": 1000}
     # counting as a whole is 2.5 points above colour, but its 750 images of two to four objects are at 0.5

@@ -1,11 +1,11 @@
 """The pieces of the tiny CLIP's training that make relation captions learnable."""
 import torch
 
-from sd3_adrpo.tinyworld.clip import (N_LAYOUT, ClipTrainConfig, LayoutAxes, clip_loss, layout_targets, make_clip,
+from tinyworld.clip import (N_LAYOUT, ClipTrainConfig, LayoutAxes, clip_loss, layout_targets, make_clip,
                                       sincos_positions)
-from sd3_adrpo.tinyworld.grammar import parse
-from sd3_adrpo.tinyworld.render import render_batch
-from sd3_adrpo.tinyworld.tokenizer import build_tokenizer
+from tinyworld.grammar import parse
+from tinyworld.render import render_batch
+from tinyworld.tokenizer import build_tokenizer
 
 
 def test_sincos_positions_encode_column_and_row():

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from sd3_adrpo.tinyworld.grammar import (CATEGORIES, COLOURS, SHAPES, STYLES, Obj, Scene, all_prompts, all_scenes,
+from tinyworld.grammar import (CATEGORIES, COLOURS, SHAPES, STYLES, Obj, Scene, all_prompts, all_scenes,
                                          heldout_pairs, parse, read_prompt_file, split_sizes, splits,
                                          uses_heldout_pair, variants, write_prompt_files)
 

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_main_job_config_is_the_tiny_world():
     from sd3_adrpo.config import parse_args
     from sd3_adrpo.models import load_pipeline
-    from sd3_adrpo.tinyworld.sd3 import load_sampler_settings
+    from tinyworld.sd3 import load_sampler_settings
 
     cfg = parse_args(["--config", str(ROOT / "configs/tiny.yaml")])
     assert cfg.pretrained_model == "assets/tinyworld/sd3" and cfg.reward_model == "assets/tinyworld/clip"

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFilter
 
-from sd3_adrpo.tinyworld.grammar import CATEGORIES, OPPOSITE, Scene, all_scenes, parse, variants
-from sd3_adrpo.tinyworld.oracle import check, evaluate, find_blobs, segment
-from sd3_adrpo.tinyworld.render import BACKGROUND, PALETTE, render, render_batch
+from tinyworld.grammar import CATEGORIES, OPPOSITE, Scene, all_scenes, parse, variants
+from tinyworld.oracle import check, evaluate, find_blobs, segment
+from tinyworld.render import BACKGROUND, PALETTE, render, render_batch
 
 BY_CATEGORY = {c: [s for s in all_scenes() if s.category == c] for c in CATEGORIES}
 

@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sd3_adrpo.tinyworld import render as render_module
-from sd3_adrpo.tinyworld.grammar import all_scenes, parse
-from sd3_adrpo.tinyworld.render import (BACKGROUND, COLOUR_JITTER, PALETTE, PlacementError, render,
+from tinyworld import render as render_module
+from tinyworld.grammar import all_scenes, parse
+from tinyworld.render import (BACKGROUND, COLOUR_JITTER, PALETTE, PlacementError, render,
                                         render_batch)
 
 

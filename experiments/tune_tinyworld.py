@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Tune each method's main knob on the tiny world's *tune* split (never the held-out one), same budget per run.
 
-    python benchmarks/tune_tinyworld.py --out results/tinyworld_tuning --jobs 2     # every method's grid
-    python benchmarks/tune_tinyworld.py --methods adrpo --out results/tinyworld_tuning
-    python benchmarks/tune_tinyworld.py --methods adrpo --seeds 0 1 2 --out ...      # each point at three seeds
+    python experiments/tune_tinyworld.py --out results/tinyworld_tuning --jobs 2     # every method's grid
+    python experiments/tune_tinyworld.py --methods adrpo --out results/tinyworld_tuning
+    python experiments/tune_tinyworld.py --methods adrpo --seeds 0 1 2 --out ...      # each point at three seeds
 
 Every run is the main job (``--config``, default configs/tiny.yaml) with one grid point's overrides and its final
 before/after evaluation moved to ``prompts/tinyworld_tune.txt``. A run's score is its ClipScore gain over the base
@@ -211,7 +211,7 @@ def main(argv=None) -> None:
     ap.add_argument("--train_overrides", nargs=argparse.REMAINDER, default=[],
                     help="extra --key value pairs for every run (e.g. --num_iterations 4 for a smoke test)")
     args = ap.parse_args(argv)
-    args.command = shlex.join(["python", "benchmarks/tune_tinyworld.py", *(sys.argv[1:] if argv is None else argv)])
+    args.command = shlex.join(["python", "experiments/tune_tinyworld.py", *(sys.argv[1:] if argv is None else argv)])
     args.commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                  text=True).stdout.strip() or "unknown"
     if args.seeds is not None and "--seed" in args.train_overrides:

@@ -16,7 +16,7 @@ Method, for an (H, W, 3) uint8 image of any square size:
    the centroid offset along the relation axis is at least `POSITION_MARGIN` of the image size and larger
    than the perpendicular offset.
 
-Measured (`python -m sd3_adrpo.tinyworld.oracle`): see `benchmark`.
+Measured (`python -m tinyworld.oracle`): see `benchmark`.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 `grammar` defines the prompts (colour, counting, position, binding) and the train/tune/held-out splits,
 `render` draws ground-truth images for a prompt, and `oracle` checks any image against its prompt.
-The names below are re-exported lazily, so `python -m sd3_adrpo.tinyworld.grammar` (or `.oracle`) runs
+The names below are re-exported lazily, so `python -m tinyworld.grammar` (or `.oracle`) runs
 its module once, without runpy's "found in sys.modules" warning.
 """
 from importlib import import_module

@@ -1,8 +1,8 @@
 """Build the trained tiny world from scratch: tokenizer, CLIP judge, VAE, SD3 pipeline, quality figures, model cards.
 
-    python -m sd3_adrpo.tinyworld.build --out assets/tinyworld            # full build (about 2 h on 2 CPU cores)
-    python -m sd3_adrpo.tinyworld.build --out /tmp/tw --quick              # < 1 min, tiny step counts, no gates
-    python -m sd3_adrpo.tinyworld.build --out assets/tinyworld --stage sd3 # re-run one stage (needs earlier ones)
+    python -m tinyworld.build --out assets/tinyworld            # full build (about 2 h on 2 CPU cores)
+    python -m tinyworld.build --out /tmp/tw --quick              # < 1 min, tiny step counts, no gates
+    python -m tinyworld.build --out assets/tinyworld --stage sd3 # re-run one stage (needs earlier ones)
 
 Layout: ``OUT/clip`` (CLIPModel + CLIPProcessor) and ``OUT/sd3`` (StableDiffusion3Pipeline without T5; the VAE
 stage writes ``OUT/sd3/vae``). Each stage writes a ``build_<stage>.json`` summary next to its model; the ``report``
@@ -187,7 +187,7 @@ def args_threads() -> int:
 
 
 def _command() -> str:
-    return "python -m sd3_adrpo.tinyworld.build " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return "python -m tinyworld.build " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
 
 def write_model_cards(out: Path, figures: dict, args) -> None:
@@ -222,14 +222,14 @@ the tiny-world BPE tokenizer). Load it like openai/clip-vit-large-patch14: `Clip
   cross-entropy of each image over its own caption and own negatives, a margin keeping a caption's text embedding
   below cosine {clip_s['config'].get('text_margin')} to its negatives', and a layout probe on fixed axes shared by
   both towers (per-colour presence, count, side). The vision position table starts from 2-D sine-cosine.
-  Relation captions stayed at chance without the last three (`sd3_adrpo/tinyworld/clip.py` module notes).
+  Relation captions stayed at chance without the last three (`tinyworld/clip.py` module notes).
 - Config: {json.dumps(clip_s['config'])}
 - Steps {clip_s['steps']}, wall time {clip_s['wall_s'] / 60:.1f} min, final loss {clip_s['final_loss']:.4f}.
 
 ## Quality (fresh renders, seed {figures['eval_seed']}, n = {c['n']} per change type)
 
 Fraction of images whose true caption scores above a random one-attribute negative of that type
-(`sd3_adrpo.tinyworld.clip.evaluate_clip`). Gates: colour, shape >= 0.95; count, relation, swap >= 0.80.
+(`tinyworld.clip.evaluate_clip`). Gates: colour, shape >= 0.95; count, relation, swap >= 0.80.
 
 | change | accuracy |
 |---|---|
@@ -291,7 +291,7 @@ max_sequence_length={s['max_sequence_length']}, batch_size=...)`, resolution 64.
 VAE on held-out renders (n = {v['n']}): PSNR {v['psnr']:.2f} dB; oracle accuracy on reconstructions
 {v['oracle_accuracy']:.3f} (on the originals {v['oracle_accuracy_originals']:.3f}).
 
-Oracle accuracy of generated images (`sd3_adrpo.tinyworld.sd3.evaluate_sd3`, categories in equal shares), overall
+Oracle accuracy of generated images (`tinyworld.sd3.evaluate_sd3`, categories in equal shares), overall
 held-out {h['accuracy']:.3f} (n = {h['n']}), train {t['accuracy']:.3f} (n = {t['n']}):
 
 | category | held-out | train |
@@ -301,7 +301,7 @@ held-out {h['accuracy']:.3f} (n = {h['n']}), train {t['accuracy']:.3f} (n = {t['
 Target for held-out accuracy: 0.25-0.75 ({'met' if 0.25 <= h['accuracy'] <= 0.75 else 'NOT met'}). Held-out:
 {_category_gaps(h)} {_composition_target(h)} Counting prompts also ask for one object, which
 GenEval counts as its own single-object task; the table below gives counting by number.
-Held-out prompts (`sd3_adrpo/tinyworld/grammar.py`): counting, position and binding prompts with one of three
+Held-out prompts (`tinyworld/grammar.py`): counting, position and binding prompts with one of three
 colour-shape pairs the generator never saw counted, placed or bound, and colour prompts with a colour-shape-style
 combination it never saw. Sampler tuning on the tune split (200 prompts each): {tuning}.
 

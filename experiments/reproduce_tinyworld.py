@@ -2,8 +2,8 @@
 """Reproduce the paper's comparison in the tiny world: every method x seeds at equal compute, then Table 1 on
 held-out prompts, the Figure 3 trade-off plots and the Table 3 advantage-clipping ablation.
 
-    python benchmarks/reproduce_tinyworld.py --jobs 2 --threads 1 --out results/tinyworld    # full: <= 3 h, 2 cores
-    python benchmarks/reproduce_tinyworld.py --quick --out results/tinyworld_quick                # <= 20 min
+    python experiments/reproduce_tinyworld.py --jobs 2 --threads 1 --out results/tinyworld    # full: <= 3 h, 2 cores
+    python experiments/reproduce_tinyworld.py --quick --out results/tinyworld_quick                # <= 20 min
 
 Equal compute: every method samples the same images (iterations x prompts x samples) and takes the same number of
 optimizer steps (DPO, which trains on one pair per prompt, gets samples_per_prompt / 2 times the inner epochs). Each
@@ -46,7 +46,7 @@ from _launch import changed_settings, cli_overrides, equal_compute_overrides, in
 METHOD_LABELS = {"adrpo": "ADRPO", "fixed_beta": "Fixed beta (ablation)", "orw_cfm_w2": "ORW-CFM-W2", "raft": "RAFT",
                  "dpo": "DPO"}
 CLIP_MULTIPLES = (0.5, 1.0, 2.0)
-TUNED = "results/tinyworld_tuning/sweep_v2/tuning.json"  # what benchmarks/tune_tinyworld.py chose on the tune split
+TUNED = "results/tinyworld_tuning/sweep_v2/tuning.json"  # what experiments/tune_tinyworld.py chose on the tune split
 HEADER_FIELDS = ("Command: ", "Commit: ", "Machine: ", "Wall time of this invocation: ")
 KEEP = "<!-- written by hand below this line: kept when the script rewrites this README -->"
 
@@ -205,7 +205,7 @@ def main(argv=None) -> None:
     args.tuned_points = {}
     if args.tuned != "none":
         if not Path(args.tuned).is_file():
-            raise SystemExit(f"error: --tuned {args.tuned} does not exist: run benchmarks/tune_tinyworld.py first, or "
+            raise SystemExit(f"error: --tuned {args.tuned} does not exist: run experiments/tune_tinyworld.py first, or "
                              "pass --tuned none to use the config's settings for every method")
         args.tuned_points = json.loads(Path(args.tuned).read_text())["chosen"]
     tasks, rows, ablation = plan(args, base_cfg)
@@ -249,7 +249,7 @@ def main(argv=None) -> None:
     plot_tradeoff({label: load_trajectory(run) for label, run in first.items()}, out / "fig3")
 
     commit = code_commit(out)
-    command = "python benchmarks/reproduce_tinyworld.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = "python experiments/reproduce_tinyworld.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     compute = sum(d["seconds"] for d in done.values())
     old = (out / "README.md").read_text() if (out / "README.md").is_file() else ""
     header = [f"Command: `{command}`  ", f"Commit: {commit}  ",

@@ -6,7 +6,7 @@ the loading, LoRA, rollout, reward and checkpoint code paths are the ones that r
 random: images are noise-like and the CLIP reward is a fixed random function of (image, text). They stand in
 until the trained tiny world ships (it replaces them as the quick-start default).
 
-    python -m sd3_adrpo.tiny --out assets/tiny-random
+    python -m tinyworld.stand_ins --out assets/tiny-random
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def clip_tokenizer(model_max_length: int = 77):
     import open_clip
     from transformers import CLIPTokenizer
 
-    from sd3_adrpo.tinyworld.tokenizer import byte_symbols
+    from tinyworld.tokenizer import byte_symbols
 
     path = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
     lines = gzip.open(path, "rt", encoding="utf-8").read().split("\n")

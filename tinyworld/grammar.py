@@ -141,7 +141,7 @@ def parse(text: str) -> Scene:
         hint = f"unknown word(s) {unknown}; " if unknown else ""
         raise ValueError(f"{text!r} is not a tiny-world prompt: {hint}expected lower-case forms like "
                          f"'a red circle', 'two blue squares', 'a red circle to the left of a blue square' or "
-                         f"'a red circle and a blue square' (see sd3_adrpo.tinyworld.grammar.all_prompts())")
+                         f"'a red circle and a blue square' (see tinyworld.grammar.all_prompts())")
     g = match.groups()
     try:
         if category == "counting":
