@@ -34,7 +34,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
 
 from sd3_adrpo.config import parse_args  # noqa: E402
 from sd3_adrpo.io import atomic_write_bytes, atomic_write_json  # noqa: E402

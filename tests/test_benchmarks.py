@@ -72,7 +72,7 @@ def test_tinyworld_reproduction_at_reduced_size(tmp_path):
 
     # Run again: every run and evaluation is reused, nothing retrained, the same table; a reading written by hand
     # below the marker survives the rewritten README.
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "experiments"))
     import reproduce_tinyworld
 
     reading = f"{reproduce_tinyworld.KEEP}\n## What the numbers show\nWritten by hand.\n"
@@ -128,7 +128,7 @@ def test_tinyworld_reproduction_at_reduced_size(tmp_path):
 
 
 def test_tuning_sweep_picks_the_best_point_whose_oracle_does_not_fall(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "experiments"))
     import tune_tinyworld
 
     def metrics(clip, oracle_high):
@@ -160,7 +160,7 @@ def test_tuning_sweep_reuses_a_finished_run_only_when_its_settings_and_files_are
     """The sweep's bookkeeping, with training replaced by a stand-in that writes a run's summary: a rerun reuses
     finished runs; other settings, or other contents behind the same train-prompt path (as after a rebuild), or a run
     with no record are refused before anything trains, and the existing runs are left as they are."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "experiments"))
     import tune_tinyworld
 
     trained = []
@@ -214,7 +214,7 @@ def test_tuning_sweep_with_seeds_chooses_by_the_mean_gain_and_reuses_the_config_
     """--seeds trains each point at every seed (the config's seed in the single-seed sweep's folder, so those runs are
     reused), gives each run its seed, and chooses by the mean gain over seeds among points whose oracle holds at
     every seed."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "experiments"))
     import tune_tinyworld
 
     # the stand-in trainer's gains per (raft_fraction, seed): 0.25 is best at seed 0 but worst on average;
@@ -262,7 +262,7 @@ def test_tuning_sweep_with_seeds_chooses_by_the_mean_gain_and_reuses_the_config_
 
 
 def test_tuning_sweep_loop_time_is_the_sum_of_iteration_times(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "experiments"))
     import tune_tinyworld
 
     (tmp_path / "metrics.jsonl").write_text('{"iteration": 0, "time_total": 30.0}\n{"iteration": 1, "time_total": 90.0}\n')
@@ -271,7 +271,7 @@ def test_tuning_sweep_loop_time_is_the_sum_of_iteration_times(tmp_path):
 
 
 def test_reproduction_stamp_names_uncommitted_changes_outside_its_output(tmp_path, monkeypatch):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "experiments"))
     import reproduce_tinyworld
 
     repo = tmp_path / "repo"
