@@ -125,6 +125,10 @@ class TrainConfig:
     final_eval_images_per_prompt: int = _f(4, "images per prompt in the final evaluation (>= 2, for diversity)")
     final_eval_clip_model: Optional[str] = _f(None, "CLIP (hub id or folder) for ClipScore and ClipDiversity; "
                                                     "default: reward_model when reward is clip; also used by eval_every")
+    judges: list = _f([], "scorers the policy is not trained on, reported beside ClipScore by eval_every and the final "
+                          "evaluation (a column each, plus one per prompt category where a judge sorts prompts into "
+                          "categories): a metric name or package.module:Class, optionally @WEIGHTS, e.g. "
+                          "tinyworld.scorers:Oracle")
     report_to: str = _f("none", "experiment tracker: none or wandb (WANDB_MODE=offline works without network)",
                         ("none", "wandb"))
     wandb_project: str = _f("sd3-adrpo", "wandb project name")
@@ -241,6 +245,14 @@ class TrainConfig:
             raise ConfigError(f"unknown reward {self.reward!r}; available: {', '.join(sorted(REWARDS))}")
         if self.reward == "clip":
             _check_model_source(self.reward_model, "reward_model", need="config.json")
+        if self.judges:
+            from sd3_adrpo.metrics import metric_class, parse_metric_spec  # imports the judge's module, loads no model
+
+            for spec in self.judges:
+                try:
+                    metric_class(parse_metric_spec(spec)[0])
+                except ValueError as e:
+                    raise ConfigError(f"judges: {e}") from None
         if self.eval_every:
             if self.eval_prompts is None:
                 raise ConfigError("eval_every needs eval_prompts (held-out prompts to evaluate on)")

@@ -1,7 +1,7 @@
-"""Before/after evaluation on held-out prompts: ClipScore, ClipDiversity, oracle accuracy, paired intervals.
+"""Before/after evaluation on held-out prompts: ClipScore, ClipDiversity, the judges' scores, paired intervals.
 
 Base and trained policy are sampled from the *same* noise (fixed seeds), so every difference is paired: per image for
-ClipScore and the oracle, per prompt for diversity. Intervals are percentile bootstraps that resample prompts (the
+ClipScore and the judges, per prompt for diversity. Intervals are percentile bootstraps that resample prompts (the
 images of one prompt are not independent), so they are honest about where the variance comes from.
 """
 
@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 import torch
@@ -19,6 +19,9 @@ import torch
 from sd3_adrpo.io import atomic_write_bytes, atomic_write_json, image_grid, save_png
 from sd3_adrpo.rewards import ClipScoreReward
 from sd3_adrpo.rollout import SD3Sampler, make_generator
+
+if TYPE_CHECKING:
+    from sd3_adrpo.metrics import Metric
 
 EVAL_NOISE = 3  # random stream of evaluation samples (see trainer's ROLLOUT_NOISE, LOSS_NOISE, GRID_NOISE)
 W2_NOISE = 4  # random stream of the (sigma, noise) draws of the W2 divergence
@@ -59,18 +62,30 @@ def paired_bootstrap(before: np.ndarray, after: np.ndarray, n_boot: int = 2000, 
             "ci_low": float(lo), "ci_high": float(hi), "level": level, "n_clusters": len(diff)}
 
 
-def oracle_for(prompts: list[str]):
-    """The tiny world's oracle ``check`` if every prompt belongs to its grammar, else None (no oracle for SD3)."""
-    from tinyworld.grammar import parse
+def build_judges(specs: list[str], device: torch.device | str = "cpu") -> dict[str, "Metric"]:
+    """The judges named by ``specs`` (``NAME`` or ``NAME@WEIGHTS``; a registry name or ``package.module:Class``),
+    keyed by the column each reports. Judges are scorers the policy is not trained on, e.g. the tiny world's oracle
+    (``tinyworld.scorers:Oracle``) or PickScore on SD3."""
+    from sd3_adrpo.metrics import build_metric, parse_metric_spec
 
-    try:
-        for p in set(prompts):
-            parse(p)
-    except ValueError:
-        return None
-    from tinyworld.oracle import check
+    judges = {}
+    for spec in specs:
+        judge = build_metric(*parse_metric_spec(spec), device=device)
+        if judge.column in judges:
+            raise ValueError(f"two judges report the column {judge.column!r}: name each once")
+        judges[judge.column] = judge
+    return judges
 
-    return check
+
+def judge_images(judges: dict, images: np.ndarray, prompts: list[str]) -> tuple[dict[str, np.ndarray], Optional[list[str]]]:
+    """Each judge's per-image scores, and the per-image categories of the first judge that sorts prompts into any."""
+    scores = {key: np.asarray(judge(images, prompts), dtype=float) for key, judge in judges.items()}
+    for key, values in scores.items():
+        if values.shape != (len(prompts),):
+            raise ValueError(f"judge {key!r} returned shape {values.shape} for {len(prompts)} images; a judge must "
+                             "return one number per image")
+    category = next((c for c in (j.categories(prompts) for j in judges.values()) if c is not None), None)
+    return scores, category
 
 
 @dataclass
@@ -80,8 +95,8 @@ class PolicyEval:
     prompts: list[str]  # one per image, prompt-major
     images: np.ndarray  # (B, H, W, 3) uint8
     clip_score: np.ndarray  # (B,)
-    oracle_ok: Optional[np.ndarray]  # (B,) bool, tiny world only
-    category: Optional[list[str]]  # (B,) tiny world only
+    judged: dict[str, np.ndarray]  # judge column -> (B,) scores
+    category: Optional[list[str]]  # (B,) from a judge that sorts prompts into categories, else None
     diversity: dict[str, np.ndarray]  # per prompt
     w2: Optional[np.ndarray] = None  # (B,) ||v_theta - v_ref||^2 at one sigma draw per image, if asked for
 
@@ -95,8 +110,7 @@ def w2_divergence(transformer, latents: torch.Tensor, prompt_embeds: torch.Tenso
     """||v_theta - v_ref||^2 (mean over elements) per sample at one uniform (sigma, noise) draw each: the ADRPO
     regulariser on the policy's own samples, v_ref being the same transformer with its adapters disabled."""
     from sd3_adrpo.losses import noised
-    from sd3_adrpo.models import reference_mode
-    from sd3_adrpo.update import velocity
+    from sd3_adrpo.models import reference_mode, velocity
 
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     sigmas = torch.rand(len(latents), generator=generator).to(latents.device)
@@ -114,9 +128,10 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
 
 @torch.no_grad()
 def evaluate_policy(sampler: SD3Sampler, clip: ClipScoreReward, prompts: list[str], images_per_prompt: int,
-                    resolution: int, seed: int, with_w2: bool = False, shard: tuple[int, int] = (0, 1)) -> PolicyEval:
-    """Sample ``images_per_prompt`` images per prompt from the sampler's current policy (fixed noise) and score them;
-    ``with_w2`` also measures the W2 divergence to the reference on those samples. ``shard=(rank, world)``
+                    resolution: int, seed: int, with_w2: bool = False, shard: tuple[int, int] = (0, 1),
+                    judges: Optional[dict] = None) -> PolicyEval:
+    """Sample ``images_per_prompt`` images per prompt from the sampler's current policy (fixed noise) and score them
+    with the CLIP and every judge (``build_judges``); ``with_w2`` also measures the W2 divergence to the reference on those samples. ``shard=(rank, world)``
     evaluates only process ``rank``'s share of the prompts, each with the noise it has in the whole evaluation, so
     ``merge_shards`` of all shards is the unsharded result."""
     k = images_per_prompt
@@ -128,19 +143,15 @@ def evaluate_policy(sampler: SD3Sampler, clip: ClipScoreReward, prompts: list[st
     prompts = prompts[start:stop]
     if not prompts:  # more processes than prompts
         return PolicyEval(prompts=[], images=np.zeros((0, resolution, resolution, 3), np.uint8), clip_score=np.zeros(0),
-                          oracle_ok=None, category=None, diversity={"cosine": np.zeros(0), "l2": np.zeros(0)})
+                          judged={key: np.zeros(0) for key in judges or {}}, category=None,
+                          diversity={"cosine": np.zeros(0), "l2": np.zeros(0)})
     rollout = sampler.sample(prompts, k, resolution, noise=noise)
     img = torch.cat([clip.embed_images(rollout.images[s : s + 64]) for s in range(0, len(rollout.prompts), 64)])
     txt_unique = clip.embed_texts(prompts)
     txt = txt_unique[rollout.group_ids.to(txt_unique.device)]
-    check = oracle_for(prompts)
-    oracle_ok = category = None
-    if check is not None:
-        results = [check(im, p) for im, p in zip(rollout.images.numpy(), rollout.prompts)]
-        oracle_ok = np.array([r.ok for r in results])
-        category = [r.category for r in results]
+    judged, category = judge_images(judges or {}, rollout.images.numpy(), rollout.prompts)
     return PolicyEval(prompts=rollout.prompts, images=rollout.images.numpy(),
-                      clip_score=clip_scores(img, txt).cpu().numpy(), oracle_ok=oracle_ok, category=category,
+                      clip_score=clip_scores(img, txt).cpu().numpy(), judged=judged, category=category,
                       diversity=clip_diversity(img.cpu(), rollout.group_ids),
                       w2=w2_divergence(sampler.pipe.transformer, rollout.latents, rollout.prompt_embeds,
                                        rollout.pooled_embeds, make_generator(seed, 0, W2_NOISE)) if with_w2 else None)
@@ -157,7 +168,8 @@ def merge_shards(shards: list[PolicyEval]) -> PolicyEval:
         return None if values[0] is None else np.concatenate(values)
 
     return PolicyEval(prompts=[p for s in shards for p in s.prompts], images=cat("images"),
-                      clip_score=cat("clip_score"), oracle_ok=cat("oracle_ok"),
+                      clip_score=cat("clip_score"),
+                      judged={key: np.concatenate([s.judged[key] for s in shards]) for key in shards[0].judged},
                       category=None if shards[0].category is None else [c for s in shards for c in s.category],
                       diversity={name: np.concatenate([s.diversity[name] for s in shards]) for name in shards[0].diversity},
                       w2=cat("w2"))
@@ -173,12 +185,13 @@ def compare(base: PolicyEval, trained: PolicyEval, images_per_prompt: int, seed:
     }
     for name in base.diversity:
         summary[f"clip_diversity_{name}"] = paired_bootstrap(base.diversity[name], trained.diversity[name], seed=seed)
-    if base.oracle_ok is not None:
-        b, t = base.per_prompt(base.oracle_ok, k), trained.per_prompt(trained.oracle_ok, k)
-        summary["oracle_accuracy"] = paired_bootstrap(b, t, seed=seed)
-        cats = np.array(base.category[::k])
-        for c in sorted(set(cats)):
-            summary[f"oracle_accuracy_{c}"] = paired_bootstrap(b[cats == c], t[cats == c], seed=seed)
+    for key in base.judged:
+        b, t = base.per_prompt(base.judged[key], k), trained.per_prompt(trained.judged[key], k)
+        summary[key] = paired_bootstrap(b, t, seed=seed)
+        if base.category is not None:
+            cats = np.array(base.category[::k])
+            for c in sorted(set(cats)):
+                summary[f"{key}_{c}"] = paired_bootstrap(b[cats == c], t[cats == c], seed=seed)
     return summary
 
 
@@ -207,9 +220,10 @@ def write_results(out: str | os.PathLike, base: PolicyEval, trained: PolicyEval,
     for i, prompt in enumerate(base.prompts):
         row = {"index": i, "prompt": prompt, "clip_score_base": float(base.clip_score[i]),
                "clip_score_trained": float(trained.clip_score[i])}
-        if base.oracle_ok is not None:
-            row.update(category=base.category[i], oracle_base=bool(base.oracle_ok[i]),
-                       oracle_trained=bool(trained.oracle_ok[i]))
+        if base.category is not None:
+            row["category"] = base.category[i]
+        for key in base.judged:
+            row.update({f"{key}_base": float(base.judged[key][i]), f"{key}_trained": float(trained.judged[key][i])})
         rows.append(json.dumps(row))
     atomic_write_bytes(out / "eval_images.jsonl", ("\n".join(rows) + "\n").encode())
     atomic_write_json(out / "summary.json", {"meta": meta, "metrics": summary})

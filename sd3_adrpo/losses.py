@@ -22,52 +22,26 @@ def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).pow(2).flatten(1).mean(dim=1)
 
 
-def adrpo_fm_terms(v_theta: torch.Tensor, v_ref: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fm_terms(v_theta: torch.Tensor, v_ref: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sample (CFM, W2) terms: mean((v_theta - target)^2) and mean((v_theta - v_ref)^2) over non-batch dims."""
     return per_sample_mse(v_theta, target), per_sample_mse(v_theta, v_ref.detach())
 
 
-def weighted_fm_loss(v_theta: torch.Tensor, v_ref: torch.Tensor, target: torch.Tensor, c_cfm: torch.Tensor,
-                     c_w2: torch.Tensor | float, return_terms: bool = False):
-    """Batch mean of c_cfm * mean((v_theta - target)^2) + c_w2 * mean((v_theta - v_ref)^2), coefficients detached.
+def adrpo_loss(v_theta: torch.Tensor, v_ref: torch.Tensor, target: torch.Tensor, c_cfm: torch.Tensor,
+               c_w2: torch.Tensor | float, return_terms: bool = False):
+    """The ADRPO loss (poster eq. 6) in coefficient form, the one the loop trains on: batch mean of
+    c_cfm * mean((v_theta - target)^2) + c_w2 * mean((v_theta - v_ref)^2), coefficients detached.
 
-    The common form of every reward-weighted method here; each differs only in its per-sample coefficients:
-    ADRPO (A, beta0 - A), fixed beta (A, beta0), ORW-CFM-W2 (exp(tau r), alpha), RAFT (top-k indicator, 0).
-    With ``return_terms`` also returns the per-sample (CFM, W2) terms, detached, for logging.
+    ADRPO's coefficients are (A, beta0 - A); the reward-weighted baselines are the same loss with theirs: fixed beta
+    (A, beta0), ORW-CFM-W2 (exp(tau r), alpha), RAFT (top-k indicator, 0). ``methods.coefficients`` computes each
+    (a coefficient of 0 drops a sample, e.g. one whose reward was not finite). With ``return_terms`` also returns
+    the per-sample (CFM, W2) terms, detached, for logging.
     """
-    cfm, w2 = adrpo_fm_terms(v_theta, v_ref, target)
+    cfm, w2 = fm_terms(v_theta, v_ref, target)
     c_cfm = torch.as_tensor(c_cfm).detach().to(cfm)
     c_w2 = torch.as_tensor(c_w2).detach().to(cfm)
     loss = (c_cfm * cfm + c_w2 * w2).mean()
     return (loss, cfm.detach(), w2.detach()) if return_terms else loss
-
-
-def adrpo_fm_loss(v_theta: torch.Tensor, v_ref: torch.Tensor, target: torch.Tensor, advantages: torch.Tensor,
-                  beta0: float, return_terms: bool = False, weights: Optional[torch.Tensor] = None):
-    """Scalar batch mean of A * mean((v_theta - target)^2) + (beta0 - A) * mean((v_theta - v_ref)^2); A detached.
-
-    ``weights`` (B,) multiplies each sample's loss before the batch mean (0 drops a sample, e.g. one whose reward
-    was not finite, without changing the batch arithmetic; its inputs must still be finite). With
-    ``return_terms`` also returns the per-sample (CFM, W2) terms, detached, for logging.
-    """
-    a = advantages.detach().float()
-    w = torch.ones_like(a) if weights is None else weights.detach().float().to(a.device)
-    return weighted_fm_loss(v_theta, v_ref, target, w * a, w * (beta0 - a), return_terms)
-
-
-def fixed_beta_loss(v_theta, v_ref, target, advantages: torch.Tensor, beta0: float) -> torch.Tensor:
-    """ADRPO's ablation: the divergence coefficient held at beta0, A * CFM + beta0 * W2."""
-    return weighted_fm_loss(v_theta, v_ref, target, advantages, beta0)
-
-
-def orw_cfm_w2_loss(v_theta, v_ref, target, weights: torch.Tensor, alpha: float) -> torch.Tensor:
-    """ORW-CFM-W2: reward weights w (exp(tau * r), see methods.orw_weights) on CFM plus a fixed alpha * W2."""
-    return weighted_fm_loss(v_theta, v_ref, target, weights, alpha)
-
-
-def raft_loss(v_theta, target, keep: torch.Tensor) -> torch.Tensor:
-    """RAFT: plain CFM on the selected samples (``keep`` 0/1, or scaled), no regulariser."""
-    return (keep.detach().to(v_theta) * per_sample_mse(v_theta, target)).mean()
 
 
 def dpo_fm_loss(e_w: torch.Tensor, e_w_ref: torch.Tensor, e_l: torch.Tensor, e_l_ref: torch.Tensor, beta: float,

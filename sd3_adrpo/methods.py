@@ -1,7 +1,7 @@
 """What each method does with an iteration's rewards: the per-sample loss coefficients (or, for DPO, the pairs).
 
 All methods share the rollout, the reward, the logging and the optimiser; they differ only here and in the loss
-(``losses.py``). ``coefficients`` returns (c_cfm, c_w2) for ``losses.weighted_fm_loss``.
+(``losses.py``). ``coefficients`` returns (c_cfm, c_w2) for ``losses.adrpo_loss``.
 """
 
 from __future__ import annotations

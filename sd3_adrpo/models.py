@@ -48,6 +48,13 @@ def add_lora(transformer, rank: int, alpha: float | None = None, targets: list[s
     return params
 
 
+def velocity(transformer, x_t: torch.Tensor, sigmas: torch.Tensor, prompt_embeds: torch.Tensor,
+             pooled: torch.Tensor) -> torch.Tensor:
+    """v(x_t, t, c) with SD3's timestep convention t = 1000 * sigma."""
+    return transformer(hidden_states=x_t, timestep=sigmas * 1000, encoder_hidden_states=prompt_embeds,
+                       pooled_projections=pooled, return_dict=False)[0]
+
+
 @contextmanager
 def reference_mode(transformer) -> Iterator[None]:
     """Within this block the transformer is the frozen base model (its LoRA adapters disabled)."""

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from sd3_adrpo.evaluation import (DIVERSITY_DEFAULT, EVAL_NOISE, W2_NOISE, clip_diversity, clip_scores, oracle_for,
+from sd3_adrpo.evaluation import (DIVERSITY_DEFAULT, EVAL_NOISE, W2_NOISE, build_judges, clip_diversity, clip_scores,
                                   w2_divergence)
 from sd3_adrpo.io import atomic_write_bytes, atomic_write_json, save_png
 from sd3_adrpo.models import DTYPES, load_pipeline
@@ -111,10 +111,10 @@ def _load_images(out: Path, files: list[dict]) -> np.ndarray:
 
 
 def score(out: Path, manifest: dict, clip=None, metrics: Optional[dict] = None, batch_size: int = 64) -> list[dict]:
-    """Per-image scores of one row (ClipScore, every given metric, the oracle on tiny-world prompts, W2)."""
+    """Per-image scores of one row: ClipScore, every given metric and judge (keyed by its column), W2, and each
+    image's ``category`` where a metric sorts prompts into categories."""
     files, metrics = manifest["files"], metrics or {}
     rows = [dict(f) for f in files]
-    check = oracle_for([f["prompt"] for f in files])
     for s in tqdm(range(0, len(files), batch_size), desc=f"score {manifest['label']}"):
         chunk, prompts = files[s : s + batch_size], [f["prompt"] for f in files[s : s + batch_size]]
         images = _load_images(out, chunk)
@@ -125,27 +125,27 @@ def score(out: Path, manifest: dict, clip=None, metrics: Optional[dict] = None, 
         for name, metric in metrics.items():
             for r, v in zip(rows[s : s + batch_size], metric(images, prompts)):
                 r[name] = float(v)
-        if check is not None:
-            for r, im, p in zip(rows[s : s + batch_size], images, prompts):
-                result = check(im, p)
-                r["oracle_accuracy"], r["category"] = float(result.ok), result.category
+            categories = metric.categories(prompts)
+            for r, c in zip(rows[s : s + batch_size], categories or ()):
+                r.setdefault("category", c)
     return rows
 
 
 _NOT_METRICS = ("file", "seed", "prompt_index", "j", "prompt", "_embedding", "category")
 
 
-def aggregate(rows: list[dict]) -> dict[str, list[float]]:
-    """Per-seed values of each metric: the mean over images (the oracle's also per prompt category, as
-    ``oracle_accuracy_<category>``), and ClipDiversity as the mean over prompts."""
+def aggregate(rows: list[dict], breakdown: tuple[str, ...] = ()) -> dict[str, list[float]]:
+    """Per-seed values of each metric: the mean over images (those in ``breakdown`` also per prompt category, as
+    ``<metric>_<category>``), and ClipDiversity as the mean over prompts."""
     per_seed: dict[str, list[float]] = {}
     for seed in sorted({r["seed"] for r in rows}):
         rs = [r for r in rows if r["seed"] == seed]
         for key in (k for k in rs[0] if k not in _NOT_METRICS):
             per_seed.setdefault(key, []).append(float(np.mean([r[key] for r in rs])))
-        for category in dict.fromkeys(r["category"] for r in rs if "category" in r):
-            per_seed.setdefault(f"oracle_accuracy_{category}", []).append(
-                float(np.mean([r["oracle_accuracy"] for r in rs if r.get("category") == category])))
+        for key in breakdown:
+            for category in dict.fromkeys(r["category"] for r in rs if "category" in r):
+                per_seed.setdefault(f"{key}_{category}", []).append(
+                    float(np.mean([r[key] for r in rs if r.get("category") == category])))
         if "_embedding" in rs[0]:
             div = clip_diversity(torch.tensor([r["_embedding"] for r in rs]),
                                  torch.tensor([r["prompt_index"] for r in rs]))
@@ -156,7 +156,7 @@ def aggregate(rows: list[dict]) -> dict[str, list[float]]:
 
 
 def write_outputs(out: Path, results: dict[str, dict[str, list[float]]], rows: dict[str, list[dict]],
-                  notes: list[str], meta: dict) -> Table:
+                  notes: list[str], meta: dict, columns: Optional[dict] = None) -> Table:
     for label, label_rows in rows.items():
         lines = [json.dumps({k: v for k, v in r.items() if k != "_embedding"}) for r in label_rows]
         atomic_write_bytes(out / "scores" / f"{label}.jsonl", ("\n".join(lines) + "\n").encode())
@@ -167,7 +167,7 @@ def write_outputs(out: Path, results: dict[str, dict[str, list[float]]], rows: d
                                         "variant is in runs/*.json.",
                                         f"{meta['num_prompts']} prompts x {meta['images_per_prompt']} images x "
                                         f"{len(meta['seeds'])} seeds, {meta['steps']} steps, CFG {meta['guidance_scale']}, "
-                                        f"{meta['resolution']} px."])
+                                        f"{meta['resolution']} px."], columns=columns or {})
     atomic_write_bytes(out / "table.md", table.to_markdown().encode())
     atomic_write_bytes(out / "table.csv", table.to_csv().encode())
     atomic_write_bytes(out / "table.tex", table.to_latex().encode())
@@ -192,6 +192,22 @@ def _build_metrics(args, device, notes: list[str]) -> dict:
         else:
             notes.append(f"{name} left out: no {flag} weights given.")
     return metrics
+
+
+def judge_columns(metrics: dict, prompts: list[str]) -> tuple[tuple[str, ...], dict]:
+    """The metrics to break down by category (those that sort ``prompts`` into categories) and the table columns
+    (label, higher is better) that metrics and breakdowns report, in that order (a metric without a label of its
+    own keeps the paper's column name, or its key)."""
+    breakdown, columns = [], {}
+    for key, metric in metrics.items():
+        label = metric.label or key
+        if metric.label:
+            columns[key] = (label, metric.higher_is_better)
+        categories = metric.categories(list(prompts))
+        if categories is not None:
+            breakdown.append(key)
+            columns.update({f"{key}_{c}": (f"{label} {c}", metric.higher_is_better) for c in sorted(set(categories))})
+    return tuple(breakdown), columns
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--blip", metavar="MODEL_LARGE_PTH", help="BLIP pre-train weights (model_large.pth) for BLIPScore")
     ap.add_argument("--bert_tokenizer", default="bert-base-uncased", help="BERT tokenizer for ImageReward / BLIPScore")
     ap.add_argument("--hpsv2", metavar="CHECKPOINT", help="HPS v2 / v2.1 checkpoint (open_clip ViT-H-14)")
+    ap.add_argument("--judge", action="append", default=[], metavar="SPEC",
+                    help="a judge as a column: a metric name or package.module:Class, optionally @WEIGHTS, e.g. "
+                         "tinyworld.scorers:Oracle (the tiny world's oracle, with a column per prompt category); "
+                         "repeat for several; with --config, the config's judges")
     ap.add_argument("--out", required=True, help="output folder (images/, scores/, runs/, table.*)")
     return ap
 
@@ -241,7 +261,8 @@ def _config_defaults(path: str) -> dict:
     cfg = parse_args(["--config", path])
     return {"base": cfg.pretrained_model, "prompts": cfg.final_eval_prompts or cfg.eval_prompts,
             "steps": cfg.num_inference_steps, "guidance_scale": cfg.guidance_scale, "resolution": cfg.resolution,
-            "drop_t5": cfg.drop_t5, "max_sequence_length": cfg.t5_length, "clip": cfg.eval_clip_model}
+            "drop_t5": cfg.drop_t5, "max_sequence_length": cfg.t5_length, "clip": cfg.eval_clip_model,
+            "judge": list(cfg.judges)}
 
 
 def _lora_dir(path: str) -> tuple[Path, Path]:
@@ -292,14 +313,15 @@ def main(argv: Optional[list[str]] = None) -> Table:
         clip = ClipScoreReward(args.clip, device=device)
     else:
         notes.append("ClipScore and ClipDiversity left out: no --clip weights given.")
-    metrics = _build_metrics(args, device, notes)
+    metrics = {**_build_metrics(args, device, notes), **build_judges(args.judge, device)}
+    breakdown, columns = judge_columns(metrics, prompts)
     results, rows = {}, {}
     for label, manifest in manifests.items():
         rows[label] = score(out, manifest, clip=clip, metrics=metrics)
-        results[label] = aggregate(rows[label])
+        results[label] = aggregate(rows[label], breakdown)
     meta = {"num_prompts": len(prompts), **{k: v for k, v in common.items() if k != "prompts"},
             "base": args.base, "prompts_file": args.prompts}
-    table = write_outputs(out, results, rows, notes, meta)
+    table = write_outputs(out, results, rows, notes, meta, columns)
     print(table.to_markdown())
     trajectories = {label: run for label, _, run in runs if (run / "eval_metrics.jsonl").is_file()}
     if trajectories:

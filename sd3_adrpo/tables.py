@@ -11,16 +11,14 @@ from typing import Optional
 
 import numpy as np
 
-from tinyworld.grammar import CATEGORIES
-
-# Column order and direction (True: higher is better; None: no ranking).
+# The paper's columns, in its order, and their direction (True: higher is better; None: no ranking). Any other
+# metric (a judge, a breakdown by category) brings its own label and direction in ``Table.columns``.
 COLUMNS = {
     "clip_score": ("ClipScore", True), "clip_diversity": ("ClipDiversity", True), "aesthetic": ("Aesthetic", True),
     "blip_score": ("BLIPScore", True), "image_reward": ("ImageReward", True), "pickscore": ("PickScore", True),
-    "hpsv2": ("HPSv2", True), "oracle_accuracy": ("Oracle acc.", True),
-    **{f"oracle_accuracy_{c}": (f"Oracle {c}", True) for c in CATEGORIES},  # the tiny world's prompt categories
-    "w2_divergence": ("W2 divergence", None),
+    "hpsv2": ("HPSv2", True),
 }
+LAST = {"w2_divergence": ("W2 divergence", None)}
 
 
 def mean_and_se(per_seed: list[float]) -> tuple[float, float]:
@@ -34,19 +32,26 @@ def mean_and_se(per_seed: list[float]) -> tuple[float, float]:
 
 @dataclass
 class Table:
-    """rows[label][metric] = list of per-seed values; ``notes`` say why a column is missing."""
+    """rows[label][metric] = list of per-seed values; ``notes`` say why a column is missing; ``columns`` gives the
+    (label, higher is better) of metrics beyond the paper's, in the order they are shown."""
 
     rows: dict[str, dict[str, list[float]]]
     notes: list[str] = field(default_factory=list)
     decimals: dict[str, int] = field(default_factory=dict)
+    columns: dict[str, tuple[str, Optional[bool]]] = field(default_factory=dict)
+
+    def _columns(self) -> dict[str, tuple[str, Optional[bool]]]:
+        return {**COLUMNS, **self.columns, **LAST}
 
     def metrics(self) -> list[str]:
         present = {m for r in self.rows.values() for m in r}
-        return [m for m in COLUMNS if m in present] + sorted(present - set(COLUMNS))
+        known = self._columns()
+        return [m for m in known if m in present and m not in LAST] + sorted(present - set(known)) + [
+            m for m in LAST if m in present]
 
     def ranks(self, metric: str) -> dict[str, int]:
         """1 for the best label of a column, 2 for the second best (by mean; ties share)."""
-        higher = COLUMNS.get(metric, (metric, True))[1]
+        higher = self._columns().get(metric, (metric, True))[1]
         if higher is None:
             return {}
         means = {label: mean_and_se(r[metric])[0] for label, r in self.rows.items() if metric in r}
@@ -65,7 +70,7 @@ class Table:
         return text, self.ranks(metric).get(label, 0)
 
     def header(self) -> list[str]:
-        return ["Method"] + [COLUMNS.get(m, (m, True))[0] for m in self.metrics()]
+        return ["Method"] + [self._columns().get(m, (m, True))[0] for m in self.metrics()]
 
     def to_markdown(self) -> str:
         lines = ["| " + " | ".join(self.header()) + " |", "|" + "---|" * len(self.header())]

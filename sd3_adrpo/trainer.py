@@ -85,7 +85,7 @@ def _prepare_output_dir(cfg: TrainConfig) -> Path:
     return out
 
 
-def final_evaluation(cfg: TrainConfig, prompts: list[str], sampler: SD3Sampler, base_transformer, clip,
+def final_evaluation(cfg: TrainConfig, prompts: list[str], sampler: SD3Sampler, base_transformer, clip, judges: dict,
                      out: Path, accelerator) -> Optional[dict]:
     """Base (adapter off) and trained policy on the same held-out prompts and noise; writes summary.json/.md.
     Every process evaluates its share of the prompts; the main process gathers them, writes and returns the summary
@@ -96,8 +96,8 @@ def final_evaluation(cfg: TrainConfig, prompts: list[str], sampler: SD3Sampler, 
 
     k, shard = cfg.final_eval_images_per_prompt, (accelerator.process_index, accelerator.num_processes)
     with reference_mode(base_transformer):
-        base = evaluate_policy(sampler, clip, prompts, k, cfg.resolution, cfg.seed, shard=shard)
-    trained = evaluate_policy(sampler, clip, prompts, k, cfg.resolution, cfg.seed, shard=shard)
+        base = evaluate_policy(sampler, clip, prompts, k, cfg.resolution, cfg.seed, shard=shard, judges=judges)
+    trained = evaluate_policy(sampler, clip, prompts, k, cfg.resolution, cfg.seed, shard=shard, judges=judges)
     base, trained = (merge_shards(gather_object([ev])) for ev in (base, trained))
     if not accelerator.is_main_process:
         return None
@@ -107,17 +107,17 @@ def final_evaluation(cfg: TrainConfig, prompts: list[str], sampler: SD3Sampler, 
     return summary
 
 
-def trajectory_point(cfg: TrainConfig, prompts: list[str], sampler: SD3Sampler, clip, reward_fn) -> dict:
+def trajectory_point(cfg: TrainConfig, prompts: list[str], sampler: SD3Sampler, clip, reward_fn, judges: dict) -> dict:
     """One point of the reward / diversity / divergence trade-off (the paper's Figure 3) on held-out prompts."""
     from sd3_adrpo.evaluation import DIVERSITY_DEFAULT, evaluate_policy
 
-    ev = evaluate_policy(sampler, clip, prompts, cfg.eval_images_per_prompt, cfg.resolution, cfg.seed, with_w2=True)
+    ev = evaluate_policy(sampler, clip, prompts, cfg.eval_images_per_prompt, cfg.resolution, cfg.seed, with_w2=True,
+                         judges=judges)
     rewards = reward_fn(torch.from_numpy(ev.images), ev.prompts)
     point = {"reward": float(torch.as_tensor(rewards).float().nanmean()), "clip_score": float(ev.clip_score.mean()),
              "clip_diversity": float(ev.diversity[DIVERSITY_DEFAULT].mean()), "w2_divergence": float(ev.w2.mean())}
     point.update({f"clip_diversity_{k}": float(v.mean()) for k, v in ev.diversity.items()})
-    if ev.oracle_ok is not None:
-        point["oracle_accuracy"] = float(ev.oracle_ok.mean())
+    point.update({key: float(values.mean()) for key, values in ev.judged.items()})
     return point
 
 
@@ -192,10 +192,13 @@ def train(cfg: TrainConfig) -> Path:
         sampler.embed(train_prompts + grid_prompts + final_prompts + traj_prompts + [""])
         sampler.free_text_encoders()
     prompt_sampler = PromptSampler(train_prompts, cfg.seed)
-    eval_clip = None
+    eval_clip, judges = None, {}
     if traj_prompts or final_prompts:
+        from sd3_adrpo.evaluation import build_judges
+
         eval_clip = (reward_fn if isinstance(reward_fn, ClipScoreReward) and cfg.eval_clip_model == cfg.reward_model
                      else ClipScoreReward(cfg.eval_clip_model, device=device))
+        judges = build_judges(cfg.judges, device)
 
     start = 0
     if resume is not None:
@@ -221,7 +224,7 @@ def train(cfg: TrainConfig) -> Path:
             sample_grid(sampler, reward_fn, grid_prompts, cfg, out / "samples" / "iter_000000.png")
         if traj_prompts:
             append_jsonl(out / "eval_metrics.jsonl",
-                         {"iteration": 0, **trajectory_point(cfg, traj_prompts, sampler, eval_clip, reward_fn)})
+                         {"iteration": 0, **trajectory_point(cfg, traj_prompts, sampler, eval_clip, reward_fn, judges)})
     bad_streak = 0
     rank, world, n_prompts = accelerator.process_index, accelerator.num_processes, cfg.prompts_per_iteration
     local = slice(rank * cfg.samples_per_iteration, (rank + 1) * cfg.samples_per_iteration)  # this process's samples
@@ -268,7 +271,7 @@ def train(cfg: TrainConfig) -> Path:
                 if grid_prompts and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.num_iterations):
                     row.update(sample_grid(sampler, reward_fn, grid_prompts, cfg, out / "samples" / f"iter_{done:06d}.png"))
                 if traj_prompts and (done % cfg.eval_every == 0 or done == cfg.num_iterations):
-                    point = trajectory_point(cfg, traj_prompts, sampler, eval_clip, reward_fn)
+                    point = trajectory_point(cfg, traj_prompts, sampler, eval_clip, reward_fn, judges)
                     append_jsonl(out / "eval_metrics.jsonl", {"iteration": done, **point})
                     row.update({f"eval_{k}": v for k, v in point.items()})
                 row["time_total"] = time.perf_counter() - t0
@@ -300,6 +303,6 @@ def train(cfg: TrainConfig) -> Path:
         tmp.rename(final)
         print(f"done: LoRA saved to {final}")
     if final_prompts:
-        final_evaluation(cfg, final_prompts, sampler, base_transformer, eval_clip, out, accelerator)
+        final_evaluation(cfg, final_prompts, sampler, base_transformer, eval_clip, judges, out, accelerator)
     accelerator.end_training()
     return final

@@ -9,16 +9,9 @@ from __future__ import annotations
 import torch
 
 from sd3_adrpo.config import TrainConfig
-from sd3_adrpo.losses import dpo_fm_loss, noised, per_sample_mse, sample_sigmas, weighted_fm_loss
-from sd3_adrpo.models import reference_mode
+from sd3_adrpo.losses import dpo_fm_loss, noised, per_sample_mse, sample_sigmas, adrpo_loss
+from sd3_adrpo.models import reference_mode, velocity
 from sd3_adrpo.rollout import Rollout, make_generator
-
-
-def velocity(transformer, x_t: torch.Tensor, sigmas: torch.Tensor, prompt_embeds: torch.Tensor,
-             pooled: torch.Tensor) -> torch.Tensor:
-    """v(x_t, t, c) with SD3's timestep convention t = 1000 * sigma."""
-    return transformer(hidden_states=x_t, timestep=sigmas * 1000, encoder_hidden_states=prompt_embeds,
-                       pooled_projections=pooled, return_dict=False)[0]
 
 
 def fm_batch_loss(transformer, base_transformer, x1, noise, sigmas, prompt_embeds, pooled, c_cfm, c_w2):
@@ -30,7 +23,7 @@ def fm_batch_loss(transformer, base_transformer, x1, noise, sigmas, prompt_embed
     with torch.no_grad(), reference_mode(base_transformer):
         v_ref = velocity(transformer, x_t, sigmas, prompt_embeds, pooled)
     v_theta = velocity(transformer, x_t, sigmas, prompt_embeds, pooled)
-    return weighted_fm_loss(v_theta.float(), v_ref.float(), target.float(), c_cfm, c_w2, return_terms=True)
+    return adrpo_loss(v_theta.float(), v_ref.float(), target.float(), c_cfm, c_w2, return_terms=True)
 
 
 def dpo_batch_loss(transformer, base_transformer, x_w, x_l, noise, sigmas, emb_w, emb_l, pooled_w, pooled_l,

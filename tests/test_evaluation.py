@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import train_sd3_adrpo
-from sd3_adrpo.evaluation import (clip_diversity, clip_scores, evaluate_policy, merge_shards, oracle_for,
-                                  paired_bootstrap, shard_bounds)
+from sd3_adrpo.evaluation import (build_judges, clip_diversity, clip_scores, evaluate_policy, judge_images,
+                                  merge_shards, paired_bootstrap, shard_bounds)
+from sd3_adrpo.metrics import Metric
 
 
 def test_clip_diversity_on_known_distances():
@@ -39,9 +40,39 @@ def test_paired_bootstrap():
     assert noisy["n_clusters"] == 4 and noisy["before"] == pytest.approx(2.5)
 
 
-def test_oracle_only_for_tiny_world_prompts():
-    assert oracle_for(["a red circle", "two blue squares"]) is not None
-    assert oracle_for(["a red circle", "an astronaut riding a horse"]) is None
+class _Brightness(Metric):
+    """A judge written outside the package's registry: mean pixel value, prompts sorted by their first word."""
+
+    key, label = "brightness", "Brightness"
+
+    def __init__(self, weights=None, device="cpu"):
+        pass
+
+    def __call__(self, images, prompts):
+        return np.asarray(images, float).mean(axis=(1, 2, 3))
+
+    def categories(self, prompts):
+        return [p.split()[0] for p in prompts]
+
+
+def test_judges_by_import_path_score_each_image_and_sort_prompts_into_categories(monkeypatch):
+    import sys
+    import types
+
+    module = types.ModuleType("my_judges")
+    module.Brightness = _Brightness
+    monkeypatch.setitem(sys.modules, "my_judges", module)
+    judges = build_judges(["my_judges:Brightness"])
+    assert list(judges) == ["brightness"]
+    images = np.stack([np.full((4, 4, 3), v, np.uint8) for v in (0, 100, 200)])
+    scores, category = judge_images(judges, images, ["red a", "red b", "blue c"])
+    assert np.allclose(scores["brightness"], [0, 100, 200]) and category == ["red", "red", "blue"]
+    with pytest.raises(ValueError, match="two judges report the column 'brightness'"):
+        build_judges(["my_judges:Brightness", "my_judges:Brightness"])
+    with pytest.raises(ValueError, match="cannot import 'Nope' from module 'my_judges'"):
+        build_judges(["my_judges:Nope"])
+    with pytest.raises(ValueError, match="unknown metric 'nope'"):
+        build_judges(["nope"])
 
 
 def test_shard_bounds_cover_every_item_once():
@@ -62,14 +93,16 @@ def test_sharded_evaluation_merges_to_the_whole(tiny_pipe, tiny_models):
                          max_sequence_length=4, batch_size=64)
     clip = ClipScoreReward(str(tiny_models["clip"]), device="cpu")
     prompts = ["a red circle", "two blue squares", "a green triangle above a yellow circle"]
-    whole = evaluate_policy(sampler, clip, prompts, 3, 64, seed=7)
-    shards = [evaluate_policy(sampler, clip, prompts, 3, 64, seed=7, shard=(r, 4)) for r in range(4)]
+    judges = build_judges(["tinyworld.scorers:Oracle"])
+    whole = evaluate_policy(sampler, clip, prompts, 3, 64, seed=7, judges=judges)
+    shards = [evaluate_policy(sampler, clip, prompts, 3, 64, seed=7, shard=(r, 4), judges=judges) for r in range(4)]
     assert [len(s.prompts) for s in shards] == [0, 3, 3, 3]
     merged = merge_shards(shards)
     assert merged.prompts == whole.prompts and merged.category == whole.category
+    assert whole.category == ["colour"] * 3 + ["counting"] * 3 + ["position"] * 3
     assert np.abs(merged.images.astype(int) - whole.images.astype(int)).max() <= 1  # same noise, same images
     assert np.allclose(merged.clip_score, whole.clip_score, atol=1e-3)
-    assert np.array_equal(merged.oracle_ok, whole.oracle_ok)
+    assert np.array_equal(merged.judged["oracle_accuracy"], whole.judged["oracle_accuracy"])
     for name in whole.diversity:
         assert np.allclose(merged.diversity[name], whole.diversity[name], atol=1e-3)
     other_seed = merge_shards([evaluate_policy(sampler, clip, prompts, 3, 64, seed=8, shard=(r, 2)) for r in range(2)])
@@ -88,7 +121,8 @@ def test_final_evaluation_is_paired_and_written(tiny_models, tmp_path, lr):
             "--reward_model", str(tiny_models["clip"]), "--train_prompts", str(prompts), "--eval_prompts", "null",
             "--final_eval_prompts", str(prompts), "--final_eval_images_per_prompt", "3", "--num_iterations", "2",
             "--prompts_per_iteration", "2", "--samples_per_prompt", "2", "--train_batch_size", "2",
-            "--num_inference_steps", "3", "--checkpoint_every", "0", "--learning_rate", lr, "--output_dir", str(out)]
+            "--num_inference_steps", "3", "--checkpoint_every", "0", "--learning_rate", lr, "--output_dir", str(out),
+            "--judges", "tinyworld.scorers:Oracle"]
     assert train_sd3_adrpo.main(args) == 0
     summary = json.loads((out / "summary.json").read_text())
     metrics = summary["metrics"]
@@ -98,7 +132,8 @@ def test_final_evaluation_is_paired_and_written(tiny_models, tmp_path, lr):
                 "oracle_accuracy_binding"):
         assert metrics[key]["ci_low"] <= metrics[key]["diff"] <= metrics[key]["ci_high"], key
     rows = [json.loads(line) for line in (out / "eval_images.jsonl").read_text().splitlines()]
-    assert len(rows) == 12 and rows[3]["prompt"] == "two blue squares"
+    assert len(rows) == 12 and rows[3]["prompt"] == "two blue squares" and rows[3]["category"] == "counting"
+    assert {"oracle_accuracy_base", "oracle_accuracy_trained"} <= set(rows[0])
     md = (out / "summary.md").read_text()
     assert "clip_score" in md and f"# Evaluation on {prompts}: base vs trained" in md  # says which prompts it judged
     if lr == "0":  # an unchanged policy: the same seeds give the same images, so every difference is exactly 0

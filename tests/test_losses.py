@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from sd3_adrpo.losses import adrpo_fm_loss, noised, sample_sigmas
+from sd3_adrpo.losses import adrpo_loss, noised, sample_sigmas
+
+
+def adrpo_fm_loss(v, v_ref, target, adv, beta0, weights=None):
+    """The loss the loop trains on, with ADRPO's coefficients (A, beta0 - A) (``methods.coefficients``); a weight of
+    0 drops a sample, as the loop does for one whose reward is not finite."""
+    w = torch.ones_like(adv) if weights is None else weights
+    return adrpo_loss(v, v_ref, target, w * adv, w * (beta0 - adv))
 
 
 def _data(seed=0, b=6):

@@ -6,8 +6,7 @@ import torch
 
 import train_sd3_adrpo
 from sd3_adrpo.config import make_config
-from sd3_adrpo.losses import (adrpo_fm_loss, dpo_fm_loss, fixed_beta_loss, orw_cfm_w2_loss, raft_loss,
-                              weighted_fm_loss)
+from sd3_adrpo.losses import adrpo_loss, dpo_fm_loss
 from sd3_adrpo.methods import METHODS, coefficients, dpo_pairs, orw_weights, raft_keep, unused_knobs
 from sd3_adrpo.trainer import advantage_stats
 
@@ -25,10 +24,11 @@ def test_fixed_beta_orw_raft_values_and_gradients():
     v, v_ref, u = _v()
     a = torch.tensor([1.0, -0.5, 0.0, 2.0])
     cases = [
-        (lambda x: fixed_beta_loss(x, v_ref, u, a, 1.5), lambda x: (a * _mse(x, u) + 1.5 * _mse(x, v_ref)).mean()),
-        (lambda x: orw_cfm_w2_loss(x, v_ref, u, a.abs(), 0.7),
+        (lambda x: adrpo_loss(x, v_ref, u, a, 1.5), lambda x: (a * _mse(x, u) + 1.5 * _mse(x, v_ref)).mean()),
+        (lambda x: adrpo_loss(x, v_ref, u, a.abs(), 0.7),
          lambda x: (a.abs() * _mse(x, u) + 0.7 * _mse(x, v_ref)).mean()),
-        (lambda x: raft_loss(x, u, torch.tensor([1.0, 0, 0, 1.0])), lambda x: (_mse(x[[0, 3]], u[[0, 3]])).sum() / 4),
+        (lambda x: adrpo_loss(x, v_ref, u, torch.tensor([1.0, 0, 0, 1.0]), 0.0),
+         lambda x: (_mse(x[[0, 3]], u[[0, 3]])).sum() / 4),
     ]
     for ours, formula in cases:
         x, y = v.clone().requires_grad_(True), v.clone().requires_grad_(True)
@@ -91,11 +91,11 @@ def test_coefficients_match_each_method_and_drop_invalid_samples():
     assert torch.allclose(w, torch.tensor([0.3, 0.3, 0.3, 0.0]))
     c, w = coefficients("raft", r, a, g, valid, cfg)
     assert c.tolist() == [0.0, 2.0, 2.0, 0.0] and w.tolist() == [0.0] * 4
-    # the ADRPO coefficients in the common weighted form give exactly the ADRPO loss
+    # the ADRPO coefficients in the loss the loop calls give eq. 6 written out
     v, v_ref, u = _v(1)
     valid = torch.ones(4, dtype=torch.bool)
     c, w = coefficients("adrpo", r, a, g, valid, cfg)
-    assert torch.allclose(weighted_fm_loss(v, v_ref, u, c, w), adrpo_fm_loss(v, v_ref, u, a, 2.0))
+    assert torch.allclose(adrpo_loss(v, v_ref, u, c, w), (a * _mse(v, u) + (2.0 - a) * _mse(v, v_ref)).mean())
     with pytest.raises(ValueError, match="no per-sample coefficients"):
         coefficients("dpo", r, a, g, valid, cfg)
 

@@ -20,7 +20,8 @@ def test_training_records_the_trajectory_and_the_plot_renders(tiny_models, tmp_p
             "--eval_prompts", str(prompts), "--eval_every", "2", "--eval_num_prompts", "3",
             "--eval_images_per_prompt", "2", "--num_iterations", "3", "--prompts_per_iteration", "2",
             "--samples_per_prompt", "2", "--train_batch_size", "2", "--num_inference_steps", "3",
-            "--checkpoint_every", "0", "--sample_every", "0", "--learning_rate", "5e-2", "--output_dir", str(out)]
+            "--checkpoint_every", "0", "--sample_every", "0", "--learning_rate", "5e-2", "--output_dir", str(out),
+            "--judges", "tinyworld.scorers:Oracle"]
     assert train_sd3_adrpo.main(args) == 0
     rows = load_trajectory(out)
     assert [r["iteration"] for r in rows] == [0, 2, 3]  # the base, every 2 iterations, and the end

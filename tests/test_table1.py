@@ -26,7 +26,7 @@ def _args(tiny_models, lora_dir, tmp_path, seeds=("0", "1")):
     return ["--base", str(tiny_models["sd3"]), "--run", f"ADRPO={lora_dir}", "--prompts", str(prompts),
             "--num_prompts", "2", "--seeds", *seeds, "--images_per_prompt", "2", "--steps", "3",
             "--guidance_scale", "4", "--resolution", "64", "--drop_t5", "--max_sequence_length", "4",
-            "--clip", str(tiny_models["clip"]), "--out", str(tmp_path / "eval")]
+            "--clip", str(tiny_models["clip"]), "--judge", "tinyworld.scorers:Oracle", "--out", str(tmp_path / "eval")]
 
 
 def test_table1_end_to_end_and_no_regeneration(tiny_models, lora_dir, tmp_path, monkeypatch):
@@ -52,6 +52,9 @@ def test_table1_end_to_end_and_no_regeneration(tiny_models, lora_dir, tmp_path, 
         mine = [s["oracle_accuracy"] for s in scores if s["seed"] == 1 and s["category"] == category]
         assert run[f"oracle_accuracy_{category}"]["per_seed"][1] == pytest.approx(sum(mine) / len(mine))
     assert {s["category"] for s in scores} <= {"colour", "counting", "position", "binding"}
+    # the judge's columns are labelled by the judge, one per category it sorted the prompts into
+    header = (out / "table.md").read_text().splitlines()[0]
+    assert "Oracle acc." in header and all(f"Oracle acc. {c}" in header for c in {s["category"] for s in scores})
 
     # Scoring again reuses the saved images: generation must not run.
     monkeypatch.setattr(table1.SD3Sampler, "sample", lambda *a, **k: pytest.fail("regenerated"))

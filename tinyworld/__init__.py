@@ -1,4 +1,4 @@
-"""The tiny world: a synthetic text-to-image domain the project renders itself (DESIGN.md section 2).
+"""The tiny world: a synthetic text-to-image domain the project renders itself, used to test the product end to end.
 
 `grammar` defines the prompts (colour, counting, position, binding) and the train/tune/held-out splits,
 `render` draws ground-truth images for a prompt, and `oracle` checks any image against its prompt.

@@ -1,4 +1,4 @@
-"""Evaluation metrics behind a name registry (DESIGN.md section 3). Each scores uint8 images (B, H, W, 3) against
+"""Evaluation metrics behind a name registry (definitions: README, "Evaluation"). Each scores uint8 images (B, H, W, 3) against
 prompts and returns float64 scores (B,):
 
     from sd3_adrpo.metrics import build_metric
@@ -7,7 +7,9 @@ prompts and returns float64 scores (B,):
 
 ``weights`` is a hub id or a local folder/file (what each metric expects is in its docstring). Registered:
 clip_score, pickscore, aesthetic, hpsv2 (``metrics.clip``), image_reward, blip_score (``metrics.imagereward``).
-W2 divergence is not an (images, prompts) metric: the trainer computes it.
+A metric outside this package is named by its import path, e.g. ``build_metric("tinyworld.scorers:Oracle")``; the
+same specs name the ``judges`` of a training run (``NAME`` or ``NAME@WEIGHTS``). W2 divergence is not an
+(images, prompts) metric: the trainer computes it.
 
 Add a metric:
 
@@ -17,9 +19,9 @@ Add a metric:
         def __call__(self, images, prompts): return np.array([...])
 """
 
-from sd3_adrpo.metrics.base import METRICS, Metric, build_metric, register_metric
+from sd3_adrpo.metrics.base import METRICS, Metric, build_metric, metric_class, parse_metric_spec, register_metric
 from sd3_adrpo.metrics.clip import Aesthetic, ClipScore, HPSv2, PickScore
 from sd3_adrpo.metrics.imagereward import BlipScore, ImageReward
 
-__all__ = ["METRICS", "Metric", "build_metric", "register_metric", "ClipScore", "PickScore", "Aesthetic", "HPSv2",
+__all__ = ["METRICS", "Metric", "build_metric", "metric_class", "parse_metric_spec", "register_metric", "ClipScore", "PickScore", "Aesthetic", "HPSv2",
            "ImageReward", "BlipScore"]

@@ -1,11 +1,13 @@
 """The metric registry and what every metric shares: input checks, weight resolution, preprocessing, the MLP head.
 
 A metric maps (uint8 images (B, H, W, 3), prompts) -> float64 scores (B,), scored in fp32, eval mode, no grad,
-in batches, on the device it was built for.
+in batches, on the device it was built for. A metric is named by its registry name or, for one that lives outside
+this package (a user's, or the tiny world's oracle), by its import path ``package.module:ClassName``.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from pathlib import Path
@@ -37,9 +39,16 @@ def register_metric(name: str) -> Callable[[type], type]:
 
 
 class Metric:
-    """Base class: ``Metric(weights, device, **kwargs)(images_uint8, prompts) -> np.ndarray (B,) float64``."""
+    """Base class: ``Metric(weights, device, **kwargs)(images_uint8, prompts) -> np.ndarray (B,) float64``.
+
+    What a table or summary shows of it comes from the metric itself: its column ``key`` (default: its registry
+    name), ``label`` and ``higher_is_better``, and, where it sorts prompts into categories (a GenEval-style judge),
+    ``categories(prompts)``, which adds one breakdown column per category (``<key>_<category>``)."""
 
     name: str = ""
+    key: str = ""
+    label: str = ""
+    higher_is_better: bool = True
 
     def __init__(self, weights: str, device: torch.device | str = "cpu", **kwargs):
         raise NotImplementedError
@@ -47,11 +56,45 @@ class Metric:
     def __call__(self, images, prompts: list[str]) -> np.ndarray:
         raise NotImplementedError
 
+    @property
+    def column(self) -> str:
+        return self.key or self.name or type(self).__name__
 
-def build_metric(name: str, weights: str, device: torch.device | str = "cpu", **kwargs) -> Metric:
-    if name not in METRICS:
-        raise ValueError(f"unknown metric {name!r}; available: {', '.join(sorted(METRICS))}")
-    return METRICS[name](weights, device=device, **kwargs)
+    def categories(self, prompts: list[str]) -> Optional[list[str]]:
+        """One category per prompt, for per-category breakdowns; None where the metric has none."""
+        return None
+
+
+def metric_class(name: str) -> type[Metric]:
+    """A registered metric by name, or any Metric subclass by import path ``package.module:ClassName``."""
+    if name in METRICS:
+        return METRICS[name]
+    if ":" not in name:
+        raise ValueError(f"unknown metric {name!r}; available: {', '.join(sorted(METRICS))}, or an import path "
+                         "package.module:ClassName of a Metric subclass")
+    module, _, attr = name.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"metric {name!r}: cannot import {attr!r} from module {module!r} ({e}); check the module "
+                         "is importable (installed, or on PYTHONPATH) and the class name") from None
+    if not (isinstance(cls, type) and issubclass(cls, Metric)):
+        raise ValueError(f"metric {name!r} is not a subclass of sd3_adrpo.metrics.Metric")
+    return cls
+
+
+def build_metric(name: str, weights: Optional[str] = None, device: torch.device | str = "cpu", **kwargs) -> Metric:
+    """Build a metric by registry name or import path; ``weights=None`` takes the metric's default weights."""
+    cls = metric_class(name)
+    metric = cls(device=device, **kwargs) if weights is None else cls(weights, device=device, **kwargs)
+    metric.name = metric.name or name
+    return metric
+
+
+def parse_metric_spec(spec: str) -> tuple[str, Optional[str]]:
+    """``NAME`` or ``NAME@WEIGHTS`` (as pip writes ``name @ url``) -> (NAME, WEIGHTS or None)."""
+    name, _, weights = spec.partition("@")
+    return name.strip(), (weights.strip() or None)
 
 
 def as_uint8_images(images, prompts: Optional[list[str]] = None) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""The CLIP family: ClipScore, PickScore, the LAION aesthetic predictor and HPSv2 (DESIGN.md section 3)."""
+"""The CLIP family: ClipScore, PickScore, the LAION aesthetic predictor and HPSv2 (definitions: README, "Evaluation")."""
 
 from __future__ import annotations
 

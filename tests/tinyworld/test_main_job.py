@@ -57,7 +57,7 @@ def test_main_job_writes_the_before_after_summary(small_main_job):
     rows = [json.loads(line) for line in (out / "eval_images.jsonl").read_text().splitlines()]
     assert len(rows) == 16
     # the summary's numbers are the per-image scores', and every image has an oracle verdict and a category
-    for key, metric in (("clip_score", "clip_score"), ("oracle", "oracle_accuracy")):
+    for key, metric in (("clip_score", "clip_score"), ("oracle_accuracy", "oracle_accuracy")):
         before = np.mean([r[f"{key}_base"] for r in rows])
         after = np.mean([r[f"{key}_trained"] for r in rows])
         assert metrics[metric]["before"] == pytest.approx(before, rel=1e-5)
@@ -66,7 +66,7 @@ def test_main_job_writes_the_before_after_summary(small_main_job):
     for category in {r["category"] for r in rows}:
         chosen = [r for r in rows if r["category"] == category]
         assert metrics[f"oracle_accuracy_{category}"]["before"] == pytest.approx(
-            np.mean([r["oracle_base"] for r in chosen]))
+            np.mean([r["oracle_accuracy_base"] for r in chosen]))
     assert "clip_diversity_default" in metrics
     for name in ("eval_base.png", "eval_trained.png"):
         assert (out / "samples" / name).stat().st_size > 0

@@ -1,0 +1,23 @@
+import numpy as np
+import pytest
+
+from sd3_adrpo.metrics import build_metric
+from tinyworld.render import BACKGROUND, render_batch
+
+
+def test_oracle_judge_accepts_a_true_render_and_rejects_a_blank_image():
+    oracle = build_metric("tinyworld.scorers:Oracle")  # as a config names it
+    prompts = ["a red circle", "two blue squares", "a red circle"]
+    true = render_batch(prompts[:2], seed=0)
+    blank = np.full_like(true[0], BACKGROUND)
+    scores = oracle(np.concatenate([true, blank[None]]), prompts)
+    assert scores.tolist() == [1.0, 1.0, 0.0]
+    assert oracle.column == "oracle_accuracy" and oracle.categories(prompts) == ["colour", "counting", "colour"]
+
+
+def test_oracle_judge_refuses_prompts_outside_its_grammar_and_weights():
+    oracle = build_metric("tinyworld.scorers:Oracle")
+    with pytest.raises(ValueError, match="only prompts of its grammar; 'an astronaut riding a horse'"):
+        oracle.categories(["a red circle", "an astronaut riding a horse"])
+    with pytest.raises(ValueError, match="has no weights"):
+        build_metric("tinyworld.scorers:Oracle", "some/weights")
