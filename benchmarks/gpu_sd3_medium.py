@@ -124,8 +124,9 @@ def flops_per_forward(transformer, shapes, device, dtype, resolution) -> float:
     return float(counter.get_total_flops())
 
 
-def train_step_speed(pipe, shapes, device, dtype, resolution, batch, profile) -> tuple[float, float]:
-    """Samples/s of ADRPO steps (forward with LoRA, reference forward, backward, optimizer) and peak GiB."""
+def train_step_speed(pipe, shapes, device, dtype, resolution, batch, profile, guided=False) -> tuple[float, float]:
+    """Samples/s of ADRPO steps (forward with LoRA, reference forward, backward, optimizer) and peak GiB; ``guided``:
+    loss_guidance guided (the conditional and unconditional passes of policy and reference)."""
     cfg = profile
     transformer = pipe.transformer
     if cfg.gradient_checkpointing:
@@ -139,14 +140,15 @@ def train_step_speed(pipe, shapes, device, dtype, resolution, batch, profile) ->
     optimizer = opt_cls(params, lr=1e-5)
     g = torch.Generator().manual_seed(1)
     emb, pooled = embeds(shapes, batch, device, dtype, g)
-    x1 = torch.randn(batch, 16, resolution // 8, resolution // 8, generator=g).to(device, dtype)
+    x1 = torch.randn(batch, 16, resolution // 8, resolution // 8, generator=g).to(device)  # fp32, as rollouts keep x1
     adv = torch.randn(batch, generator=g).clamp(-1, 1).to(device)
     noise, sigmas = loss_noise(cfg, tuple(x1.shape[1:]), (0,), range(batch))
+    guidance = ((emb[0], pooled[0]), profile.guidance_scale) if guided else None  # a stand-in empty prompt
 
     def step():
         transformer.train()
-        loss, _, _ = fm_batch_loss(transformer, transformer, x1, noise.to(x1), sigmas.to(device), emb, pooled,
-                                   adv, cfg.beta0 - adv)  # ADRPO's coefficients
+        loss, _ = fm_batch_loss(transformer, transformer, x1, noise.to(device), sigmas.to(device), emb, pooled,
+                                adv, cfg.beta0 - adv, guidance)  # ADRPO's coefficients
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -224,15 +226,17 @@ def main() -> None:
         # the profile's rollout (its batch sizes, CFG) and then its training step, under one peak-memory window
         rollout_speed(pipe, shapes, device, dtype, r, steps[0], profile.guidance_scale, profile.rollout_batch_size,
                       profile.vae_batch_size)
-        sps, peak = train_step_speed(pipe, shapes, device, dtype, r, profile.train_batch_size, profile)
-        if not profile.free_text_encoders:  # this profile keeps CLIP-L, CLIP-G and T5 resident all run long
-            peak += result["text_encoders_gib"]
-        # assumed cost: policy forward + backward (~2 forwards: input gradients, LoRA weights only) + reference
-        # forward = 4 forwards, + 1 recompute with gradient checkpointing
-        tflops = sps * (4 + profile.gradient_checkpointing) * flops[r] / 1e12
-        rows.append({"what": f"train step ({pname})", "resolution": r, "batch": profile.train_batch_size,
-                     "gradient_checkpointing": profile.gradient_checkpointing, "optimizer": profile.optimizer,
-                     "samples_per_s": sps, "peak_gib": peak, "mfu": tflops / peak_tflops})
+        for guided in (False, True):
+            sps, peak = train_step_speed(pipe, shapes, device, dtype, r, profile.train_batch_size, profile, guided)
+            if not profile.free_text_encoders:  # this profile keeps CLIP-L, CLIP-G and T5 resident all run long
+                peak += result["text_encoders_gib"]
+            # assumed cost: policy forward + backward (~2 forwards: input gradients, LoRA weights only) + reference
+            # forward = 4 forwards, + 1 recompute with gradient checkpointing; twice that with the guided loss
+            tflops = sps * (4 + profile.gradient_checkpointing) * (1 + guided) * flops[r] / 1e12
+            rows.append({"what": f"train step ({pname}{', guided' if guided else ''})", "resolution": r,
+                         "batch": profile.train_batch_size, "gradient_checkpointing": profile.gradient_checkpointing,
+                         "optimizer": profile.optimizer, "loss_guidance": "guided" if guided else "conditional",
+                         "samples_per_s": sps, "peak_gib": peak, "mfu": tflops / peak_tflops})
     result["rows"], result["seconds"] = rows, time.perf_counter() - t0
 
     print(f"SD3-medium architecture{' (TINY shapes)' if args.tiny else ''}, random weights, {dtype}, {name}, "

@@ -70,6 +70,11 @@ class TrainConfig:
     resolution: int = _f(512, "image height and width in pixels")
     num_inference_steps: int = _f(10, "Euler ODE steps of each rollout")
     guidance_scale: float = _f(4.5, "classifier-free guidance scale of rollouts (<= 1 disables CFG)")
+    loss_guidance: str = _f("conditional", "the velocity field the loss and its W2 term compare: conditional (v_c "
+                                           "alone) or guided (v_u + guidance_scale (v_c - v_u), the field rollouts "
+                                           "sample, for the policy and the reference; two transformer passes per "
+                                           "sample). The same without CFG (guidance_scale <= 1)",
+                            ("conditional", "guided"))
     rollout_batch_size: int = _f(16, "images generated per transformer call (memory knob, no effect on results)")
     vae_batch_size: int = _f(8, "images decoded per VAE call (memory knob)")
     # --- method ----------------------------------------------------------------------------------------------

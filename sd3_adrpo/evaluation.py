@@ -98,27 +98,42 @@ class PolicyEval:
     judged: dict[str, np.ndarray]  # judge column -> (B,) scores
     category: Optional[list[str]]  # (B,) from a judge that sorts prompts into categories, else None
     diversity: dict[str, np.ndarray]  # per prompt
-    w2: Optional[np.ndarray] = None  # (B,) ||v_theta - v_ref||^2 at one sigma draw per image, if asked for
+    w2: Optional[dict[str, np.ndarray]] = None  # ``w2_divergence``'s (B,) values per field, if asked for
 
     def per_prompt(self, values: np.ndarray, k: int) -> np.ndarray:
         return np.asarray(values, float).reshape(-1, k).mean(axis=1)
 
 
 @torch.no_grad()
-def w2_divergence(transformer, latents: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor,
-                  generator: torch.Generator) -> np.ndarray:
-    """||v_theta - v_ref||^2 (mean over elements) per sample at one uniform (sigma, noise) draw each: the ADRPO
-    regulariser on the policy's own samples, v_ref being the same transformer with its adapters disabled."""
-    from sd3_adrpo.losses import noised
-    from sd3_adrpo.models import reference_mode, velocity
+def w2_divergence(transformer, rollout, generator: torch.Generator) -> dict[str, np.ndarray]:
+    """||v_theta - v_ref||^2 (mean over elements) per sample of ``rollout`` at one uniform (sigma, noise) draw each,
+    v_ref being the same transformer with its adapters disabled:
 
+    - ``w2_divergence``: of the guided field v_u + w (v_c - v_u) at the rollout's guidance scale, the policy that is
+      actually sampled (the conditional field when the rollout had no CFG);
+    - ``w2_divergence_conditional``: of v_c alone (what the regulariser sees under loss_guidance: conditional);
+    - ``w2_divergence_unconditional``: of the empty-prompt branch v_u (with CFG only).
+    """
+    from sd3_adrpo.losses import noised, per_sample_mse
+    from sd3_adrpo.models import guide, reference_mode, velocity_fields
+
+    latents = rollout.latents.float()
     noise = torch.randn(latents.shape, generator=generator).to(latents)
     sigmas = torch.rand(len(latents), generator=generator).to(latents.device)
     x_t, _ = noised(latents, noise, sigmas)
-    v_theta = velocity(transformer, x_t, sigmas, prompt_embeds, pooled)
+    args = (x_t, sigmas, rollout.prompt_embeds, rollout.pooled_embeds, rollout.uncond_embeds)
+    theta = velocity_fields(transformer, *args)
     with reference_mode(transformer):
-        v_ref = velocity(transformer, x_t, sigmas, prompt_embeds, pooled)
-    return (v_theta.float() - v_ref.float()).pow(2).flatten(1).mean(1).cpu().numpy()
+        ref = velocity_fields(transformer, *args)
+    w = rollout.guidance_scale
+
+    def w2(a, b):
+        return per_sample_mse(a, b).cpu().numpy()
+
+    out = {"w2_divergence": w2(guide(*theta, w), guide(*ref, w)), "w2_divergence_conditional": w2(theta[0], ref[0])}
+    if theta[1] is not None:
+        out["w2_divergence_unconditional"] = w2(theta[1], ref[1])
+    return out
 
 
 def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -153,8 +168,8 @@ def evaluate_policy(sampler: SD3Sampler, clip: ClipScoreReward, prompts: list[st
     return PolicyEval(prompts=rollout.prompts, images=rollout.images.numpy(),
                       clip_score=clip_scores(img, txt).cpu().numpy(), judged=judged, category=category,
                       diversity=clip_diversity(img.cpu(), rollout.group_ids),
-                      w2=w2_divergence(sampler.pipe.transformer, rollout.latents, rollout.prompt_embeds,
-                                       rollout.pooled_embeds, make_generator(seed, 0, W2_NOISE)) if with_w2 else None)
+                      w2=w2_divergence(sampler.pipe.transformer, rollout, make_generator(seed, 0, W2_NOISE))
+                      if with_w2 else None)
 
 
 def merge_shards(shards: list[PolicyEval]) -> PolicyEval:
@@ -172,7 +187,8 @@ def merge_shards(shards: list[PolicyEval]) -> PolicyEval:
                       judged={key: np.concatenate([s.judged[key] for s in shards]) for key in shards[0].judged},
                       category=None if shards[0].category is None else [c for s in shards for c in s.category],
                       diversity={name: np.concatenate([s.diversity[name] for s in shards]) for name in shards[0].diversity},
-                      w2=cat("w2"))
+                      w2=None if shards[0].w2 is None else {k: np.concatenate([s.w2[k] for s in shards])
+                                                            for k in shards[0].w2})
 
 
 def compare(base: PolicyEval, trained: PolicyEval, images_per_prompt: int, seed: int = 0) -> dict:

@@ -6,7 +6,7 @@ The reference policy v_ref is the same transformer with its LoRA adapter disable
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 
@@ -50,9 +50,29 @@ def add_lora(transformer, rank: int, alpha: float | None = None, targets: list[s
 
 def velocity(transformer, x_t: torch.Tensor, sigmas: torch.Tensor, prompt_embeds: torch.Tensor,
              pooled: torch.Tensor) -> torch.Tensor:
-    """v(x_t, t, c) with SD3's timestep convention t = 1000 * sigma."""
-    return transformer(hidden_states=x_t, timestep=sigmas * 1000, encoder_hidden_states=prompt_embeds,
-                       pooled_projections=pooled, return_dict=False)[0]
+    """v(x_t, t, c) in fp32, with SD3's timestep convention t = 1000 * sigma. Only the transformer's input is cast
+    to its dtype (the prompt embeddings'): x_t, and whatever the caller computes from the result, stay fp32."""
+    return transformer(hidden_states=x_t.to(prompt_embeds.dtype), timestep=sigmas * 1000,
+                       encoder_hidden_states=prompt_embeds, pooled_projections=pooled, return_dict=False)[0].float()
+
+
+def velocity_fields(transformer, x_t: torch.Tensor, sigmas: torch.Tensor, prompt_embeds: torch.Tensor,
+                    pooled: torch.Tensor, uncond: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(v_c, v_u): the conditional field and, where ``uncond`` (the empty prompt's (embeds (L, D), pooled (D,)))
+    is given, the unconditional one, both from one batched transformer call as the CFG sampler makes it."""
+    if uncond is None:
+        return velocity(transformer, x_t, sigmas, prompt_embeds, pooled), None
+    n = len(x_t)
+    v = velocity(transformer, torch.cat([x_t, x_t]), torch.cat([sigmas, sigmas]),
+                 torch.cat([uncond[0].expand_as(prompt_embeds), prompt_embeds]),
+                 torch.cat([uncond[1].expand_as(pooled), pooled]))
+    return v[n:], v[:n]
+
+
+def guide(v_c: torch.Tensor, v_u: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """The classifier-free-guided field v_u + scale (v_c - v_u) that the sampler integrates (v_c without CFG)."""
+    return v_c if v_u is None or scale <= 1.0 else v_u + scale * (v_c - v_u)
 
 
 @contextmanager

@@ -45,7 +45,7 @@ def plot_tradeoff(runs: dict[str, list[dict]], out: str | os.PathLike, reward_ke
             ax.scatter(x[-1:], reward[-1:], color=colour, marker="*", s=180, edgecolor="black", linewidth=0.5,
                        label=label, zorder=3)
     axes[0].set_xlabel("ClipDiversity (higher: more diverse)")
-    axes[1].set_xlabel("W2 divergence E||v_θ − v_ref||²")
+    axes[1].set_xlabel("W2 divergence of the sampled (guided) policy E||v_θ − v_ref||²")
     axes[1].set_xscale("symlog", linthresh=1e-6)
     for ax in axes:
         ax.set_ylabel(reward_key)

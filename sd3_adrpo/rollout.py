@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -26,10 +27,13 @@ class Rollout:
 
     prompts: list[str]
     group_ids: torch.Tensor  # (B,) int64
-    latents: torch.Tensor  # (B, C, h, w) clean x1 in the transformer's (scaled, shifted) latent space
+    latents: torch.Tensor  # (B, C, h, w) clean x1 in the transformer's (scaled, shifted) latent space, fp32
     images: torch.Tensor  # (B, H, W, 3) uint8, decoded from ``latents``
     prompt_embeds: torch.Tensor  # (B, L, D)
     pooled_embeds: torch.Tensor  # (B, D)
+    guidance_scale: float = 1.0  # the CFG scale the samples were drawn with
+    # the sampler's empty-prompt embedding ((L, D), (D,)), the unconditional branch of CFG; None without CFG
+    uncond_embeds: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
 
 class SD3Sampler:
@@ -105,20 +109,20 @@ class SD3Sampler:
             neg_e, neg_p = self.embed([""])
         out = []
         for s in range(0, noise.shape[0], self.batch_size):
-            x = noise[s : s + self.batch_size].to(self.device, self.dtype)
+            x = noise[s : s + self.batch_size].to(self.device, torch.float32)  # the state stays fp32
             e, p = prompt_embeds[s : s + self.batch_size], pooled[s : s + self.batch_size]
             if self.do_cfg:
                 e = torch.cat([neg_e.expand_as(e), e])
                 p = torch.cat([neg_p.expand_as(p), p])
             for i, t in enumerate(timesteps):
-                inp = torch.cat([x, x]) if self.do_cfg else x
+                inp = (torch.cat([x, x]) if self.do_cfg else x).to(self.dtype)  # only the input is cast
                 v = transformer(hidden_states=inp, timestep=t.expand(inp.shape[0]), encoder_hidden_states=e,
                                 pooled_projections=p, return_dict=False)[0]
                 if self.do_cfg:
                     v_uncond, v_text = v.chunk(2)
                     v = v_uncond + self.guidance_scale * (v_text - v_uncond)
                 # Euler step in fp32, as FlowMatchEulerDiscreteScheduler.step does
-                x = (x.float() + (sigmas[i + 1] - sigmas[i]) * v).to(v.dtype)
+                x = x + (sigmas[i + 1] - sigmas[i]) * v.float()
             out.append(x)
         return torch.cat(out)
 
@@ -156,5 +160,7 @@ class SD3Sampler:
                 raise ValueError(f"got {len(generator)} generators for {len(prompts)} prompts")
             noise = torch.cat([torch.randn((samples_per_prompt, *shape), generator=g) for g in generator])
         latents = self.denoise(noise, emb, pooled)
+        uncond = tuple(e[0] for e in self.embed([""])) if self.do_cfg else None
         return Rollout(prompts=expanded, group_ids=group_ids, latents=latents, images=self.decode(latents),
-                       prompt_embeds=emb, pooled_embeds=pooled)
+                       prompt_embeds=emb, pooled_embeds=pooled, guidance_scale=self.guidance_scale,
+                       uncond_embeds=uncond)

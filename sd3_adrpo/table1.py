@@ -70,14 +70,15 @@ def generate(out: Path, label: str, settings: Settings, *, pipe=None, drop_t5: b
         for seed in tqdm(settings.seeds, desc=f"generate {label}"):
             rollout = sampler.sample(list(settings.prompts), settings.images_per_prompt, settings.resolution,
                                      make_generator(seed, 0, EVAL_NOISE))
-            w2 = (w2_divergence(pipe.transformer, rollout.latents, rollout.prompt_embeds, rollout.pooled_embeds,
-                      make_generator(seed, 0, W2_NOISE)) if settings.lora else np.zeros(len(rollout.prompts)))
+            w2 = (w2_divergence(pipe.transformer, rollout, make_generator(seed, 0, W2_NOISE)) if settings.lora else
+                  None)
             for i, image in enumerate(rollout.images.numpy()):
                 p, j = divmod(i, settings.images_per_prompt)
                 path = _image_path(out, label, seed, p, j)
                 save_png(path, image)
                 files.append({"file": str(path.relative_to(out)), "seed": seed, "prompt_index": p, "j": j,
-                              "prompt": settings.prompts[p], "w2_divergence": float(w2[i])})
+                              "prompt": settings.prompts[p],
+                              **{k: float(v[i]) for k, v in (w2 or {"w2_divergence": np.zeros(len(rollout.prompts))}).items()}})
         if settings.lora:
             pipe.delete_adapters(label)
     else:  # any other diffusers text-to-image pipeline, through its own __call__

@@ -115,7 +115,8 @@ def trajectory_point(cfg: TrainConfig, prompts: list[str], sampler: SD3Sampler, 
                          judges=judges)
     rewards = reward_fn(torch.from_numpy(ev.images), ev.prompts)
     point = {"reward": float(torch.as_tensor(rewards).float().nanmean()), "clip_score": float(ev.clip_score.mean()),
-             "clip_diversity": float(ev.diversity[DIVERSITY_DEFAULT].mean()), "w2_divergence": float(ev.w2.mean())}
+             "clip_diversity": float(ev.diversity[DIVERSITY_DEFAULT].mean()),
+             **{name: float(values.mean()) for name, values in ev.w2.items()}}
     point.update({f"clip_diversity_{k}": float(v.mean()) for k, v in ev.diversity.items()})
     point.update({key: float(values.mean()) for key, values in ev.judged.items()})
     return point
@@ -256,7 +257,9 @@ def train(cfg: TrainConfig) -> Path:
                     c_cfm, c_w2 = coefficients(cfg.method, all_rewards, all_advantages, all_groups, all_valid, cfg)
                     stats = update(accelerator, transformer, base_transformer, optimizer, lr_scheduler, rollout,
                                    (c_cfm[local], c_w2[local]), cfg, key, local.start)
-                for k in ("loss", "cfm", "w2", "nonfinite_loss"):
+                for k in ("loss", "cfm", "w2", "w2_conditional", "w2_unconditional", "nonfinite_loss"):
+                    if k not in stats:
+                        continue
                     stats[k] = float(accelerator.reduce(torch.tensor(float(stats[k]), device=device),
                                                         "mean" if k != "nonfinite_loss" else "sum"))
                 row.update(stats)

@@ -9,36 +9,64 @@ from __future__ import annotations
 import torch
 
 from sd3_adrpo.config import TrainConfig
-from sd3_adrpo.losses import dpo_fm_loss, noised, per_sample_mse, sample_sigmas, adrpo_loss
-from sd3_adrpo.models import reference_mode, velocity
+from sd3_adrpo.losses import adrpo_loss, dpo_fm_loss, noised, per_sample_mse, sample_sigmas
+from sd3_adrpo.models import guide, reference_mode, velocity_fields
 from sd3_adrpo.rollout import Rollout, make_generator
 
 
-def fm_batch_loss(transformer, base_transformer, x1, noise, sigmas, prompt_embeds, pooled, c_cfm, c_w2):
-    """c_cfm * CFM + c_w2 * W2 on a minibatch of rollout samples, each with its own (sigma, noise) draw
-    (ADRPO: c = (A, beta0 - A)). v_ref is the same transformer with its adapter disabled (``reference_mode`` on the
-    unwrapped module), run through the wrapper, which may shard the weights.
-    Returns (loss, per-sample CFM term, per-sample W2 term)."""
-    x_t, target = noised(x1, noise, sigmas)
+def policy_and_reference(transformer, base_transformer, x_t, sigmas, prompt_embeds, pooled, guidance=None):
+    """(v_theta, v_ref, terms) at the same (x_t, sigma, c): the fields the loss compares. v_ref is the same
+    transformer with its adapter disabled (``reference_mode`` on the unwrapped module), run through the wrapper,
+    which may shard the weights, under no_grad.
+
+    ``guidance=None`` (loss_guidance: conditional): both are the conditional field v_c. ``guidance=(uncond,
+    scale)`` (guided): both are the guided field v_u + scale (v_c - v_u) the sampler integrates, v_u from the same
+    empty-prompt embedding; the policy's gradient flows through both passes. ``terms`` then holds the per-sample W2
+    of each branch (``w2_conditional``, ``w2_unconditional``), for logging."""
+    uncond, scale = guidance if guidance is not None else (None, 1.0)
     with torch.no_grad(), reference_mode(base_transformer):
-        v_ref = velocity(transformer, x_t, sigmas, prompt_embeds, pooled)
-    v_theta = velocity(transformer, x_t, sigmas, prompt_embeds, pooled)
-    return adrpo_loss(v_theta.float(), v_ref.float(), target.float(), c_cfm, c_w2, return_terms=True)
+        ref_c, ref_u = velocity_fields(transformer, x_t, sigmas, prompt_embeds, pooled, uncond)
+    theta_c, theta_u = velocity_fields(transformer, x_t, sigmas, prompt_embeds, pooled, uncond)
+    terms = {}
+    if theta_u is not None:
+        terms = {"w2_conditional": per_sample_mse(theta_c, ref_c).detach(),
+                 "w2_unconditional": per_sample_mse(theta_u, ref_u).detach()}
+    return guide(theta_c, theta_u, scale), guide(ref_c, ref_u, scale), terms
+
+
+def fm_batch_loss(transformer, base_transformer, x1, noise, sigmas, prompt_embeds, pooled, c_cfm, c_w2,
+                  guidance=None):
+    """c_cfm * CFM + c_w2 * W2 (``losses.adrpo_loss``) on a minibatch of rollout samples, each with its own
+    (sigma, noise) draw (ADRPO: c = (A, beta0 - A)), on the fields of ``policy_and_reference``. x1, the noise and the
+    target stay fp32; only the transformer's inputs are cast. Returns (loss, per-sample terms: cfm, w2, ...)."""
+    x_t, target = noised(x1.float(), noise.float(), sigmas.float())
+    v_theta, v_ref, terms = policy_and_reference(transformer, base_transformer, x_t, sigmas, prompt_embeds, pooled,
+                                                 guidance)
+    loss, cfm, w2 = adrpo_loss(v_theta, v_ref, target, c_cfm, c_w2, return_terms=True)
+    return loss, {"cfm": cfm, "w2": w2, **terms}
 
 
 def dpo_batch_loss(transformer, base_transformer, x_w, x_l, noise, sigmas, emb_w, emb_l, pooled_w, pooled_l,
-                   beta: float, weights):
-    """Diffusion-DPO on (winner, loser) pairs, each pair sharing its (sigma, noise). Returns (loss, mean error of the
-    policy on the pairs, W2 of the policy to the reference on the pairs)."""
-    x_t, target = noised(torch.cat([x_w, x_l]), torch.cat([noise, noise]), torch.cat([sigmas, sigmas]))
-    args = (x_t, torch.cat([sigmas, sigmas]), torch.cat([emb_w, emb_l]), torch.cat([pooled_w, pooled_l]))
-    with torch.no_grad(), reference_mode(base_transformer):
-        v_ref = velocity(transformer, *args).float()
-    v_theta = velocity(transformer, *args).float()
-    e, e_ref = per_sample_mse(v_theta, target.float()), per_sample_mse(v_ref, target.float())
+                   beta: float, weights, guidance=None):
+    """Diffusion-DPO on (winner, loser) pairs, each pair sharing its (sigma, noise), with the errors of the fields of
+    ``policy_and_reference``. Returns (loss, per-item terms: cfm = the policy's error, w2 = its W2 to the reference,
+    ...)."""
+    x_t, target = noised(torch.cat([x_w, x_l]).float(), torch.cat([noise, noise]).float(),
+                         torch.cat([sigmas, sigmas]).float())
+    v_theta, v_ref, terms = policy_and_reference(transformer, base_transformer, x_t, torch.cat([sigmas, sigmas]),
+                                                 torch.cat([emb_w, emb_l]), torch.cat([pooled_w, pooled_l]), guidance)
+    e, e_ref = per_sample_mse(v_theta, target), per_sample_mse(v_ref, target)
     (e_w, e_l), (e_w_ref, e_l_ref) = e.chunk(2), e_ref.chunk(2)
     loss = dpo_fm_loss(e_w, e_w_ref, e_l, e_l_ref, beta, weights)
-    return loss, e.detach(), per_sample_mse(v_theta, v_ref).detach()
+    return loss, {"cfm": e.detach(), "w2": per_sample_mse(v_theta, v_ref).detach(), **terms}
+
+
+def loss_guidance(cfg: TrainConfig, rollout: Rollout):
+    """What ``policy_and_reference`` takes as ``guidance`` under ``cfg.loss_guidance``: None (conditional, or a
+    rollout sampled without CFG), else (the rollout's empty-prompt embedding, its guidance scale)."""
+    if cfg.loss_guidance == "conditional" or rollout.uncond_embeds is None:
+        return None
+    return rollout.uncond_embeds, rollout.guidance_scale
 
 
 def loss_noise(cfg: TrainConfig, shape: tuple, key: tuple, indices: range) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,14 +86,14 @@ def optimise(accelerator, transformer, optimizer, lr_scheduler, cfg: TrainConfig
     """``inner_epochs`` shuffled passes over ``n_items`` training items (samples, or DPO pairs) in micro-batches of
     ``cfg.items_per_batch``, with gradient accumulation; returns mean loss terms, grad norm and skip counts.
 
-    ``batch_loss(idx, noise, sigmas) -> (loss, cfm, w2)``. Each item gets one (sigma, noise) draw keyed by ``key``
+    ``batch_loss(idx, noise, sigmas) -> (loss, {name: per-item term})``; each term is logged as its mean. Each item gets one (sigma, noise) draw keyed by ``key``
     and its global index (``first_index`` is this process's offset), so the update does not depend on how items
     are split into micro-batches or processes. A window whose loss or gradient is not finite on any process is
     skipped by all of them.
     """
     device = accelerator.device
     params = [p for p in transformer.parameters() if p.requires_grad]
-    sums = {"loss": 0.0, "cfm": 0.0, "w2": 0.0}
+    sums = {"loss": 0.0}
     grad_norms, micro_batches, skipped = [], 0, {"nonfinite_loss": 0, "nonfinite_grad": 0}
     window_ok = True
     transformer.train()
@@ -75,7 +103,7 @@ def optimise(accelerator, transformer, optimizer, lr_scheduler, cfg: TrainConfig
         for start in range(0, n_items, cfg.items_per_batch):
             idx = order[start : start + cfg.items_per_batch]
             with accelerator.accumulate(transformer), accelerator.autocast():
-                loss, cfm, w2 = batch_loss(idx.to(device), noise[idx].to(device), sigmas[idx].to(device))
+                loss, terms = batch_loss(idx.to(device), noise[idx].to(device), sigmas[idx].to(device))
                 if not torch.isfinite(loss):
                     window_ok = False
                     skipped["nonfinite_loss"] += 1
@@ -93,8 +121,8 @@ def optimise(accelerator, transformer, optimizer, lr_scheduler, cfg: TrainConfig
                     optimizer.zero_grad(set_to_none=True)
                     window_ok = True
             sums["loss"] += float(loss.detach())
-            sums["cfm"] += float(cfm.mean())
-            sums["w2"] += float(w2.mean())
+            for name, values in terms.items():
+                sums[name] = sums.get(name, 0.0) + float(values.mean())
             micro_batches += 1
     transformer.eval()
     stats = {k: v / micro_batches for k, v in sums.items()}
@@ -109,11 +137,11 @@ def update(accelerator, transformer, base_transformer, optimizer, lr_scheduler, 
            first_index: int = 0) -> dict:
     """The update of the reward-weighted methods: per-sample loss c_cfm * CFM + c_w2 * W2 over the rollout."""
     c_cfm, c_w2 = (c.to(rollout.latents.device) for c in coefficients)
-    r = rollout
+    r, guidance = rollout, loss_guidance(cfg, rollout)
 
     def batch_loss(idx, noise, sigmas):
-        return fm_batch_loss(transformer, base_transformer, r.latents[idx], noise.to(r.latents), sigmas,
-                             r.prompt_embeds[idx], r.pooled_embeds[idx], c_cfm[idx], c_w2[idx])
+        return fm_batch_loss(transformer, base_transformer, r.latents[idx], noise, sigmas,
+                             r.prompt_embeds[idx], r.pooled_embeds[idx], c_cfm[idx], c_w2[idx], guidance)
 
     return optimise(accelerator, transformer, optimizer, lr_scheduler, cfg, len(r.prompts),
                     tuple(r.latents.shape[1:]), key, first_index, batch_loss)
@@ -124,13 +152,13 @@ def update_dpo(accelerator, transformer, base_transformer, optimizer, lr_schedul
                first_index: int = 0) -> dict:
     """The DPO update over (winner, loser, weight) pairs of local sample indices."""
     winners, losers, weights = (p.to(rollout.latents.device) for p in pairs)
-    r = rollout
+    r, guidance = rollout, loss_guidance(cfg, rollout)
 
     def batch_loss(idx, noise, sigmas):
         w, l = winners[idx], losers[idx]
-        return dpo_batch_loss(transformer, base_transformer, r.latents[w], r.latents[l], noise.to(r.latents), sigmas,
+        return dpo_batch_loss(transformer, base_transformer, r.latents[w], r.latents[l], noise, sigmas,
                               r.prompt_embeds[w], r.prompt_embeds[l], r.pooled_embeds[w], r.pooled_embeds[l],
-                              cfg.dpo_beta, weights[idx])
+                              cfg.dpo_beta, weights[idx], guidance)
 
     return optimise(accelerator, transformer, optimizer, lr_scheduler, cfg, len(winners),
                     tuple(r.latents.shape[1:]), key, first_index, batch_loss)
