@@ -1,6 +1,11 @@
 """What the tiny-world sweep and reproduction scripts share: one training or evaluation as a logged subprocess (so
 several can run side by side, each with its own torch thread count), the equal-compute rule for DPO, and how an
-existing run is found stale: its saved settings compared with a command's, and the fingerprint of the files it read."""
+existing run is found stale: its saved settings compared with a command's, and the fingerprint of the files it read.
+
+Run folders (LoRAs, per-iteration logs, each run's config.yaml and input records) stay local; what is committed of an
+experiment is its tables and one compact record, ``run_records.json`` in its output folder: every run's settings and
+input fingerprints as it was trained and evaluated. A driver's ``--check`` compares that record with what the current
+code would run, so a fresh clone, which has no run folders, can still tell whether the committed results are current."""
 
 from __future__ import annotations
 
@@ -16,9 +21,12 @@ from typing import Optional
 import yaml
 
 from sd3_adrpo.config import parse_args
+from sd3_adrpo.io import atomic_write_json
 from sd3_adrpo.methods import unused_knobs
 
 ROOT = Path(__file__).resolve().parents[1]
+
+RECORDS = "run_records.json"  # under an experiment's --out: {run: its settings and input fingerprints}
 
 # where a run is written, whether it may replace a folder, what it resumes from and how a batch is divided over
 # processes: none of them changes what the run learns
@@ -57,11 +65,16 @@ def run_logged(cmd: list[str], log: Path, threads: int = 0) -> None:
         raise RuntimeError(f"{cmd[0]} failed (rc {rc}); full log: {log}\n{tail}")
 
 
-def changed_settings(saved_config: Path, argv: list[str]) -> list[str]:
-    """The settings in which the run whose trainer wrote ``saved_config`` (its config.yaml) differs from what
-    ``train_sd3_adrpo.py argv`` would train, sorted; fields only another method reads are ignored, so that tuning
-    one baseline does not make the other methods' runs stale."""
-    saved = yaml.safe_load(saved_config.read_text())
+def saved_settings(saved_config: Path) -> dict:
+    """The settings a trainer saved in a run's config.yaml."""
+    return yaml.safe_load(saved_config.read_text())
+
+
+def changed_settings(saved_config: Path | dict, argv: list[str]) -> list[str]:
+    """The settings in which the run whose trainer wrote ``saved_config`` (its config.yaml, or those settings as a
+    dict, as a run record keeps them) differs from what ``train_sd3_adrpo.py argv`` would train, sorted; fields only
+    another method reads are ignored, so that tuning one baseline does not make the other methods' runs stale."""
+    saved = saved_config if isinstance(saved_config, dict) else saved_settings(saved_config)
     want = dataclasses.asdict(parse_args(argv))
     ignore = NOT_LEARNING_SETTINGS | unused_knobs(want["method"])
     return sorted(k for k in want.keys() | saved.keys() if k not in ignore and saved.get(k) != want.get(k))
@@ -84,3 +97,23 @@ def input_fingerprint(*paths: Optional[str]) -> dict[str, str]:
             digest.update(hashlib.sha256(f.read_bytes()).digest())
         out[p] = digest.hexdigest()
     return out
+
+
+def read_records(out: Path) -> dict:
+    """An experiment's committed run records (``out/run_records.json``), {} if it has none."""
+    path = out / RECORDS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_records(out: Path, records: dict) -> None:
+    """Write an experiment's run records, indented with sorted keys so that a rerun's diff shows what changed."""
+    atomic_write_json(out / RECORDS, records)
+
+
+def report_check(problems: list[str], checked: int, out: Path) -> None:
+    """End a ``--check``: exit 0 with one line when every run is current, else exit 1 naming each run that is not."""
+    if problems:
+        raise SystemExit(f"{len(problems)} of {checked} run(s) recorded in {out / RECORDS} are not what this command "
+                         "would run:\n  " + "\n  ".join(problems))
+    print(f"all {checked} run(s) recorded in {out / RECORDS} are current: same settings and the same files behind "
+          "their inputs as this command would use")

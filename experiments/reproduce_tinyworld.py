@@ -4,6 +4,7 @@ held-out prompts, the Figure 3 trade-off plots and the Table 3 advantage-clippin
 
     python experiments/reproduce_tinyworld.py --jobs 2 --threads 1 --out results/tinyworld    # full: <= 3 h, 2 cores
     python experiments/reproduce_tinyworld.py --quick --out results/tinyworld_quick                # <= 20 min
+    python experiments/reproduce_tinyworld.py --check --jobs 2 --threads 1 --out results/tinyworld  # seconds
 
 Equal compute: every method samples the same images (iterations x prompts x samples) and takes the same number of
 optimizer steps (DPO, which trains on one pair per prompt, gets samples_per_prompt / 2 times the inner epochs). Each
@@ -11,8 +12,15 @@ run trains in its own subprocess (``--jobs`` side by side, ``--threads`` torch t
 one-thread runs finish sooner than one after the other) and is then evaluated by the Table 1 CLI on a seeded subset
 of held-out prompts, with its training seed as the generation seed; the table reports mean +- standard error over
 training seeds. A run whose LoRA (or evaluation) already exists is not repeated, so an interrupted reproduction
-resumes. Writes under --out: runs/, eval/, logs/, table1.{md,csv,tex}, ablation.md, fig3.{png,pdf}, tasks.json
-(each run's metrics and time) and README.md with the exact command, commit and machine.
+resumes; an existing run trained with other settings or on other files is refused before anything starts. Writes
+under --out: runs/, eval/, logs/ (local: LoRAs and per-run files, not committed), table1.{md,csv,tex}, ablation.md,
+fig3.{png,pdf} with its data fig3.json, tasks.json (each run's metrics and time), run_records.json (each run's
+settings and input fingerprints, and its evaluation's command and input fingerprints) and README.md with the exact
+command, commit and machine.
+
+``--check`` trains and evaluates nothing: with the arguments of a recorded command it compares run_records.json with
+what that command would run now (settings, the sha256 of the base model, prompts and CLIPs, the evaluation commands)
+and exits 1 naming every run that differs, 0 if all are current. It needs no run folder, so it works in a fresh clone.
 """
 
 from __future__ import annotations
@@ -41,7 +49,8 @@ from sd3_adrpo.io import atomic_write_bytes, atomic_write_json  # noqa: E402
 from sd3_adrpo.plots import load_trajectory, plot_tradeoff  # noqa: E402
 from sd3_adrpo.tables import Table  # noqa: E402
 
-from _launch import changed_settings, cli_overrides, equal_compute_overrides, input_fingerprint, run_logged  # noqa: E402
+from _launch import (RECORDS, changed_settings, cli_overrides, equal_compute_overrides, input_fingerprint,  # noqa: E402
+                     read_records, report_check, run_logged, saved_settings, write_records)
 
 METHOD_LABELS = {"adrpo": "ADRPO", "fixed_beta": "Fixed beta (ablation)", "orw_cfm_w2": "ORW-CFM-W2", "raft": "RAFT",
                  "dpo": "DPO"}
@@ -108,18 +117,78 @@ def train_inputs(argv: list[str]) -> dict[str, str]:
     return input_fingerprint(cfg.pretrained_model, cfg.train_prompts, cfg.reward_model)
 
 
+def train_differences(settings: dict, inputs: Optional[dict], argv: list[str]) -> list[str]:
+    """How a run trained with ``settings`` on files with fingerprints ``inputs`` (None: not recorded) differs from
+    what ``train_sd3_adrpo.py argv`` would train (fields only another method reads are ignored, so tuning one
+    baseline does not invalidate the others' runs); [] if it does not."""
+    keys = changed_settings(settings, argv)
+    if inputs is None or inputs != train_inputs(argv):
+        keys.append("the files behind pretrained_model / train_prompts / reward_model (changed or not recorded)")
+    return keys
+
+
 def stale_settings(task: Task, args, base_cfg, out: Path) -> list[str]:
-    """Settings in which an existing run differs from what this reproduction would train (fields only another
-    method reads are ignored, so tuning one baseline does not invalidate the others' runs); [] if none or no run."""
+    """Settings in which an existing run (its folder under --out) differs from what this reproduction would train;
+    [] if none or no run."""
     saved_path = out / "runs" / task.name / "final" / "config.yaml"
     if task.overrides is None or not saved_path.is_file():
         return []
-    argv = train_argv(task, args, base_cfg, out)
-    keys = changed_settings(saved_path, argv)
     recorded = out / "runs" / task.name / "inputs.json"
-    if not recorded.is_file() or json.loads(recorded.read_text()) != train_inputs(argv):
-        keys.append("the files behind pretrained_model / train_prompts / reward_model (changed or not recorded)")
-    return keys
+    inputs = json.loads(recorded.read_text()) if recorded.is_file() else None
+    return train_differences(saved_settings(saved_path), inputs, train_argv(task, args, base_cfg, out))
+
+
+def eval_stamp(task: Task, args, base_cfg, out: Path) -> dict:
+    """A task's evaluation: {"command": the Table 1 CLI's command line, "inputs": the sha256 of the files behind the
+    base model, the held-out prompts and the CLIP}; the evaluation is redone when either changes."""
+    run_dir, ev = out / "runs" / task.name, out / "eval" / task.name
+    cmd = ["eval/table1.py", "--base", base_cfg.pretrained_model, "--prompts", args.eval_prompts,
+           "--num_prompts", str(args.eval_num_prompts), "--prompt_seed", "0", "--seeds", str(task.seed),
+           "--images_per_prompt", str(args.images_per_prompt), "--steps", str(base_cfg.num_inference_steps),
+           "--guidance_scale", str(base_cfg.guidance_scale), "--resolution", str(base_cfg.resolution),
+           "--max_sequence_length", str(base_cfg.t5_length), "--clip", base_cfg.eval_clip_model, "--out", str(ev)]
+    cmd += ["--drop_t5"] if base_cfg.drop_t5 else []
+    cmd += [] if task.overrides is None else ["--run", f"run={run_dir / 'final'}", "--skip_base"]
+    return {"command": cmd, "inputs": input_fingerprint(base_cfg.pretrained_model, args.eval_prompts,
+                                                         base_cfg.eval_clip_model)}
+
+
+def task_record(task: Task, out: Path) -> dict:
+    """What run_records.json keeps of a finished task, read from its local files: the trained run's settings
+    (final/config.yaml) and input fingerprints (inputs.json), none for the base; its evaluation's stamp."""
+    record = {"eval": json.loads((out / "eval" / task.name / "command.json").read_text())}
+    if task.overrides is not None:
+        run_dir = out / "runs" / task.name
+        record["settings"] = saved_settings(run_dir / "final" / "config.yaml")
+        record["inputs"] = json.loads((run_dir / "inputs.json").read_text())
+    return record
+
+
+def check_records(tasks: dict[str, Task], args, base_cfg, out: Path) -> list[str]:
+    """--check: for each task, how its record in out/run_records.json (and its result in out/tasks.json) differs
+    from what this command would train and evaluate; [] when every task is current. Reads no run folder."""
+    records = read_records(out)
+    results = json.loads((out / "tasks.json").read_text()) if (out / "tasks.json").is_file() else {}
+    problems = []
+    for name, task in tasks.items():
+        record = records.get(name)
+        if record is None:
+            problems.append(f"{name}: not in {RECORDS}")
+            continue
+        keys = []
+        if task.overrides is not None:
+            keys += train_differences(record.get("settings", {}), record.get("inputs"),
+                                      train_argv(task, args, base_cfg, out))
+        want, have = eval_stamp(task, args, base_cfg, out), record.get("eval", {})
+        if have.get("command") != want["command"]:
+            keys.append("the evaluation's command")
+        keys += [f"the file(s) behind {p} (evaluation)" for p in want["inputs"]
+                 if have.get("inputs", {}).get(p) != want["inputs"][p]]
+        if name not in results:
+            keys.append("no result in tasks.json")
+        if keys:
+            problems.append(f"{name}: {', '.join(keys)}")
+    return problems
 
 
 def run_task(task: Task, args, base_cfg, out: Path) -> dict:
@@ -137,18 +206,10 @@ def run_task(task: Task, args, base_cfg, out: Path) -> dict:
         atomic_write_json(run_dir / "inputs.json", train_inputs(argv))
         worked = trained = True
     result = ev / "runs" / ("Base.json" if task.overrides is None else "run.json")
-    cmd = ["eval/table1.py", "--base", base_cfg.pretrained_model, "--prompts", args.eval_prompts,
-           "--num_prompts", str(args.eval_num_prompts), "--prompt_seed", "0", "--seeds", str(task.seed),
-           "--images_per_prompt", str(args.images_per_prompt), "--steps", str(base_cfg.num_inference_steps),
-           "--guidance_scale", str(base_cfg.guidance_scale), "--resolution", str(base_cfg.resolution),
-           "--max_sequence_length", str(base_cfg.t5_length), "--clip", base_cfg.eval_clip_model, "--out", str(ev)]
-    cmd += ["--drop_t5"] if base_cfg.drop_t5 else []
-    cmd += [] if task.overrides is None else ["--run", f"run={run_dir / 'final'}", "--skip_base"]
     # the evaluation is redone when its command or the files behind the base model, prompts or CLIP change
-    stamp, want = ev / "command.json", {"command": cmd, "inputs": input_fingerprint(
-        base_cfg.pretrained_model, args.eval_prompts, base_cfg.eval_clip_model)}
+    stamp, want = ev / "command.json", eval_stamp(task, args, base_cfg, out)
     if not (result.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want):
-        run_logged(cmd, out / "logs" / f"{task.name}.eval.log", args.threads)
+        run_logged(want["command"], out / "logs" / f"{task.name}.eval.log", args.threads)
         atomic_write_json(stamp, want)
         worked = True
     metrics = json.loads(result.read_text())["metrics"]
@@ -193,6 +254,9 @@ def main(argv=None) -> None:
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time, each a subprocess")
     ap.add_argument("--threads", type=int, default=0, help="torch threads per run (0: torch's default)")
     ap.add_argument("--quick", action="store_true", help="fewer iterations, prompts and one seed (<= 20 min)")
+    ap.add_argument("--check", action="store_true",
+                    help=f"train and evaluate nothing: say whether every run in --out's {RECORDS} is what this "
+                         "command would run now (exit 1 if not); needs no run folder")
     ap.add_argument("--out", default="results/tinyworld")
     ap.add_argument("train_overrides", nargs="*", help="extra --key value pairs for every training run, after --")
     args = ap.parse_args(argv)
@@ -209,6 +273,9 @@ def main(argv=None) -> None:
                              "pass --tuned none to use the config's settings for every method")
         args.tuned_points = json.loads(Path(args.tuned).read_text())["chosen"]
     tasks, rows, ablation = plan(args, base_cfg)
+    if args.check:
+        report_check(check_records(tasks, args, base_cfg, out), len(tasks), out)
+        return
     stale = {name: keys for name, task in tasks.items() if (keys := stale_settings(task, args, base_cfg, out))}
     if stale:
         name, keys = next(iter(stale.items()))
@@ -216,7 +283,9 @@ def main(argv=None) -> None:
                          f"than this command would use (e.g. {name}: {', '.join(keys)}). Delete them or pass another "
                          "--out; runs are never overwritten.")
     previous = json.loads((out / "tasks.json").read_text()) if (out / "tasks.json").is_file() else {}
+    previous_records = read_records(out)
     done: dict[str, dict] = {}
+    records: dict[str, dict] = {}
     worked = False
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         futures = {pool.submit(run_task, task, args, base_cfg, out): name for name, task in tasks.items()}
@@ -230,6 +299,8 @@ def main(argv=None) -> None:
                 if not done[name].pop("trained"):
                     done[name]["seconds"] += previous.get(name, {}).get("seconds", 0.0)
                 atomic_write_json(out / "tasks.json", {**previous, **done})
+                records[name] = task_record(tasks[name], out)
+                write_records(out, {**previous_records, **records})
         except BaseException:
             for f in futures:  # stop what has not started; the runs under way finish (and are kept) first
                 f.cancel()
@@ -245,8 +316,10 @@ def main(argv=None) -> None:
     if ablation:
         abl = table_of(ablation, done, ["ADRPO with advantage clip ±0.5, ±1, ±2 × β0 (the poster's Table 3)."])
         atomic_write_bytes(out / "ablation.md", abl.to_markdown().encode())
-    first = {label: out / "runs" / names[0] for label, names in rows.items() if label != "Base"}
-    plot_tradeoff({label: load_trajectory(run) for label, run in first.items()}, out / "fig3")
+    # the figure's data is kept with it (fig3.json, in the plot's order): the run folders it is read from stay local
+    trajectories = {label: load_trajectory(out / "runs" / names[0]) for label, names in rows.items() if label != "Base"}
+    atomic_write_bytes(out / "fig3.json", (json.dumps(trajectories, indent=1) + "\n").encode())
+    plot_tradeoff(trajectories, out / "fig3")
 
     commit = code_commit(out)
     command = "python experiments/reproduce_tinyworld.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))

@@ -11,11 +11,17 @@ on the tune prompts (same seeds); a grid point qualifies only when the upper end
 >= 0 (accuracy not down beyond noise). The best qualifying point per method is the recommended default. With
 ``--seeds`` every point is trained at each training seed, and a point's gain is the mean over its seeds; it qualifies
 only when its oracle interval reaches >= 0 at every seed.
-Writes ``runs/<method>/<point>/`` (each a normal run folder; ``<point>_seed<S>`` for a seed other than the config's),
-``tuning.json`` and ``tuning.md`` under --out.
+Writes ``runs/<method>/<point>/`` (each a normal run folder, kept local, not committed; ``<point>_seed<S>`` for a
+seed other than the config's), ``tuning.json``, ``tuning.md`` and ``run_records.json`` (each run's settings and the
+sha256 of the files behind its inputs, as it was trained) under --out.
 Runs whose summary.json exists are not repeated, so an interrupted sweep resumes; a finished run trained with other
 settings, or on other files behind the same paths (a rebuilt tiny world, an edited prompt file), is refused before
 anything starts, never reused or overwritten.
+
+    python experiments/tune_tinyworld.py --check <the recorded command's arguments>    # seconds, trains nothing
+
+compares run_records.json with what that command would train now and exits 1 naming every run that differs (or has
+no record, or no result in tuning.json), 0 if all are current; it needs no run folder, so it works in a fresh clone.
 """
 
 from __future__ import annotations
@@ -40,7 +46,8 @@ from sd3_adrpo.config import parse_args  # noqa: E402
 from sd3_adrpo.io import atomic_write_bytes, atomic_write_json  # noqa: E402
 from sd3_adrpo.tables import mean_and_se  # noqa: E402
 
-from _launch import changed_settings, cli_overrides, equal_compute_overrides, input_fingerprint, run_logged  # noqa: E402
+from _launch import (RECORDS, changed_settings, cli_overrides, equal_compute_overrides, input_fingerprint,  # noqa: E402
+                     read_records, report_check, run_logged, saved_settings, write_records)
 
 # One knob (or the pair the issue names) per method, three or four points each. ADRPO's advantages are group-normalised
 # (configs/tiny.yaml: adv_scale group_std, clip +-2 beta0), so beta0 moves the clip with it; its other knobs were
@@ -85,6 +92,13 @@ def run_inputs(argv: list[str]) -> dict[str, str]:
     return input_fingerprint(cfg.pretrained_model, cfg.train_prompts, cfg.reward_model, TUNE_PROMPTS)
 
 
+def differences(settings: dict, inputs: dict, argv: list[str]) -> list[str]:
+    """How a run trained with ``settings`` on files with fingerprints ``inputs`` differs from what ``argv`` would
+    train: the changed settings, then each input whose file(s) changed; [] if it does not."""
+    want = run_inputs(argv)
+    return changed_settings(settings, argv) + [f"the file(s) behind {p}" for p in want if inputs.get(p) != want[p]]
+
+
 def stale_reason(run: Path, argv: list[str]) -> str:
     """Why a finished run (one with summary.json) is not what ``argv`` would train; "" if it is, or if it is not
     finished (an unfinished run is simply trained again)."""
@@ -93,10 +107,37 @@ def stale_reason(run: Path, argv: list[str]) -> str:
     missing = [f for f in ("config.yaml", RECORD) if not (run / f).is_file()]
     if missing:
         return f"{run.parent.name}/{run.name}: no {' or '.join(missing)} (trained before the sweep recorded its inputs)"
-    saved, want = json.loads((run / RECORD).read_text()), run_inputs(argv)
-    keys = changed_settings(run / "config.yaml", argv)
-    keys += [f"the file(s) behind {p}" for p in want if saved.get(p) != want[p]]
+    keys = differences(saved_settings(run / "config.yaml"), json.loads((run / RECORD).read_text()), argv)
     return f"{run.parent.name}/{run.name}: {', '.join(keys)}" if keys else ""
+
+
+def record_key(run: Path, out: Path) -> str:
+    return run.relative_to(out).as_posix()
+
+
+def run_record(run: Path) -> dict:
+    """What run_records.json keeps of a finished run, read from its folder: its settings and input fingerprints."""
+    return {"settings": saved_settings(run / "config.yaml"), "inputs": json.loads((run / RECORD).read_text())}
+
+
+def check_records(jobs: list[tuple], args, out: Path) -> list[str]:
+    """--check: for each run of the sweep, how its record in out/run_records.json differs from what this command
+    would train, or that it has no record or no result in out/tuning.json; [] when every run is current. Reads no
+    run folder."""
+    records = read_records(out)
+    report = json.loads((out / "tuning.json").read_text()) if (out / "tuning.json").is_file() else {}
+    results = {(r["method"], point_name(r["point"]), r.get("seed")) for r in report.get("results", [])}
+    problems = []
+    for m, p, seed, run in jobs:
+        key = record_key(run, out)
+        if key not in records:
+            problems.append(f"{key}: not in {RECORDS}")
+            continue
+        keys = differences(records[key]["settings"], records[key]["inputs"], run_argv(m, p, args, run, seed))
+        keys += [] if (m, point_name(p), seed) in results else ["no result in tuning.json"]
+        if keys:
+            problems.append(f"{key}: {', '.join(keys)}")
+    return problems
 
 
 def run_point(method: str, point: dict, seed: int, args, out: Path) -> dict:
@@ -208,6 +249,9 @@ def main(argv=None) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=None,
                     help="train every point at each of these training seeds and choose by the mean gain "
                          "(default: the config's seed only)")
+    ap.add_argument("--check", action="store_true",
+                    help=f"train nothing: say whether every run in --out's {RECORDS} is what this command would train "
+                         "now (exit 1 if not); needs no run folder")
     ap.add_argument("--train_overrides", nargs=argparse.REMAINDER, default=[],
                     help="extra --key value pairs for every run (e.g. --num_iterations 4 for a smoke test)")
     args = ap.parse_args(argv)
@@ -220,6 +264,9 @@ def main(argv=None) -> None:
     config_seed = parse_args(["--config", args.config, *args.train_overrides]).seed
     jobs = [(m, p, seed, run_dir(out, m, p, seed, config_seed))
             for m in args.methods for p in GRIDS[m] for seed in (args.seeds or [config_seed])]
+    if args.check:
+        report_check(check_records(jobs, args, out), len(jobs), out)
+        return
     # every run is checked before any starts
     stale = [reason for m, p, seed, run in jobs if (reason := stale_reason(run, run_argv(m, p, args, run, seed)))]
     if stale:
@@ -235,6 +282,8 @@ def main(argv=None) -> None:
     results = [{"method": m, "point": p, "seed": seed, "metrics": x, "loop_minutes": loop_minutes(run)}
                for (m, p, seed, run), x in zip(jobs, metrics)]
     write_report(results, args, out, time.time() - start)
+    # the record of exactly the runs in tuning.json, from their folders (reused runs as they were trained)
+    write_records(out, {record_key(run, out): run_record(run) for _, _, _, run in jobs})
 
 
 if __name__ == "__main__":
