@@ -1,0 +1,92 @@
+"""What results/ commits of the experiments: small, with one record per experiment that covers every run its tables
+were made from (what the drivers' --check reads in a fresh clone), the figure's data, and run folders left to git's
+ignore rules."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = ROOT / "results"
+
+
+def _git(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
+
+
+def _tracked() -> list[str]:
+    listed = _git("ls-files", "-z", "results")
+    if listed.returncode != 0:
+        pytest.skip("not a git checkout")
+    return [p for p in listed.stdout.split("\0") if p]
+
+
+def test_results_stay_small():
+    files = _tracked()
+    size = sum((ROOT / p).stat().st_size for p in files if (ROOT / p).is_file())
+    assert len(files) <= 150 and size <= 5 * 2**20, (len(files), size)
+    assert not [p for p in files if p.endswith((".safetensors", "metrics.jsonl")) and "/runs/" in p]
+
+
+@pytest.mark.parametrize("path, ignored", [
+    ("results/tinyworld/runs/adrpo_s0/final/pytorch_lora_weights.safetensors", True),
+    ("results/tinyworld/runs/adrpo_s0/inputs.json", True),
+    ("results/tinyworld/eval/adrpo_s0/command.json", True),
+    ("results/tinyworld/logs/adrpo_s0.train.log", True),
+    ("results/tinyworld_tuning/sweep_v2/runs/raft/raft_fraction=0.25/summary.json", True),
+    ("results/tinyworld_tuning/sweep_v3/runs/dpo/dpo_beta=500.0/sweep_inputs.json", True),
+    ("results/tinyworld_main_job/final/pytorch_lora_weights.safetensors", True),
+    ("results/tinyworld/run_records.json", False),
+    ("results/tinyworld/fig3.json", False),
+    ("results/tinyworld/tasks.json", False),
+    ("results/tinyworld_tuning/sweep_v2/run_records.json", False),
+    ("results/tinyworld_tuning/sweep_v2/tuning.json", False),
+])
+def test_a_rerun_adds_no_run_folder_to_git_but_its_records(path, ignored):
+    _tracked()
+    assert (_git("check-ignore", "-q", "--no-index", path).returncode == 0) == ignored
+
+
+def test_the_reproduction_record_covers_every_task_of_its_table():
+    tasks = json.loads((RESULTS / "tinyworld/tasks.json").read_text())
+    records = json.loads((RESULTS / "tinyworld/run_records.json").read_text())
+    assert set(records) == set(tasks)
+    for name, record in records.items():
+        seed = int(name.rsplit("_s", 1)[1])
+        assert f"--seeds {seed} " in " ".join(record["eval"]["command"]) + " "
+        if name.startswith("base_"):
+            assert "settings" not in record and "--skip_base" not in record["eval"]["command"]
+        else:
+            assert record["settings"]["seed"] == seed and len(record["inputs"]) == 3
+            assert record["settings"]["method"] == name.split("_clip")[0].rsplit("_s", 1)[0]
+            assert f"run=results/tinyworld/runs/{name}/final" in record["eval"]["command"]
+
+
+def test_the_reproduction_figure_keeps_its_data_in_the_tables_order():
+    fig = json.loads((RESULTS / "tinyworld/fig3.json").read_text())
+    rows = [line.split("|")[1].strip() for line in (RESULTS / "tinyworld/table1.md").read_text().splitlines()
+            if line.startswith("| ") and not line.startswith("| Method")]
+    assert list(fig) == [r for r in rows if r != "Base"] and len(fig) == 5
+    assert all(traj and [r["iteration"] for r in traj] == sorted(r["iteration"] for r in traj) for traj in fig.values())
+
+
+@pytest.mark.parametrize("sweep", ["sweep_v2", "adrpo_sweep_v2"])
+def test_each_sweep_record_covers_exactly_the_runs_of_its_report(sweep):
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import tune_tinyworld
+
+    out = RESULTS / "tinyworld_tuning" / sweep
+    report = json.loads((out / "tuning.json").read_text())
+    records = json.loads((out / "run_records.json").read_text())
+    # the config's seed (0) when these sweeps ran names a point's folder without a _seed suffix
+    keys = {tune_tinyworld.record_key(tune_tinyworld.run_dir(out, r["method"], r["point"], r["seed"], 0), out): r
+            for r in report["results"]}
+    assert set(records) == set(keys)
+    for key, r in keys.items():
+        settings = records[key]["settings"]
+        assert settings["method"] == r["method"] and settings["seed"] == r["seed"]
+        assert all(settings[k] == v for k, v in r["point"].items())
+        assert set(records[key]["inputs"]) >= {"prompts/tinyworld_tune.txt", "prompts/tinyworld_train.txt"}
