@@ -20,7 +20,7 @@ from typing import Optional
 
 import yaml
 
-from sd3_adrpo.config import parse_args
+from sd3_adrpo.config import TrainConfig, parse_args
 from sd3_adrpo.io import atomic_write_json
 from sd3_adrpo.methods import unused_knobs
 
@@ -28,9 +28,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 RECORDS = "run_records.json"  # under an experiment's --out: {run: its settings and input fingerprints}
 
-# where a run is written, whether it may replace a folder, what it resumes from and how a batch is divided over
-# processes: none of them changes what the run learns
-NOT_LEARNING_SETTINGS = {"output_dir", "overwrite_output_dir", "resume_from", "split_batches"}
+# where a run is written, whether it may replace a folder, what it resumes from, how a batch is divided over
+# processes and which judges score it: none of them changes what the run learns (runs from before the judges key
+# were judged by the tiny world's oracle all the same)
+NOT_LEARNING_SETTINGS = {"output_dir", "overwrite_output_dir", "resume_from", "split_batches", "judges"}
 
 
 def cli_overrides(overrides: dict) -> list[str]:
@@ -77,7 +78,11 @@ def changed_settings(saved_config: Path | dict, argv: list[str]) -> list[str]:
     saved = saved_config if isinstance(saved_config, dict) else saved_settings(saved_config)
     want = dataclasses.asdict(parse_args(argv))
     ignore = NOT_LEARNING_SETTINGS | unused_knobs(want["method"])
-    return sorted(k for k in want.keys() | saved.keys() if k not in ignore and saved.get(k) != want.get(k))
+    # a setting added after a run was trained is missing from its record; a new setting's default keeps the earlier
+    # behaviour (e.g. loss_guidance: conditional), so a missing setting counts as its default
+    defaults = dataclasses.asdict(TrainConfig())
+    return sorted(k for k in want.keys() | saved.keys()
+                  if k not in ignore and saved.get(k, defaults.get(k)) != want.get(k))
 
 
 def input_fingerprint(*paths: Optional[str]) -> dict[str, str]:
