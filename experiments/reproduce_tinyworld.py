@@ -148,6 +148,7 @@ def eval_stamp(task: Task, args, base_cfg, out: Path) -> dict:
            "--guidance_scale", str(base_cfg.guidance_scale), "--resolution", str(base_cfg.resolution),
            "--max_sequence_length", str(base_cfg.t5_length), "--clip", base_cfg.eval_clip_model, "--out", str(ev)]
     cmd += ["--drop_t5"] if base_cfg.drop_t5 else []
+    cmd += [arg for spec in base_cfg.judges for arg in ("--judge", spec)]  # the config's (the tiny world's oracle)
     cmd += [] if task.overrides is None else ["--run", f"run={run_dir / 'final'}", "--skip_base"]
     return {"command": cmd, "inputs": input_fingerprint(base_cfg.pretrained_model, args.eval_prompts,
                                                          base_cfg.eval_clip_model)}
@@ -229,13 +230,26 @@ def code_commit(out: Path) -> str:
     return commit + (f" with uncommitted changes to {len(changed)} tracked file(s)" if changed else "")
 
 
-def table_of(rows: dict[str, list[str]], done: dict[str, dict], notes: list[str]) -> Table:
+def judge_table_columns(args, base_cfg) -> dict:
+    """The columns the config's judges report (label, direction, one per prompt category), named as eval/table1.py
+    names them in each evaluation's table (the tiny world's oracle: 'Oracle acc.' and its categories)."""
+    if not base_cfg.judges:
+        return {}
+    from sd3_adrpo.evaluation import build_judges
+    from sd3_adrpo.prompts import load_prompts, seeded_subset
+    from sd3_adrpo.table1 import judge_columns
+
+    prompts = seeded_subset(load_prompts(args.eval_prompts), args.eval_num_prompts, 0)
+    return judge_columns(build_judges(list(base_cfg.judges)), prompts)[1]
+
+
+def table_of(rows: dict[str, list[str]], done: dict[str, dict], notes: list[str], columns: dict) -> Table:
     per_label = {}
     for label, names in rows.items():
         metrics = done[names[0]]["metrics"]
         per_label[label] = {m: [done[n]["metrics"][m] for n in names] for m in metrics
                             if not m.startswith("clip_diversity_")}
-    return Table(per_label, notes=notes)
+    return Table(per_label, notes=notes, columns=columns)
 
 
 def main(argv=None) -> None:
@@ -310,11 +324,13 @@ def main(argv=None) -> None:
              f"{args.images_per_prompt} images; mean ± s.e. over training seeds {args.seeds}."]
     notes += [f"{METHOD_LABELS[m]}: " + ", ".join(f"{k}={v}" for k, v in point.items()) + f" (tuned: {args.tuned})"
               for m, point in args.tuned_points.items() if m in args.methods]
-    table = table_of(rows, done, notes)
+    columns = judge_table_columns(args, base_cfg)
+    table = table_of(rows, done, notes, columns)
     for ext, text in (("md", table.to_markdown()), ("csv", table.to_csv()), ("tex", table.to_latex())):
         atomic_write_bytes(out / f"table1.{ext}", text.encode())
     if ablation:
-        abl = table_of(ablation, done, ["ADRPO with advantage clip ±0.5, ±1, ±2 × β0 (the poster's Table 3)."])
+        abl = table_of(ablation, done, ["ADRPO with advantage clip ±0.5, ±1, ±2 × β0 (the poster's Table 3)."],
+                       columns)
         atomic_write_bytes(out / "ablation.md", abl.to_markdown().encode())
     # the figure's data is kept with it (fig3.json, in the plot's order): the run folders it is read from stay local
     trajectories = {label: load_trajectory(out / "runs" / names[0]) for label, names in rows.items() if label != "Base"}
