@@ -83,17 +83,20 @@ def plan(args, base_cfg) -> tuple[dict[str, Task], dict[str, list[str]], dict[st
 
     rows["Base"] = [add(f"base_s{s}", s, None) for s in args.seeds]
     for method in args.methods:
-        rows[METHOD_LABELS[method]] = [add(f"{method}_s{s}", s, {"method": method, "seed": s,
-                                                                 **equal_compute_overrides(method, base_cfg),
-                                                                 **args.tuned_points.get(method, {})})
-                                       for s in args.seeds]
+        for guidance in args.loss_guidance:  # each setting of loss_guidance is a row of its own
+            suffix = "" if guidance == "conditional" else f"_{guidance}"
+            label = METHOD_LABELS[method] + ("" if len(args.loss_guidance) == 1 else f" ({guidance})")
+            rows[label] = [add(f"{method}{suffix}_s{s}", s, {"method": method, "seed": s, "loss_guidance": guidance,
+                                                              **equal_compute_overrides(method, base_cfg),
+                                                              **args.tuned_points.get(method, {})})
+                           for s in args.seeds]
     if not args.no_ablation and "adrpo" in args.methods:
         lo, hi = base_cfg.clip_range or (None, None)
         own = hi / base_cfg.beta0 if hi is not None and lo == -hi else None
         for m in CLIP_MULTIPLES:
             label = f"clip ±{m:g}·β0"
-            if own is not None and abs(m - own) < 1e-9:
-                ablation[label] = rows["ADRPO"]
+            if own is not None and abs(m - own) < 1e-9 and "conditional" in args.loss_guidance:
+                ablation[label] = [f"adrpo_s{s}" for s in args.seeds]
             else:
                 ablation[label] = [add(f"adrpo_clip{m:g}_s{s}", s, {"method": "adrpo", "seed": s,
                                                                     "adv_clip_min": -m * base_cfg.beta0,
@@ -261,6 +264,9 @@ def main(argv=None) -> None:
     ap.add_argument("--eval_num_prompts", type=int, default=200,
                     help="held-out prompts in Table 1, a seeded subset (0: all)")
     ap.add_argument("--images_per_prompt", type=int, default=4)
+    ap.add_argument("--loss_guidance", nargs="+", default=["conditional"], choices=["conditional", "guided"],
+                    help="train every method with each of these loss_guidance settings (a row each; the conditional "
+                         "runs keep their names, the others get a suffix); the clipping ablation is conditional")
     ap.add_argument("--no_ablation", action="store_true", help="skip the advantage-clipping ablation")
     ap.add_argument("--tuned", default=TUNED,
                     help="a tuning sweep's tuning.json: each method's chosen setting is applied to its runs (methods "

@@ -18,7 +18,7 @@ COLUMNS = {
     "blip_score": ("BLIPScore", True), "image_reward": ("ImageReward", True), "pickscore": ("PickScore", True),
     "hpsv2": ("HPSv2", True),
 }
-LAST = {"w2_divergence": ("W2 divergence (sampled, guided)", None), "w2_divergence_conditional": ("W2 (conditional)", None),
+LAST = {"w2_divergence": ("W2 divergence (sampled policy)", None), "w2_divergence_conditional": ("W2 (conditional)", None),
         "w2_divergence_unconditional": ("W2 (unconditional)", None)}
 
 

@@ -59,3 +59,23 @@ def test_rollout_layout_reproducibility_and_same_samples(tiny_pipe):
     r3 = sampler.sample(["x", "y"], 3, 64, make_generator(5, 1))
     assert torch.equal(r1.latents, r2.latents)
     assert not torch.allclose(r1.latents, r3.latents)
+
+
+def test_under_bf16_the_samples_stay_fp32_and_only_the_transformers_inputs_are_cast(tiny_models):
+    """x1 (what the loss regresses onto) carries no bf16 rounding of the ODE state: the Euler state is fp32 and only
+    each transformer call's input is cast; the loss's x_t, target and W2 are computed from it in fp32."""
+    from sd3_adrpo.models import add_lora, load_pipeline
+    from sd3_adrpo.update import fm_batch_loss
+
+    pipe = load_pipeline(str(tiny_models["sd3"]), drop_t5=True, dtype=torch.bfloat16)
+    add_lora(pipe.transformer, rank=2)  # B = 0: the policy equals the reference
+    sampler = SD3Sampler(pipe, torch.device("cpu"), num_inference_steps=3, guidance_scale=3.0, max_sequence_length=4,
+                         batch_size=8)
+    r = sampler.sample(["a red circle"], 2, 64, make_generator(0))
+    assert r.latents.dtype == torch.float32 and r.prompt_embeds.dtype == torch.bfloat16
+    assert not torch.equal(r.latents, r.latents.bfloat16().float())  # finer than bf16 can hold
+    noise, sigmas = torch.randn(r.latents.shape, generator=torch.Generator().manual_seed(0)), torch.tensor([0.3, 0.7])
+    loss, terms = fm_batch_loss(pipe.transformer, pipe.transformer, r.latents, noise, sigmas, r.prompt_embeds,
+                                r.pooled_embeds, torch.ones(2), torch.ones(2), (r.uncond_embeds, r.guidance_scale))
+    assert loss.dtype == torch.float32 and all(t.dtype == torch.float32 for t in terms.values())
+    assert torch.all(terms["w2"] == 0)  # no adapter: the policy is the reference, the same bf16 passes

@@ -24,7 +24,7 @@ def _table():
 def test_markdown_marks_best_and_second_and_missing_cells():
     md = _table().to_markdown()
     lines = md.splitlines()
-    assert lines[0] == "| Method | ClipScore | ImageReward | W2 divergence |"
+    assert lines[0] == "| Method | ClipScore | ImageReward | W2 divergence (sampled policy) |"
     adrpo = next(line for line in lines if line.startswith("| +ADRPO"))
     base = next(line for line in lines if line.startswith("| Base"))
     raft = next(line for line in lines if line.startswith("| +RAFT"))

@@ -239,3 +239,29 @@ def test_reproduction_check_compares_the_committed_record_with_the_command(tmp_p
         f"  raft_s0: the file(s) behind {args.eval_prompts} (evaluation)"]
     assert problems(lambda r: r.pop("raft_s0")) == ["  raft_s0: not in run_records.json"]
     assert problems(lambda r: None, results=("base_s0", "raft_s0")) == ["  adrpo_s0: no result in tasks.json"]
+
+
+def test_each_loss_guidance_setting_is_a_row_of_every_method_and_conditional_runs_keep_their_names():
+    import argparse
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import reproduce_tinyworld
+    from sd3_adrpo.config import parse_args
+
+    base_cfg = parse_args(["--config", str(ROOT / "configs/tiny.yaml")])
+
+    def plan(settings):
+        args = argparse.Namespace(seeds=[0, 1], methods=["adrpo", "dpo"], loss_guidance=settings,
+                                  tuned_points={"dpo": {"dpo_beta": 500.0}}, no_ablation=False)
+        return reproduce_tinyworld.plan(args, base_cfg)
+
+    tasks, rows, ablation = plan(["conditional", "guided"])
+    assert list(rows) == ["Base", "ADRPO (conditional)", "ADRPO (guided)", "DPO (conditional)", "DPO (guided)"]
+    assert rows["ADRPO (conditional)"] == ["adrpo_s0", "adrpo_s1"]  # the committed runs' names: they are reused
+    assert rows["DPO (guided)"] == ["dpo_guided_s0", "dpo_guided_s1"]
+    guided = tasks["dpo_guided_s1"].overrides
+    assert guided["loss_guidance"] == "guided" and guided["dpo_beta"] == 500.0 and guided["seed"] == 1
+    assert guided["inner_epochs"] == tasks["dpo_s1"].overrides["inner_epochs"]  # the same equal-compute rule
+    assert ablation["clip ±2·β0"] == ["adrpo_s0", "adrpo_s1"]  # the ablation stays the conditional ADRPO runs
+    tasks, rows, _ = plan(["conditional"])
+    assert list(rows) == ["Base", "ADRPO", "DPO"] and not any("guided" in name for name in tasks)
