@@ -17,9 +17,10 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from sd3_adrpo.io import atomic_write_bytes, atomic_write_json
+from sd3_adrpo.io import atomic_write_bytes, atomic_write_json, read_jsonl
 
 PREFIX = "checkpoint-"
+REQUIRED_FILES = {"trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"}
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -122,7 +123,16 @@ def verify_checkpoint(path: Path) -> None:
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         raise ValueError(f"{path}: no manifest.json (incomplete checkpoint)")
-    for name, entry in json.loads(manifest_path.read_text()).items():
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{path}: manifest.json is not JSON") from None
+    if not (isinstance(manifest, dict) and REQUIRED_FILES <= manifest.keys() and all(
+            isinstance(e, dict) and isinstance(e.get("bytes"), int) and isinstance(e.get("sha256"), str)
+            for e in manifest.values())):
+        raise ValueError(f"{path}: manifest.json does not list {', '.join(sorted(REQUIRED_FILES))} with their sizes "
+                         "and hashes")
+    for name, entry in manifest.items():
         f = path / name
         if not f.is_file() or f.stat().st_size != entry["bytes"] or _sha256(f) != entry["sha256"]:
             raise ValueError(f"{path}: {name} is missing or corrupt")
@@ -160,8 +170,9 @@ def find_resume_checkpoint(resume_from: str, output_dir: str | os.PathLike) -> P
 
 
 def truncate_metrics(path: str | os.PathLike, iteration: int) -> None:
-    """After a resume, drop metric rows at or past the restored iteration (so the log has no duplicates)."""
+    """After a resume, drop metric rows at or past the restored iteration (so the log has no duplicates), and a torn
+    last line with them (``read_jsonl``), so that new rows are not appended to half a line."""
     path = Path(path)
     if path.is_file():
-        rows = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["iteration"] < iteration]
-        atomic_write_bytes(path, "".join(r + "\n" for r in rows).encode())
+        rows = [r for r in read_jsonl(path) if r["iteration"] < iteration]
+        atomic_write_bytes(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())

@@ -114,7 +114,11 @@ class TrainConfig:
     # --- outputs ---------------------------------------------------------------------------------------------
     output_dir: str = _f("runs/adrpo", "run folder: metrics.jsonl, samples/, checkpoints/, final/")
     overwrite_output_dir: bool = _f(False, "delete an existing, non-empty output_dir first (never done silently)")
-    resume_from: Optional[str] = _f(None, "continue a run: a checkpoint folder, or 'latest' (in output_dir)")
+    resume_from: Optional[str] = _f(None, "continue a run: a checkpoint folder, or 'latest' (in output_dir; a run "
+                                          "stopped before its first checkpoint starts over)")
+    allow_config_change: bool = _f(False, "on resume, apply settings that differ from the run's own (learning "
+                                          "rate, beta0, ...) from the resumed iteration on, recorded in "
+                                          "config_history.jsonl; without it such a resume is refused")
     checkpoint_every: int = _f(50, "iterations between checkpoints (0: only at the end)")
     checkpoints_total_limit: int = _f(3, "keep only the newest k checkpoints")
     sample_every: int = _f(10, "iterations between held-out sample grids (0 disables)")
@@ -280,7 +284,9 @@ class TrainConfig:
         if self.resume_from not in (None, "latest") and not Path(self.resume_from).is_dir():
             raise ConfigError(f"resume_from: no such checkpoint folder {self.resume_from!r}")
         out = Path(self.output_dir)
-        if out.exists() and any(out.iterdir()) and self.resume_from is None and not self.overwrite_output_dir:
+        # (.lock: the run lock, which another process of this run may have just taken)
+        if (out.exists() and any(p.name != ".lock" for p in out.iterdir()) and self.resume_from is None
+                and not self.overwrite_output_dir):
             raise ConfigError(f"output_dir {str(out)!r} exists and is not empty. Choose another output_dir, continue "
                               "it with --resume_from latest, or pass --overwrite_output_dir true to delete it")
         if self.resume_from and self.overwrite_output_dir:

@@ -10,11 +10,20 @@ from pathlib import Path
 import numpy as np
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path`` and rename it into place, with the mode an ordinary
+    ``open`` would give (0644 under the usual umask; mkstemp's own 0600 would hide results from colleagues)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -35,6 +44,23 @@ def append_jsonl(path: str | os.PathLike, row: dict) -> None:
         f.write(json.dumps(row, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The rows of a JSONL log. A torn last line (a write cut short by a crash or a full disk) is dropped with a
+    warning; a bad line anywhere else is an error naming it."""
+    path = Path(path)
+    lines = [(i, ln) for i, ln in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+             if ln.strip()]
+    rows = []
+    for i, line in lines:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != lines[-1][0]:
+                raise ValueError(f"{path}: line {i} is not JSON; only a torn last line is dropped") from None
+            print(f"warning: {path}: dropping its torn last line {i} ({line[:60]!r}...), written when the run was cut off")
+    return rows
 
 
 def image_grid(images: np.ndarray, ncols: int) -> np.ndarray:

@@ -11,14 +11,14 @@ import json
 import os
 from pathlib import Path
 
-from sd3_adrpo.io import atomic_write_bytes
+from sd3_adrpo.io import atomic_write_bytes, read_jsonl
 
 
 def load_trajectory(run_dir: str | os.PathLike) -> list[dict]:
     path = Path(run_dir) / "eval_metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: train with --eval_every N to record the trajectory")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(path)
     if not rows:
         raise ValueError(f"{path} is empty")
     return sorted(rows, key=lambda r: r["iteration"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import signal
 import time
@@ -19,13 +20,14 @@ import yaml
 from tqdm.auto import tqdm
 
 from sd3_adrpo.advantages import group_advantages
-from sd3_adrpo.checkpoint import find_resume_checkpoint, load_checkpoint, save_checkpoint, truncate_metrics
+from sd3_adrpo.checkpoint import load_checkpoint, save_checkpoint, truncate_metrics
 from sd3_adrpo.config import ConfigError, TrainConfig
 from sd3_adrpo.io import append_jsonl, atomic_write_bytes, image_grid, save_png
 from sd3_adrpo.guards import NonFiniteError, StopOnSignal, TrainingInterrupted, check_in_sync
 from sd3_adrpo.methods import coefficients, dpo_pairs
 from sd3_adrpo.models import DTYPES, add_lora, load_pipeline, reference_mode, save_lora
 from sd3_adrpo.prompts import PromptSampler, load_prompts, seeded_subset
+from sd3_adrpo.resume import RunLock, RunStart, apply_optimizer_settings, open_run, record_changes
 from sd3_adrpo.rewards import ClipScoreReward, build_reward
 from sd3_adrpo.rollout import Rollout, SD3Sampler, make_generator
 from sd3_adrpo.update import update, update_dpo
@@ -76,10 +78,6 @@ def sample_grid(sampler: SD3Sampler, reward_fn, prompts: list[str], cfg: TrainCo
 
 def _prepare_output_dir(cfg: TrainConfig) -> Path:
     out = Path(cfg.output_dir)
-    if cfg.overwrite_output_dir and out.exists():
-        logger.warning("overwrite_output_dir: deleting %s", out)
-        print(f"overwrite_output_dir is set: deleting the existing {out}")
-        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False).encode())
     return out
@@ -136,21 +134,26 @@ def _warn_long_prompts(pipe, prompts: list[str]) -> None:
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Run ADRPO as configured; returns ``<output_dir>/final`` (the LoRA, diffusers format)."""
+    """Run ADRPO as configured; returns ``<output_dir>/final`` (the LoRA, diffusers format). The main process holds
+    the run folder's lock (``resume.RunLock``) for the whole run."""
+    # Everything that can fail on bad input fails here, before any model is loaded.
+    cfg.validate()
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    start = open_run(cfg, is_main)
+    with RunLock(cfg.output_dir) if is_main else nullcontext():
+        return _train(cfg, start)
+
+
+def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
-    # Everything that can fail on bad input fails here, before any model is loaded.
-    cfg.validate()
     train_prompts = load_prompts(cfg.train_prompts)
     grid_prompts = load_prompts(cfg.eval_prompts)[: cfg.num_sample_prompts] if cfg.eval_prompts else []
     final_prompts = _subset(cfg.final_eval_prompts, cfg.final_eval_num_prompts, cfg.seed)
     traj_prompts = _subset(cfg.eval_prompts, cfg.eval_num_prompts, cfg.seed) if cfg.eval_every else []
-    try:
-        resume = find_resume_checkpoint(cfg.resume_from, cfg.output_dir) if cfg.resume_from else None
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    resume = run_start.checkpoint
 
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu,
                               gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -206,10 +209,18 @@ def train(cfg: TrainConfig) -> Path:
         state = load_checkpoint(resume, base_transformer, optimizer, lr_scheduler)
         prompt_sampler.load_state_dict(state["prompt_sampler"])
         start = state["iteration"]
+        if run_start.changes:  # asked for with allow_config_change: they take effect from here on
+            apply_optimizer_settings(optimizer, lr_scheduler, cfg)
+            if accelerator.is_main_process:
+                record_changes(out, start, run_start.changes)
+            print("changed on resume: " + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in run_start.changes.items()))
         if accelerator.is_main_process:
             truncate_metrics(out / "metrics.jsonl", start)
             truncate_metrics(out / "eval_metrics.jsonl", start + 1)
         print(f"resumed from {resume} at iteration {start}")
+    elif run_start.start_over and accelerator.is_main_process:  # a requeued run with no checkpoint yet: from scratch
+        truncate_metrics(out / "metrics.jsonl", 0)
+        truncate_metrics(out / "eval_metrics.jsonl", 0)
     if accelerator.is_main_process:
         accelerator.init_trackers(cfg.wandb_project, config=dataclasses.asdict(run_cfg))
 
@@ -290,7 +301,7 @@ def train(cfg: TrainConfig) -> Path:
                 raise NonFiniteError(
                     f"stopped after {bad_streak} iterations in a row without a usable update (last: {stage}). State "
                     f"saved to {path}. Check the reward model, lower learning_rate or beta0, or use bf16 instead of "
-                    "fp16, then continue with --resume_from latest")
+                    "fp16, then continue with --resume_from latest --allow_config_change true")
             if stop.signum is not None and done < cfg.num_iterations:
                 path = checkpoint(done) if accelerator.is_main_process else None
                 raise TrainingInterrupted(stop.signum, f"stopped by {signal.Signals(stop.signum).name} after iteration "

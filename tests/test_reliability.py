@@ -108,7 +108,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(run_args, stra
 
 def test_no_intact_checkpoint_is_a_clear_error(run_args, tmp_path, capsys):
     out = tmp_path / "run"
-    out.mkdir()
+    (out / "checkpoints" / "checkpoint-000001").mkdir(parents=True)  # a checkpoint, but not an intact one
     assert train_sd3_adrpo.main([*run_args, "--output_dir", str(out), "--resume_from", "latest"]) == 2
     assert "no intact checkpoint" in capsys.readouterr().err
 
