@@ -105,9 +105,11 @@ class PolicyEval:
 
 
 @torch.no_grad()
-def w2_divergence(transformer, rollout, generator: torch.Generator) -> dict[str, np.ndarray]:
+def w2_divergence(transformer, rollout, generator: torch.Generator, first: int = 0,
+                  total: Optional[int] = None) -> dict[str, np.ndarray]:
     """||v_theta - v_ref||^2 (mean over elements) per sample of ``rollout`` at one uniform (sigma, noise) draw each,
-    v_ref being the same transformer with its adapters disabled:
+    v_ref being the same transformer with its adapters disabled. The draws are those of samples ``first`` onwards of
+    ``total`` (default: this rollout alone), so a shard of an evaluation gets the draws it has in the whole.
 
     - ``w2_divergence``: of the guided field v_u + w (v_c - v_u) at the rollout's guidance scale, the policy that is
       actually sampled (the conditional field when the rollout had no CFG);
@@ -118,8 +120,9 @@ def w2_divergence(transformer, rollout, generator: torch.Generator) -> dict[str,
     from sd3_adrpo.models import guide, reference_mode, velocity_fields
 
     latents = rollout.latents.float()
-    noise = torch.randn(latents.shape, generator=generator).to(latents)
-    sigmas = torch.rand(len(latents), generator=generator).to(latents.device)
+    n, total = len(latents), total or len(latents)
+    noise = torch.randn((total, *latents.shape[1:]), generator=generator)[first : first + n].to(latents)
+    sigmas = torch.rand(total, generator=generator)[first : first + n].to(latents.device)
     x_t, _ = noised(latents, noise, sigmas)
     args = (x_t, sigmas, rollout.prompt_embeds, rollout.pooled_embeds, rollout.uncond_embeds)
     theta = velocity_fields(transformer, *args)
@@ -149,9 +152,7 @@ def evaluate_policy(sampler: SD3Sampler, clip: ClipScoreReward, prompts: list[st
     with the CLIP and every judge (``build_judges``); ``with_w2`` also measures the W2 divergence to the reference on those samples. ``shard=(rank, world)``
     evaluates only process ``rank``'s share of the prompts, each with the noise it has in the whole evaluation, so
     ``merge_shards`` of all shards is the unsharded result."""
-    k = images_per_prompt
-    if with_w2 and shard != (0, 1):
-        raise ValueError("with_w2 is not supported on a shard: evaluate the whole prompt list in one process")
+    k, n_all = images_per_prompt, len(prompts) * images_per_prompt
     start, stop = shard_bounds(len(prompts), *shard)
     noise = torch.randn((len(prompts) * k, *sampler.latent_shape(resolution)),
                         generator=make_generator(seed, 0, EVAL_NOISE))[start * k : stop * k]
@@ -168,8 +169,8 @@ def evaluate_policy(sampler: SD3Sampler, clip: ClipScoreReward, prompts: list[st
     return PolicyEval(prompts=rollout.prompts, images=rollout.images.numpy(),
                       clip_score=clip_scores(img, txt).cpu().numpy(), judged=judged, category=category,
                       diversity=clip_diversity(img.cpu(), rollout.group_ids),
-                      w2=w2_divergence(sampler.pipe.transformer, rollout, make_generator(seed, 0, W2_NOISE))
-                      if with_w2 else None)
+                      w2=w2_divergence(sampler.pipe.transformer, rollout, make_generator(seed, 0, W2_NOISE),
+                                       start * k, n_all) if with_w2 else None)
 
 
 def merge_shards(shards: list[PolicyEval]) -> PolicyEval:
@@ -201,6 +202,9 @@ def compare(base: PolicyEval, trained: PolicyEval, images_per_prompt: int, seed:
     }
     for name in base.diversity:
         summary[f"clip_diversity_{name}"] = paired_bootstrap(base.diversity[name], trained.diversity[name], seed=seed)
+    for key, values in (trained.w2 or {}).items():  # the base is the reference: its W2 is 0 by definition
+        per_prompt = trained.per_prompt(values, k)
+        summary[key] = paired_bootstrap(np.zeros_like(per_prompt), per_prompt, seed=seed)
     for key in base.judged:
         b, t = base.per_prompt(base.judged[key], k), trained.per_prompt(trained.judged[key], k)
         summary[key] = paired_bootstrap(b, t, seed=seed)
@@ -240,6 +244,7 @@ def write_results(out: str | os.PathLike, base: PolicyEval, trained: PolicyEval,
             row["category"] = base.category[i]
         for key in base.judged:
             row.update({f"{key}_base": float(base.judged[key][i]), f"{key}_trained": float(trained.judged[key][i])})
+        row.update({key: float(values[i]) for key, values in (trained.w2 or {}).items()})
         rows.append(json.dumps(row))
     atomic_write_bytes(out / "eval_images.jsonl", ("\n".join(rows) + "\n").encode())
     atomic_write_json(out / "summary.json", {"meta": meta, "metrics": summary})

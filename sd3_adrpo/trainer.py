@@ -95,7 +95,8 @@ def final_evaluation(cfg: TrainConfig, prompts: list[str], sampler: SD3Sampler, 
     k, shard = cfg.final_eval_images_per_prompt, (accelerator.process_index, accelerator.num_processes)
     with reference_mode(base_transformer):
         base = evaluate_policy(sampler, clip, prompts, k, cfg.resolution, cfg.seed, shard=shard, judges=judges)
-    trained = evaluate_policy(sampler, clip, prompts, k, cfg.resolution, cfg.seed, shard=shard, judges=judges)
+    trained = evaluate_policy(sampler, clip, prompts, k, cfg.resolution, cfg.seed, shard=shard, judges=judges,
+                              with_w2=True)
     base, trained = (merge_shards(gather_object([ev])) for ev in (base, trained))
     if not accelerator.is_main_process:
         return None

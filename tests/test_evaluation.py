@@ -107,8 +107,18 @@ def test_sharded_evaluation_merges_to_the_whole(tiny_pipe, tiny_models):
         assert np.allclose(merged.diversity[name], whole.diversity[name], atol=1e-3)
     other_seed = merge_shards([evaluate_policy(sampler, clip, prompts, 3, 64, seed=8, shard=(r, 2)) for r in range(2)])
     assert np.abs(other_seed.images.astype(int) - whole.images.astype(int)).max() > 10  # the check can fail
-    with pytest.raises(ValueError, match="with_w2"):
-        evaluate_policy(sampler, clip, prompts, 3, 64, seed=7, with_w2=True, shard=(0, 2))
+    # W2 on shards: each sample gets the (sigma, noise) draw it has in the whole evaluation
+    from sd3_adrpo.models import add_lora
+
+    with torch.no_grad():
+        for p in add_lora(tiny_pipe.transformer, rank=2):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)) * 0.3)
+    whole = evaluate_policy(sampler, clip, prompts, 3, 64, seed=7, with_w2=True)
+    merged = merge_shards([evaluate_policy(sampler, clip, prompts, 3, 64, seed=7, with_w2=True, shard=(r, 2))
+                           for r in range(2)])
+    assert set(whole.w2) == {"w2_divergence", "w2_divergence_conditional", "w2_divergence_unconditional"}
+    for key in whole.w2:
+        assert np.allclose(merged.w2[key], whole.w2[key], rtol=1e-3) and np.all(whole.w2[key] > 0), key
 
 
 @pytest.mark.parametrize("lr", ["0", "5e-2"])
@@ -129,13 +139,16 @@ def test_final_evaluation_is_paired_and_written(tiny_models, tmp_path, lr):
     assert summary["meta"]["num_prompts"] == 4 and summary["meta"]["images_per_prompt"] == 3
     for key in ("clip_score", "clip_diversity_cosine", "clip_diversity_l2", "oracle_accuracy",
                 "oracle_accuracy_colour", "oracle_accuracy_counting", "oracle_accuracy_position",
-                "oracle_accuracy_binding"):
+                "oracle_accuracy_binding", "w2_divergence", "w2_divergence_conditional", "w2_divergence_unconditional"):
         assert metrics[key]["ci_low"] <= metrics[key]["diff"] <= metrics[key]["ci_high"], key
     rows = [json.loads(line) for line in (out / "eval_images.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and rows[3]["prompt"] == "two blue squares" and rows[3]["category"] == "counting"
     assert {"oracle_accuracy_base", "oracle_accuracy_trained"} <= set(rows[0])
     md = (out / "summary.md").read_text()
     assert "clip_score" in md and f"# Evaluation on {prompts}: base vs trained" in md  # says which prompts it judged
+    # the summary's W2 is the trained policy's on its own samples (the base is the reference: 0), per image too
+    assert metrics["w2_divergence"]["before"] == 0
+    assert metrics["w2_divergence"]["after"] == pytest.approx(np.mean([r["w2_divergence"] for r in rows]))
     if lr == "0":  # an unchanged policy: the same seeds give the same images, so every difference is exactly 0
         assert all(r["clip_score_base"] == r["clip_score_trained"] for r in rows)
         assert all(m["diff"] == 0 for m in metrics.values() if isinstance(m, dict))
