@@ -6,6 +6,7 @@
 ``--help`` lists every key. See README.md.
 """
 
+import errno
 import sys
 
 from sd3_adrpo.config import ConfigError, parse_args
@@ -25,6 +26,13 @@ def main(argv=None) -> int:
         except NonFiniteError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            print(f"error: the disk is full ({e.filename or 'while writing'}); free some space, then continue with "
+                  "--resume_from latest (checkpoints are written atomically: the last complete one is intact)",
+                  file=sys.stderr)
+            return 2
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

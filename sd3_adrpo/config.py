@@ -374,7 +374,13 @@ def load_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
         raise ConfigError(f"config file {str(path)!r} not found")
     if path.resolve() in _seen:
         raise ConfigError(f"{path}: base_config cycle")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:  # a syntax error, or a tag (!!python/...) that safe_load refuses
+        raise ConfigError(f"{path} is not a plain YAML mapping of key: value ({e.__class__.__name__}: "
+                          f"{str(e).splitlines()[0]}); fix the line it names") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text: save it as UTF-8") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of key: value, got {type(data).__name__}")
     base = data.pop("base_config", None)

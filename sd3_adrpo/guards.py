@@ -22,10 +22,14 @@ class NonFiniteError(FloatingPointError):
 
 
 class StopOnSignal:
-    """Turns the first SIGINT/SIGTERM into a request to stop at the next safe point; a second one stops at once."""
+    """Turns the first SIGINT/SIGTERM into a request to stop at the next safe point; a second one stops at once, as
+    a ``TrainingInterrupted`` whose exit code is 128 + that signal and whose message says what was not saved
+    (``at_once``)."""
 
-    def __init__(self):
+    def __init__(self, at_once: str = "without saving a checkpoint; continue from the last one with --resume_from "
+                                      "latest"):
         self.signum: Optional[int] = None
+        self.at_once = at_once
         self._previous = {}
 
     def __enter__(self) -> "StopOnSignal":
@@ -34,11 +38,12 @@ class StopOnSignal:
         return self
 
     def _handle(self, signum, frame) -> None:
+        name = signal.Signals(signum).name
         if self.signum is not None:
-            raise KeyboardInterrupt
+            raise TrainingInterrupted(signum, f"stopped at once by a second {name}, {self.at_once}")
         self.signum = signum
-        print(f"\nreceived {signal.Signals(signum).name}: saving a checkpoint after this iteration, then stopping "
-              "(send it again to stop at once, without saving)", flush=True)
+        print(f"\nreceived {name}: finishing the current step, then stopping (send it again to stop at once, "
+              f"{self.at_once})", flush=True)
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():

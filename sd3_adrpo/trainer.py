@@ -309,15 +309,21 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
                                           f"{iteration}; checkpoint saved to {path}. Continue with --resume_from latest")
 
     final = out / "final"
-    if accelerator.is_main_process:
-        tmp = out / ".tmp-final"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_lora(base_transformer, tmp)
-        atomic_write_bytes(tmp / "config.yaml", yaml.safe_dump(dataclasses.asdict(run_cfg), sort_keys=False).encode())
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-        print(f"done: LoRA saved to {final}")
-    if final_prompts:
-        final_evaluation(cfg, final_prompts, sampler, base_transformer, eval_clip, judges, out, accelerator)
-    accelerator.end_training()
+    # a signal from here on lets the final LoRA and evaluation finish (a second one skips what is left, saying so)
+    with StopOnSignal(at_once=f"after writing {final} but without the final evaluation (summary.json); evaluate "
+                              "the LoRA with eval/table1.py") as stop:
+        if accelerator.is_main_process:
+            tmp = out / ".tmp-final"
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_lora(base_transformer, tmp)
+            atomic_write_bytes(tmp / "config.yaml", yaml.safe_dump(dataclasses.asdict(run_cfg), sort_keys=False).encode())
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.rename(final)
+            print(f"done: LoRA saved to {final}")
+        if final_prompts:
+            final_evaluation(cfg, final_prompts, sampler, base_transformer, eval_clip, judges, out, accelerator)
+        accelerator.end_training()
+    if stop.signum is not None:
+        raise TrainingInterrupted(stop.signum, f"{signal.Signals(stop.signum).name} arrived during the final phase, "
+                                  f"which finished: {final} and the summary are written")
     return final

@@ -184,3 +184,54 @@ def test_long_prompts_warn(tiny_pipe, capsys):
 
     _warn_long_prompts(tiny_pipe, ["a red circle", "a " + "very " * 30 + "long prompt"])
     assert "1 of 2 prompts exceed the CLIP context of 16 tokens" in capsys.readouterr().out
+
+
+def test_a_second_sigterm_stops_at_once_with_its_own_exit_code_and_no_traceback(run_args, tmp_path):
+    out = tmp_path / "run"
+    proc = _start([*run_args, "--output_dir", str(out), "--num_iterations", "50", "--checkpoint_every", "0"])
+    _wait_for(out / "metrics.jsonl", proc)
+    proc.send_signal(signal.SIGTERM)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped at once by a second SIGTERM" in err and "Traceback" not in err
+
+
+def test_a_sigterm_during_the_final_evaluation_lets_it_finish_and_says_so(run_args, tmp_path):
+    prompts = tmp_path / "final.txt"
+    prompts.write_text("".join(f"a {c} {s}\n" for c in ("red", "blue", "green", "yellow") for s in ("circle", "square")))
+    out = tmp_path / "run"
+    proc = _start([*run_args, "--output_dir", str(out), "--num_iterations", "1", "--final_eval_prompts", str(prompts),
+                   "--final_eval_images_per_prompt", "8"])
+    for line in proc.stdout:  # the LoRA is written, the final evaluation begins
+        if line.startswith("done: LoRA saved"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "during the final phase, which finished" in err
+    assert (out / "summary.json").is_file() and (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("text, says", [("learning_rate: [1e-3\n", "not a plain YAML mapping"),
+                                        ("seed: !!python/object/apply:os.system [ls]\n", "not a plain YAML mapping")])
+def test_a_broken_or_tagged_yaml_config_exits_2_with_a_message(tmp_path, capsys, text, says):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    assert train_sd3_adrpo.main(["--config", str(path)]) == 2
+    assert says in capsys.readouterr().err
+
+
+def test_a_full_disk_exits_2_saying_what_to_do(run_args, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from sd3_adrpo import trainer
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "checkpoints"))
+
+    monkeypatch.setattr(trainer, "save_checkpoint", full)
+    assert train_sd3_adrpo.main([*run_args, "--output_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "the disk is full" in err and "--resume_from latest" in err
