@@ -113,6 +113,29 @@ def save_checkpoint(root: str | os.PathLike, step_name: int, model, optimizer, l
     return final
 
 
+def snapshot(model, optimizer, lr_scheduler, trainer_state: dict) -> dict:
+    """An in-memory copy (on the CPU) of what a checkpoint holds, to fall back on if the next update diverges."""
+    def cpu(x):
+        if isinstance(x, torch.Tensor):
+            return x.detach().to("cpu", copy=True)
+        if isinstance(x, dict):
+            return {k: cpu(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(cpu(v) for v in x)
+        return x
+
+    return {"trainable": cpu(trainable_state(model)), "optimizer": cpu(optimizer.state_dict()),
+            "lr_scheduler": cpu(lr_scheduler.state_dict()), "trainer": cpu(trainer_state)}
+
+
+def restore(snap: dict, model, optimizer, lr_scheduler) -> dict:
+    """Put a ``snapshot`` back into the model, optimizer and scheduler; returns its trainer state."""
+    model.load_state_dict(snap["trainable"], strict=False)
+    optimizer.load_state_dict(snap["optimizer"])
+    lr_scheduler.load_state_dict(snap["lr_scheduler"])
+    return snap["trainer"]
+
+
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     return sorted(p for p in root.glob(f"{PREFIX}*") if p.is_dir()) if root.is_dir() else []

@@ -20,7 +20,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from sd3_adrpo.advantages import group_advantages
-from sd3_adrpo.checkpoint import load_checkpoint, save_checkpoint, truncate_metrics
+from sd3_adrpo.checkpoint import list_checkpoints, load_checkpoint, restore, save_checkpoint, snapshot, truncate_metrics
 from sd3_adrpo.config import ConfigError, TrainConfig
 from sd3_adrpo.io import append_jsonl, atomic_write_bytes, image_grid, save_png
 from sd3_adrpo.guards import NonFiniteError, StopOnSignal, TrainingInterrupted, check_in_sync
@@ -45,6 +45,19 @@ def score(reward_fn, rollout: Rollout, name: str) -> tuple[torch.Tensor, torch.T
         raise ValueError(f"reward {name!r} returned shape {tuple(rewards.shape)} for {len(rollout.prompts)} images; "
                          "a reward must return one number per image")
     return rewards, torch.isfinite(rewards) & torch.isfinite(rollout.latents.cpu()).flatten(1).all(1)
+
+
+def failed_stage(rewards: torch.Tensor, rollout: Rollout, valid: torch.Tensor, row: dict, weights_ok: bool) -> str:
+    """Which stage of the last iteration broke: the weights the update left, the rollout's latents, the rewards, or
+    the update's losses and gradients."""
+    if not weights_ok:
+        return "update: the LoRA weights became non-finite (the step was too large)"
+    if not valid.any():
+        if not torch.isfinite(rollout.latents.cpu()).flatten(1).all(1).any():
+            return "sample: every rollout latent was non-finite"
+        return "score: every reward was non-finite"
+    return (f"update: {row.get('nonfinite_loss', 0)} non-finite losses, {row.get('nonfinite_grad', 0)} non-finite "
+            "gradients")
 
 
 def advantage_stats(rewards: torch.Tensor, group_ids: torch.Tensor, valid: torch.Tensor,
@@ -225,10 +238,12 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
     if accelerator.is_main_process:
         accelerator.init_trackers(cfg.wandb_project, config=dataclasses.asdict(run_cfg))
 
+    def trainer_state(done: int) -> dict:
+        return {"iteration": done, "prompt_sampler": prompt_sampler.state_dict()}
+
     def checkpoint(done: int) -> Path:
         return save_checkpoint(out / "checkpoints", done, base_transformer, optimizer, lr_scheduler,
-                               {"iteration": done, "prompt_sampler": prompt_sampler.state_dict()},
-                               keep=cfg.checkpoints_total_limit)
+                               trainer_state(done), keep=cfg.checkpoints_total_limit)
 
     bar = tqdm(range(start, cfg.num_iterations), initial=start, total=cfg.num_iterations, desc=cfg.method,
                disable=not accelerator.is_local_main_process)
@@ -238,12 +253,15 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
         if traj_prompts:
             append_jsonl(out / "eval_metrics.jsonl",
                          {"iteration": 0, **trajectory_point(cfg, traj_prompts, sampler, eval_clip, reward_fn, judges)})
-    bad_streak = 0
+    bad_streak, last_good = 0, None
+    first = snapshot(base_transformer, optimizer, lr_scheduler, trainer_state(start))
     rank, world, n_prompts = accelerator.process_index, accelerator.num_processes, cfg.prompts_per_iteration
     local = slice(rank * cfg.samples_per_iteration, (rank + 1) * cfg.samples_per_iteration)  # this process's samples
     with StopOnSignal() as stop:
         for iteration in bar:
             t0 = time.perf_counter()
+            # the state this iteration starts from; it becomes the last good one if its rollout and rewards are usable
+            candidate = snapshot(base_transformer, optimizer, lr_scheduler, trainer_state(iteration))
             # every process draws the same global prompt list and takes its shard; groups stay within a process
             prompts = prompt_sampler.next(n_prompts * world)[rank * n_prompts : (rank + 1) * n_prompts]
             with reference_mode(base_transformer) if cfg.method == "dpo" else nullcontext():  # DPO: offline pairs
@@ -258,6 +276,11 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
                 rewards, valid.float(), rollout.group_ids + rank * n_prompts))  # floats: NCCL gathers no bools
             all_valid = all_valid.bool()
             all_advantages, row = advantage_stats(all_rewards, all_groups, all_valid, cfg)
+            # the weights this iteration started from gave finite samples somewhere: a state worth falling back on
+            sampled_ok = bool(accelerator.reduce(torch.isfinite(rollout.latents).flatten(1).all(1).any().float(),
+                                                 "sum") > 0)
+            if sampled_ok:
+                last_good = candidate
             if all_valid.any():
                 rollout.latents[~valid.to(rollout.latents.device)] = 0.0  # dropped below; keep the arithmetic finite
                 key = (cfg.seed, iteration, LOSS_NOISE)
@@ -295,14 +318,29 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.num_iterations:
                     checkpoint(done)
             bar.set_postfix(reward=f"{row.get('reward_mean', float('nan')):.2f}", w2=f"{row.get('w2', 0.0):.2e}")
-            if bad_streak >= cfg.max_bad_iterations:
-                stage = ("score: every reward was non-finite" if not all_valid.any() else
-                         f"update: {row['nonfinite_loss']} non-finite losses, {row['nonfinite_grad']} non-finite gradients")
-                path = checkpoint(done) if accelerator.is_main_process else None
+            weights_ok = all(bool(torch.isfinite(p).all()) for p in params)
+            if bad_streak >= cfg.max_bad_iterations or not weights_ok:
+                stage = failed_stage(rewards, rollout, valid, row, weights_ok)
+                # keep the last state that sampled finite images, never weights that broke: the current one when
+                # this iteration sampled fine and took no step (e.g. the rewards failed), else the start of the last
+                # iteration that sampled fine (or of the run)
+                if sampled_ok and row.get("optimizer_steps", 0) == 0 and weights_ok:
+                    good_iteration = done
+                else:
+                    good = last_good if last_good is not None else first
+                    good_iteration = restore(good, base_transformer, optimizer, lr_scheduler)["iteration"]
+                    prompt_sampler.load_state_dict(good["trainer"]["prompt_sampler"])
+                path = checkpoint(good_iteration) if accelerator.is_main_process else None
+                kept = f"The last good state (the start of iteration {good_iteration}) is saved to {path}"
+                if accelerator.is_main_process:  # later checkpoints hold what diverged: out of --resume_from latest
+                    later = [c for c in list_checkpoints(out / "checkpoints") if c.name > path.name]
+                    for c in later:
+                        c.rename(c.with_name(f"diverged-{c.name}"))
+                    kept += f" ({len(later)} later checkpoint(s) renamed diverged-*)" if later else ""
                 raise NonFiniteError(
-                    f"stopped after {bad_streak} iterations in a row without a usable update (last: {stage}). State "
-                    f"saved to {path}. Check the reward model, lower learning_rate or beta0, or use bf16 instead of "
-                    "fp16, then continue with --resume_from latest --allow_config_change true")
+                    f"stopped after iteration {iteration} (last: {stage}). {kept}. Check the reward model, lower "
+                    "learning_rate or beta0, or use bf16 instead of fp16, then continue with --resume_from latest "
+                    "--allow_config_change true")
             if stop.signum is not None and done < cfg.num_iterations:
                 path = checkpoint(done) if accelerator.is_main_process else None
                 raise TrainingInterrupted(stop.signum, f"stopped by {signal.Signals(stop.signum).name} after iteration "

@@ -153,7 +153,7 @@ def test_all_rewards_non_finite_stops_with_a_checkpoint(run_args, tmp_path, caps
     assert train_sd3_adrpo.main([*run_args, "--output_dir", str(out), "--reward", "test_all_nan",
                                  "--max_bad_iterations", "2"]) == 1
     err = capsys.readouterr().err
-    assert "2 iterations in a row" in err and "score: every reward was non-finite" in err
+    assert "stopped after iteration 1" in err and "score: every reward was non-finite" in err
     assert (out / "checkpoints" / "checkpoint-000002").is_dir() and not (out / "final").exists()
 
 
@@ -235,3 +235,21 @@ def test_a_full_disk_exits_2_saying_what_to_do(run_args, tmp_path, capsys, monke
     assert train_sd3_adrpo.main([*run_args, "--output_dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "the disk is full" in err and "--resume_from latest" in err
+
+
+def test_divergence_is_blamed_on_the_update_and_the_diverged_weights_are_not_kept(run_args, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_sd3_adrpo.main([*run_args, "--output_dir", str(out), "--learning_rate", "1e12",
+                                 "--max_grad_norm", "0", "--num_iterations", "6"]) == 1
+    err = capsys.readouterr().err
+    # the weights stay finite (huge) while the rollouts overflow: the stage is the sampling, not the reward
+    assert "sample: every rollout latent was non-finite" in err and "score:" not in err
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    good = max(r["iteration"] for r in rows if r["n_dropped"] < 4)  # the last iteration whose rollout was usable
+    assert f"the start of iteration {good}) is saved" in err
+    saved = load_file(out / "checkpoints" / f"checkpoint-{good:06d}" / "trainable.safetensors")
+    assert max(float(v.abs().max()) for v in saved.values()) < 1e3  # not the diverged weights
+    from sd3_adrpo.checkpoint import find_resume_checkpoint
+
+    assert find_resume_checkpoint("latest", out).name == f"checkpoint-{good:06d}"  # the diverged ones are set aside
+    assert list((out / "checkpoints").glob("diverged-checkpoint-*")) and not (out / "final").exists()
