@@ -341,10 +341,15 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
                     f"stopped after iteration {iteration} (last: {stage}). {kept}. Check the reward model, lower "
                     "learning_rate or beta0, or use bf16 instead of fp16, then continue with --resume_from latest "
                     "--allow_config_change true")
-            if stop.signum is not None and done < cfg.num_iterations:
+            # a signal that reached any process stops them all after this iteration, with one checkpoint
+            signum = int(accelerator.reduce(torch.tensor(stop.signum or 0, device=device), "max")) if world > 1 else (
+                stop.signum or 0)
+            if signum and done < cfg.num_iterations:
                 path = checkpoint(done) if accelerator.is_main_process else None
-                raise TrainingInterrupted(stop.signum, f"stopped by {signal.Signals(stop.signum).name} after iteration "
-                                          f"{iteration}; checkpoint saved to {path}. Continue with --resume_from latest")
+                accelerator.wait_for_everyone()
+                raise TrainingInterrupted(signum, f"stopped by {signal.Signals(signum).name} after iteration "
+                                          f"{iteration}; checkpoint saved to {path or out / 'checkpoints'}. Continue "
+                                          "with --resume_from latest")
 
     final = out / "final"
     # a signal from here on lets the final LoRA and evaluation finish (a second one skips what is left, saying so)

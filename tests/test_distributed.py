@@ -53,3 +53,40 @@ def test_two_processes_match_one_process_with_the_same_config(tiny_models, tmp_p
     assert max(abs(a["clip_score_base"] - b["clip_score_base"]) for a, b in zip(eval_one, eval_two)) < 1e-3
     assert max(abs(a["clip_score_trained"] - b["clip_score_trained"]) for a, b in zip(eval_one, eval_two)) < 1e-2
     assert (yaml.safe_load((two / "final" / "config.yaml").read_text())["prompts_per_iteration"] == 4)  # as given
+
+
+def test_a_sigterm_to_one_worker_stops_every_process_at_the_same_iteration_with_one_checkpoint(tiny_models, tmp_path):
+    """A signal that reaches only a non-main rank (a cluster's node-local pre-emption) used to save nothing."""
+    import signal
+    import time
+
+    import psutil
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\na green triangle\na yellow square\n")
+    out = tmp_path / "run"
+    args = ["--config", str(ROOT / "configs/tiny_random.yaml"), "--pretrained_model", str(tiny_models["sd3"]),
+            "--reward_model", str(tiny_models["clip"]), "--train_prompts", str(prompts), "--eval_prompts", "null",
+            "--num_iterations", "200", "--samples_per_prompt", "2", "--num_inference_steps", "2",
+            "--checkpoint_every", "0", "--prompts_per_iteration", "2", "--train_batch_size", "4",
+            "--split_batches", "true", "--output_dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29519", str(ROOT / "train_sd3_adrpo.py"), *args], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / "metrics.jsonl").is_file() or len((out / "metrics.jsonl").read_text().splitlines()) < 2:
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.1)
+        workers = [p for p in psutil.Process(proc.pid).children(recursive=True) if "train_sd3_adrpo.py" in " ".join(p.cmdline())]
+        rank1 = next(p for p in workers if p.environ().get("RANK") == "1")
+        rank1.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = len((out / "metrics.jsonl").read_text().splitlines())
+    assert done < 200 and (out / "checkpoints" / f"checkpoint-{done:06d}").is_dir(), err[-3000:]
+    assert len(list((out / "checkpoints").glob("checkpoint-*"))) == 1 and not (out / "final").exists()
+    assert "stopped by SIGTERM" in err
