@@ -112,7 +112,16 @@ def optimise(accelerator, transformer, optimizer, lr_scheduler, cfg: TrainConfig
                     norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
                     norm = torch.tensor(float("nan") if norm is None else float(norm))  # DeepSpeed clips itself
                     any_bad = accelerator.reduce(torch.tensor(float(not window_ok), device=device), "sum") > 0
-                    if not any_bad and (torch.isfinite(norm) or accelerator.distributed_type == "DEEPSPEED"):
+                    if accelerator.scaler is not None:
+                        # fp16: the GradScaler decides. Its step skips a window whose (unscaled) gradients are not
+                        # finite and lowers the scale; it must run every window, or the next unscale_ fails.
+                        optimizer.step()
+                        if optimizer.step_was_skipped:  # a non-finite loss gives non-finite gradients: skipped too
+                            skipped["nonfinite_grad"] += int(not any_bad)
+                        else:
+                            lr_scheduler.step()
+                            grad_norms.append(float(norm))
+                    elif not any_bad and (torch.isfinite(norm) or accelerator.distributed_type == "DEEPSPEED"):
                         optimizer.step()
                         lr_scheduler.step()
                         grad_norms.append(float(norm))

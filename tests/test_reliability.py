@@ -253,3 +253,4 @@ def test_divergence_is_blamed_on_the_update_and_the_diverged_weights_are_not_kep
 
     assert find_resume_checkpoint("latest", out).name == f"checkpoint-{good:06d}"  # the diverged ones are set aside
     assert list((out / "checkpoints").glob("diverged-checkpoint-*")) and not (out / "final").exists()
+

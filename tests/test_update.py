@@ -125,3 +125,38 @@ def test_w2_divergence_of_the_sampled_policy_is_the_guided_fields_distance(setup
     assert np.allclose(got["w2_divergence_conditional"], mse(fields["theta"][0], fields["ref"][0]), rtol=1e-4)
     assert np.allclose(got["w2_divergence_unconditional"], mse(fields["theta"][1], fields["ref"][1]), rtol=1e-4)
     assert np.all(got["w2_divergence"] > got["w2_divergence_conditional"])  # guidance amplifies the drift here
+
+
+def test_fp16_loss_scaling_skips_overflowing_windows_lowers_its_scale_and_keeps_going(monkeypatch):
+    """Under a GradScaler (fp16), a window whose scaled gradients overflow must still go through the scaler's step
+    (which skips it and lowers the scale); skipping optimizer.step() ourselves made the next window fail with
+    'unscale_() has already been called on this optimizer since the last update()'."""
+    from accelerate import Accelerator
+    from diffusers.optimization import get_scheduler
+
+    from sd3_adrpo.config import make_config
+    from sd3_adrpo.update import optimise
+
+    accelerator = Accelerator(cpu=True)
+    # fp16's scaler, made to overflow: 2^127 times any gradient above 2 is inf in fp32
+    accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127, backoff_factor=2.0 ** -100)
+    accelerator.native_amp = True  # as fp16 on a GPU: clipping unscales the gradients first
+    monkeypatch.setattr(type(accelerator), "mixed_precision", property(lambda self: "fp16"))
+    monkeypatch.setattr(type(accelerator), "autocast", lambda self: __import__("contextlib").nullcontext())
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    scheduler = get_scheduler("constant", optimizer)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    cfg = make_config({"train_batch_size": 2, "inner_epochs": 3, "timestep_density": "uniform"})
+    x = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+    before = [p.detach().clone() for p in model.parameters()]
+
+    def batch_loss(idx, noise, sigmas):
+        out = model(x[idx] * 10).squeeze(-1)
+        return (out ** 2).mean(), {"cfm": out.detach() ** 2, "w2": torch.zeros_like(out)}
+
+    stats = optimise(accelerator, model, optimizer, scheduler, cfg, 4, (1,), (0, 0, 1), 0, batch_loss)
+    assert stats["nonfinite_grad"] >= 1  # the overflow happened and that window was skipped
+    assert stats["optimizer_steps"] >= 1  # later windows, at the lowered scale, were taken
+    assert accelerator.scaler.get_scale() < 2.0 ** 127
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
