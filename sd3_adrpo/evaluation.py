@@ -147,11 +147,15 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
 @torch.no_grad()
 def evaluate_policy(sampler: SD3Sampler, clip: ClipScoreReward, prompts: list[str], images_per_prompt: int,
                     resolution: int, seed: int, with_w2: bool = False, shard: tuple[int, int] = (0, 1),
-                    judges: Optional[dict] = None) -> PolicyEval:
+                    judges: Optional[dict] = None, chunk_prompts: Optional[int] = None) -> PolicyEval:
     """Sample ``images_per_prompt`` images per prompt from the sampler's current policy (fixed noise) and score them
-    with the CLIP and every judge (``build_judges``); ``with_w2`` also measures the W2 divergence to the reference on those samples. ``shard=(rank, world)``
-    evaluates only process ``rank``'s share of the prompts, each with the noise it has in the whole evaluation, so
-    ``merge_shards`` of all shards is the unsharded result."""
+    with the CLIP and every judge (``build_judges``); ``with_w2`` also measures the W2 divergence to the reference on
+    those samples. ``shard=(rank, world)`` evaluates only process ``rank``'s share of the prompts, each with the noise
+    it has in the whole evaluation, so ``merge_shards`` of all shards is the unsharded result.
+
+    Prompts are sampled and scored ``chunk_prompts`` at a time (default: as many as fill one batch of the sampler,
+    so the sampler's batches are those of a single call), so the latents and embeddings held at once do not grow
+    with the prompt set; only the uint8 images and the scores are kept."""
     k, n_all = images_per_prompt, len(prompts) * images_per_prompt
     start, stop = shard_bounds(len(prompts), *shard)
     noise = torch.randn((len(prompts) * k, *sampler.latent_shape(resolution)),
@@ -161,16 +165,20 @@ def evaluate_policy(sampler: SD3Sampler, clip: ClipScoreReward, prompts: list[st
         return PolicyEval(prompts=[], images=np.zeros((0, resolution, resolution, 3), np.uint8), clip_score=np.zeros(0),
                           judged={key: np.zeros(0) for key in judges or {}}, category=None,
                           diversity={"cosine": np.zeros(0), "l2": np.zeros(0)})
-    rollout = sampler.sample(prompts, k, resolution, noise=noise)
-    img = torch.cat([clip.embed_images(rollout.images[s : s + 64]) for s in range(0, len(rollout.prompts), 64)])
-    txt_unique = clip.embed_texts(prompts)
-    txt = txt_unique[rollout.group_ids.to(txt_unique.device)]
-    judged, category = judge_images(judges or {}, rollout.images.numpy(), rollout.prompts)
-    return PolicyEval(prompts=rollout.prompts, images=rollout.images.numpy(),
-                      clip_score=clip_scores(img, txt).cpu().numpy(), judged=judged, category=category,
-                      diversity=clip_diversity(img.cpu(), rollout.group_ids),
-                      w2=w2_divergence(sampler.pipe.transformer, rollout, make_generator(seed, 0, W2_NOISE),
-                                       start * k, n_all) if with_w2 else None)
+    chunk = chunk_prompts or max(1, sampler.batch_size // k)
+    parts = []
+    for c in range(0, len(prompts), chunk):
+        rollout = sampler.sample(prompts[c : c + chunk], k, resolution, noise=noise[c * k : (c + chunk) * k])
+        img = torch.cat([clip.embed_images(rollout.images[s : s + 64]) for s in range(0, len(rollout.prompts), 64)])
+        txt_unique = clip.embed_texts(prompts[c : c + chunk])
+        txt = txt_unique[rollout.group_ids.to(txt_unique.device)]
+        judged, category = judge_images(judges or {}, rollout.images.numpy(), rollout.prompts)
+        w2 = (w2_divergence(sampler.pipe.transformer, rollout, make_generator(seed, 0, W2_NOISE), (start + c) * k,
+                            n_all) if with_w2 else None)
+        parts.append(PolicyEval(prompts=rollout.prompts, images=rollout.images.numpy(),
+                                clip_score=clip_scores(img, txt).cpu().numpy(), judged=judged, category=category,
+                                diversity=clip_diversity(img.cpu(), rollout.group_ids), w2=w2))
+    return merge_shards(parts)
 
 
 def merge_shards(shards: list[PolicyEval]) -> PolicyEval:

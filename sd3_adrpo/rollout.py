@@ -56,10 +56,13 @@ class SD3Sampler:
     # -- prompts --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def embed(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt_embeds, pooled) for each prompt; each distinct prompt goes through the text encoders once.
+        """(prompt_embeds, pooled) for each prompt, on the sampler's device; each distinct prompt goes through the
+        text encoders once.
 
         Prompts are encoded one at a time, so an embedding does not depend on which other prompts happened to share
-        its batch (batched matmuls round differently): a resumed run sees bit-identical embeddings.
+        its batch (batched matmuls round differently): a resumed run sees bit-identical embeddings. The cache lives
+        in CPU memory (pinned when a GPU is used), so it grows with the prompt set there, not on the GPU (SD3's CLIP
+        and T5 context is 2.7 MB a prompt); only the embeddings asked for are moved to the device.
         """
         for p in dict.fromkeys(prompts):
             if p not in self._cache:
@@ -68,8 +71,13 @@ class SD3Sampler:
                 emb, _, pooled, _ = self.pipe.encode_prompt(
                     prompt=[p], prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False,
                     max_sequence_length=self.max_sequence_length)
-                self._cache[p] = (emb[0].to(self.dtype), pooled[0].to(self.dtype))
-        return (torch.stack([self._cache[p][0] for p in prompts]), torch.stack([self._cache[p][1] for p in prompts]))
+                self._cache[p] = tuple(self._to_cache(e[0].to(self.dtype)) for e in (emb, pooled))
+        return tuple(torch.stack([self._cache[p][i] for p in prompts]).to(self.device, non_blocking=True)
+                     for i in (0, 1))
+
+    def _to_cache(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to("cpu")
+        return x.pin_memory() if self.device.type == "cuda" else x
 
     def free_text_encoders(self) -> None:
         """Drop the text encoders (after every prompt the run needs has been embedded) to save memory."""

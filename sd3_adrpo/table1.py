@@ -67,18 +67,22 @@ def generate(out: Path, label: str, settings: Settings, *, pipe=None, drop_t5: b
         sampler = SD3Sampler(pipe.to(device), device, num_inference_steps=settings.steps,
                              guidance_scale=settings.guidance_scale, max_sequence_length=max_sequence_length,
                              batch_size=batch_size)
+        k, n_all = settings.images_per_prompt, len(settings.prompts) * settings.images_per_prompt
+        chunk = max(1, batch_size // k)  # prompts per sampler call: one batch's latents and embeddings at a time
         for seed in tqdm(settings.seeds, desc=f"generate {label}"):
-            rollout = sampler.sample(list(settings.prompts), settings.images_per_prompt, settings.resolution,
-                                     make_generator(seed, 0, EVAL_NOISE))
-            w2 = (w2_divergence(pipe.transformer, rollout, make_generator(seed, 0, W2_NOISE)) if settings.lora else
-                  None)
-            for i, image in enumerate(rollout.images.numpy()):
-                p, j = divmod(i, settings.images_per_prompt)
-                path = _image_path(out, label, seed, p, j)
-                save_png(path, image)
-                files.append({"file": str(path.relative_to(out)), "seed": seed, "prompt_index": p, "j": j,
-                              "prompt": settings.prompts[p],
-                              **{k: float(v[i]) for k, v in (w2 or {"w2_divergence": np.zeros(len(rollout.prompts))}).items()}})
+            noise = torch.randn((n_all, *sampler.latent_shape(settings.resolution)),
+                                generator=make_generator(seed, 0, EVAL_NOISE))  # as one call would draw it
+            for c in range(0, len(settings.prompts), chunk):
+                rollout = sampler.sample(list(settings.prompts[c : c + chunk]), k, settings.resolution,
+                                         noise=noise[c * k : (c + chunk) * k])
+                w2 = (w2_divergence(pipe.transformer, rollout, make_generator(seed, 0, W2_NOISE), c * k, n_all)
+                      if settings.lora else {"w2_divergence": np.zeros(len(rollout.prompts))})
+                for i, image in enumerate(rollout.images.numpy()):
+                    p, j = divmod(c * k + i, k)
+                    path = _image_path(out, label, seed, p, j)
+                    save_png(path, image)
+                    files.append({"file": str(path.relative_to(out)), "seed": seed, "prompt_index": p, "j": j,
+                                  "prompt": settings.prompts[p], **{name: float(v[i]) for name, v in w2.items()}})
         if settings.lora:
             pipe.delete_adapters(label)
     else:  # any other diffusers text-to-image pipeline, through its own __call__

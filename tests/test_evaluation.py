@@ -154,3 +154,41 @@ def test_final_evaluation_is_paired_and_written(tiny_models, tmp_path, lr):
         assert all(m["diff"] == 0 for m in metrics.values() if isinstance(m, dict))
     else:
         assert any(r["clip_score_base"] != r["clip_score_trained"] for r in rows)
+
+
+def test_evaluation_in_chunks_holds_a_bounded_batch_and_equals_one_call(tiny_pipe, tiny_models, monkeypatch):
+    """However many prompts, each sampler call holds at most one chunk (the latents and embeddings of one batch), and
+    the chunked result is the one-call result."""
+    from sd3_adrpo.rewards import ClipScoreReward
+    from sd3_adrpo.rollout import SD3Sampler
+
+    from sd3_adrpo.models import add_lora
+
+    with torch.no_grad():
+        for p in add_lora(tiny_pipe.transformer, rank=2):
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(4)) * 0.3)
+    sampler = SD3Sampler(tiny_pipe, torch.device("cpu"), num_inference_steps=2, guidance_scale=3.0,
+                         max_sequence_length=4, batch_size=6)
+    clip = ClipScoreReward(str(tiny_models["clip"]), device="cpu")
+    prompts = ["a red circle", "two blue squares", "a green triangle", "a yellow square", "three red circles"]
+    judges = build_judges(["tinyworld.scorers:Oracle"])
+    calls = []
+    original = SD3Sampler.sample
+
+    def recording(self, ps, *args, **kwargs):
+        calls.append(len(ps))
+        return original(self, ps, *args, **kwargs)
+
+    monkeypatch.setattr(SD3Sampler, "sample", recording)
+    chunked = evaluate_policy(sampler, clip, prompts, 3, 64, seed=1, judges=judges, with_w2=True)
+    assert calls == [2, 2, 1]  # batch 6 / 3 images = 2 prompts a call
+    calls.clear()
+    whole = evaluate_policy(sampler, clip, prompts, 3, 64, seed=1, judges=judges, with_w2=True, chunk_prompts=5)
+    assert calls == [5]
+    assert chunked.prompts == whole.prompts and chunked.category == whole.category
+    assert np.abs(chunked.images.astype(int) - whole.images.astype(int)).max() <= 1
+    assert np.allclose(chunked.clip_score, whole.clip_score, atol=1e-3)
+    for name in whole.diversity:
+        assert np.allclose(chunked.diversity[name], whole.diversity[name], atol=1e-3)
+    for name in whole.w2:
+        assert np.allclose(chunked.w2[name], whole.w2[name], rtol=1e-3, atol=1e-12)

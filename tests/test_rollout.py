@@ -79,3 +79,13 @@ def test_under_bf16_the_samples_stay_fp32_and_only_the_transformers_inputs_are_c
                                 r.pooled_embeds, torch.ones(2), torch.ones(2), (r.uncond_embeds, r.guidance_scale))
     assert loss.dtype == torch.float32 and all(t.dtype == torch.float32 for t in terms.values())
     assert torch.all(terms["w2"] == 0)  # no adapter: the policy is the reference, the same bf16 passes
+
+
+def test_the_prompt_cache_lives_on_the_cpu_and_embeddings_come_back_on_the_samplers_device(tiny_pipe):
+    sampler = SD3Sampler(tiny_pipe, torch.device("cpu"), num_inference_steps=2, guidance_scale=3.0,
+                         max_sequence_length=4, batch_size=8)
+    emb, pooled = sampler.embed(["a red circle", "two blue squares", "a red circle"])
+    assert len(sampler._cache) == 2 and all(t.device.type == "cpu" for e in sampler._cache.values() for t in e)
+    assert emb.device == sampler.device and torch.equal(emb[0], emb[2]) and pooled.shape[0] == 3
+    # a moved copy, not the cache itself: what a caller does to it leaves the cache intact
+    assert emb[0].data_ptr() != sampler._cache["a red circle"][0].data_ptr()
