@@ -218,8 +218,9 @@ def judge_columns(metrics: dict, prompts: list[str]) -> tuple[tuple[str, ...], d
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="a training config (YAML): its pretrained_model, final_eval_prompts (else "
-                                     "eval_prompts), sampler settings, drop_t5, T5 length and evaluation CLIP become "
-                                     "the defaults of --base, --prompts, --steps, ..., --clip (flags still win)")
+                                     "eval_prompts), sampler settings, drop_t5, T5 length, evaluation CLIP and judges "
+                                     "become the defaults of --base, --prompts, --steps, ..., --clip, --judge (flags "
+                                     "still win); default: the config.yaml the first --run was trained with")
     ap.add_argument("--base", help="SD3 pipeline (hub id or folder): the 'Base' row and the LoRAs' base")
     ap.add_argument("--base_label", default="Base")
     ap.add_argument("--skip_base", action="store_true", help="no row for the base pipeline itself")
@@ -270,6 +271,17 @@ def _config_defaults(path: str) -> dict:
             "judge": list(cfg.judges)}
 
 
+def _run_config(runs: list[str]) -> Optional[str]:
+    """Without --config: the training config a --run was trained with (its config.yaml, in the run folder or beside
+    its LoRA), the first one found."""
+    for _, path in map(_spec, runs):
+        lora, run = _lora_dir(path)
+        for candidate in (lora / "config.yaml", run / "config.yaml"):
+            if candidate.is_file():
+                return str(candidate)
+    return None
+
+
 def _lora_dir(path: str) -> tuple[Path, Path]:
     """(LoRA folder, the run folder that may hold its eval_metrics.jsonl) for a --run path: a run's output_dir,
     or its final/ (or any LoRA folder)."""
@@ -282,8 +294,11 @@ def _lora_dir(path: str) -> tuple[Path, Path]:
 def main(argv: Optional[list[str]] = None) -> Table:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.config:
-        parser.set_defaults(**_config_defaults(args.config))
+    config = args.config or _run_config(args.run)
+    if config:  # a run is evaluated with the sampler, prompts and CLIP it was trained with, unless flags say otherwise
+        if not args.config:
+            print(f"settings (sampler, base, prompts, CLIP, judges) from {config}; flags override them")
+        parser.set_defaults(**_config_defaults(config))
         args = parser.parse_args(argv)
     for name in ("base", "prompts"):
         if getattr(args, name) is None:

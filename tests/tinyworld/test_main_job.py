@@ -96,3 +96,20 @@ def test_table1_from_the_main_job_config(small_main_job, tmp_path, monkeypatch):
     for metric in ("clip_score", "oracle_accuracy", "clip_diversity"):
         assert len(table.rows["ADRPO"][metric]) == 2, metric
     assert (out / "fig3.png").stat().st_size > 0 and (out / "fig3.pdf").stat().st_size > 0
+
+
+def test_table1_without_config_uses_the_runs_own_sampler(small_main_job, tmp_path, monkeypatch):
+    """No --config: the run's config.yaml, not the CLI's SD3 defaults (28 steps, CFG 7, 1024 px), sets the sampler."""
+    from sd3_adrpo import table1
+    from sd3_adrpo.config import parse_args
+
+    monkeypatch.chdir(ROOT)
+    out = tmp_path / "table1"
+    table1.main(["--run", f"ADRPO={small_main_job}", "--num_prompts", "2", "--seeds", "0", "--images_per_prompt", "2",
+                 "--skip_base", "--out", str(out)])
+    run_cfg = parse_args(["--config", str(small_main_job / "config.yaml")])
+    settings = json.loads((out / "images" / "ADRPO" / "manifest.json").read_text())["settings"]
+    assert (settings["steps"], settings["guidance_scale"], settings["resolution"]) == (
+        run_cfg.num_inference_steps, run_cfg.guidance_scale, run_cfg.resolution)
+    assert settings["source"] == run_cfg.pretrained_model
+    assert "oracle_accuracy" in json.loads((out / "runs" / "ADRPO.json").read_text())["metrics"]  # its judges too
