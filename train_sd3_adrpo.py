@@ -15,13 +15,15 @@ from sd3_adrpo.config import ConfigError, parse_args
 def main(argv=None) -> int:
     try:
         cfg = parse_args(argv)
-        from sd3_adrpo.guards import NonFiniteError, TrainingInterrupted
+        from sd3_adrpo.guards import NonFiniteError, TrainingInterrupted, restore_signal_handlers
         from sd3_adrpo.trainer import train
 
         try:
             train(cfg)
         except TrainingInterrupted as e:
             print(str(e), file=sys.stderr)
+            if argv is not None:  # called from Python, which goes on: its own handlers back (a script just exits,
+                restore_signal_handlers()  # ignoring late signals, so a second one cannot kill it mid-exit)
             return e.exit_code
         except NonFiniteError as e:
             print(f"error: {e}", file=sys.stderr)

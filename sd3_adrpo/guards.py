@@ -45,9 +45,27 @@ class StopOnSignal:
         print(f"\nreceived {name}: finishing the current step, then stopping (send it again to stop at once, "
               f"{self.at_once})", flush=True)
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is TrainingInterrupted:
+            # stopping: a signal from here to the exit must not kill the process mid-way (with -SIG, no message);
+            # the previous handlers come back through restore_signal_handlers()
+            for sig in self._previous:
+                signal.signal(sig, lambda signum, frame: print(f"already stopping ({signal.Signals(signum).name} "
+                                                               "ignored)", flush=True))
+            _stopping.update(self._previous)
+            return
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+_stopping: dict = {}
+
+
+def restore_signal_handlers() -> None:
+    """After a stop, the handlers that were there before the run (for a caller that goes on, like a test)."""
+    for sig, handler in _stopping.items():
+        signal.signal(sig, handler)
+    _stopping.clear()
 
 
 def check_in_sync(accelerator, params: list[torch.nn.Parameter]) -> None:
