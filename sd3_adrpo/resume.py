@@ -129,7 +129,8 @@ def open_run(cfg: TrainConfig, is_main: bool) -> RunStart:
             print(f"resume_from latest: {out} has no checkpoint yet (the run stopped before its first one), so the "
                   "run starts over there")
             start.start_over = True
-    check_not_in_use(out)
+    if is_main:  # the other processes of this run find the main process's lock, which is theirs
+        check_not_in_use(out)
     saved = out / "config.yaml"
     if start.checkpoint is not None and saved.is_file():
         import yaml

@@ -300,6 +300,7 @@ def main(argv: Optional[list[str]] = None) -> Table:
             print(f"settings (sampler, base, prompts, CLIP, judges) from {config}; flags override them")
         parser.set_defaults(**_config_defaults(config))
         args = parser.parse_args(argv)
+        args.judge = list(dict.fromkeys(args.judge))  # --judge appends to the config's judges: each once
     for name in ("base", "prompts"):
         if getattr(args, name) is None:
             raise SystemExit(f"error: --{name} is required (or give --config with a training config)")
