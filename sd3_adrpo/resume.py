@@ -69,9 +69,7 @@ class RunLock:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
-            raise ConfigError(f"output_dir {str(self.path.parent)!r} is in use by "
-                              f"{RunLock.holder(self.path.parent) or 'another process'}: wait for that run to end (or "
-                              "stop it), or choose another output_dir") from None
+            raise _in_use(self.path.parent, RunLock.holder(self.path.parent)) from None
         os.ftruncate(self.fd, 0)
         os.write(self.fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                       "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
@@ -85,8 +83,12 @@ def check_not_in_use(output_dir: str | os.PathLike) -> None:
     """ConfigError if a live run holds ``output_dir`` (before anything there is deleted or written)."""
     holder = RunLock.holder(output_dir) if Path(output_dir).is_dir() else None
     if holder:
-        raise ConfigError(f"output_dir {str(output_dir)!r} is in use by {holder}: wait for that run to end (or stop "
-                          "it), or choose another output_dir")
+        raise _in_use(output_dir, holder)
+
+
+def _in_use(output_dir, holder: Optional[str]) -> ConfigError:
+    return ConfigError(f"output_dir {str(output_dir)!r} is in use by {holder or 'another process'}: wait for that run "
+                       "to end (or stop it), or choose another output_dir")
 
 
 def can_start_over(output_dir: str | os.PathLike) -> bool:

@@ -47,14 +47,14 @@ def score(reward_fn, rollout: Rollout, name: str) -> tuple[torch.Tensor, torch.T
     return rewards, torch.isfinite(rewards) & torch.isfinite(rollout.latents.cpu()).flatten(1).all(1)
 
 
-def failed_stage(rewards: torch.Tensor, rollout: Rollout, valid: torch.Tensor, row: dict, weights_ok: bool) -> str:
+def failed_stage(sampled_ok: bool, valid: torch.Tensor, row: dict, weights_ok: bool) -> str:
     """Which stage of the last iteration broke: the weights the update left, the rollout's latents, the rewards, or
     the update's losses and gradients."""
     if not weights_ok:
         return "update: the LoRA weights became non-finite (the step was too large)"
+    if not sampled_ok:
+        return "sample: every rollout latent was non-finite"
     if not valid.any():
-        if not torch.isfinite(rollout.latents.cpu()).flatten(1).all(1).any():
-            return "sample: every rollout latent was non-finite"
         return "score: every reward was non-finite"
     return (f"update: {row.get('nonfinite_loss', 0)} non-finite losses, {row.get('nonfinite_grad', 0)} non-finite "
             "gradients")
@@ -254,13 +254,12 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
             append_jsonl(out / "eval_metrics.jsonl",
                          {"iteration": 0, **trajectory_point(cfg, traj_prompts, sampler, eval_clip, reward_fn, judges)})
     bad_streak, last_good = 0, None
-    first = snapshot(base_transformer, optimizer, lr_scheduler, trainer_state(start))
     rank, world, n_prompts = accelerator.process_index, accelerator.num_processes, cfg.prompts_per_iteration
     local = slice(rank * cfg.samples_per_iteration, (rank + 1) * cfg.samples_per_iteration)  # this process's samples
     with StopOnSignal() as stop:
         for iteration in bar:
             t0 = time.perf_counter()
-            # the state this iteration starts from; it becomes the last good one if its rollout and rewards are usable
+            # the state this iteration starts from; it becomes the last good one if its rollout is finite somewhere
             candidate = snapshot(base_transformer, optimizer, lr_scheduler, trainer_state(iteration))
             # every process draws the same global prompt list and takes its shard; groups stay within a process
             prompts = prompt_sampler.next(n_prompts * world)[rank * n_prompts : (rank + 1) * n_prompts]
@@ -279,7 +278,7 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
             # the weights this iteration started from gave finite samples somewhere: a state worth falling back on
             sampled_ok = bool(accelerator.reduce(torch.isfinite(rollout.latents).flatten(1).all(1).any().float(),
                                                  "sum") > 0)
-            if sampled_ok:
+            if sampled_ok or last_good is None:  # (the run's start stands in until an iteration samples fine)
                 last_good = candidate
             if all_valid.any():
                 rollout.latents[~valid.to(rollout.latents.device)] = 0.0  # dropped below; keep the arithmetic finite
@@ -292,9 +291,7 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
                     c_cfm, c_w2 = coefficients(cfg.method, all_rewards, all_advantages, all_groups, all_valid, cfg)
                     stats = update(accelerator, transformer, base_transformer, optimizer, lr_scheduler, rollout,
                                    (c_cfm[local], c_w2[local]), cfg, key, local.start)
-                for k in ("loss", "cfm", "w2", "w2_conditional", "w2_unconditional", "nonfinite_loss"):
-                    if k not in stats:
-                        continue
+                for k in [k for k in stats if k in ("loss", "nonfinite_loss") or k.startswith(("cfm", "w2"))]:
                     stats[k] = float(accelerator.reduce(torch.tensor(float(stats[k]), device=device),
                                                         "mean" if k != "nonfinite_loss" else "sum"))
                 row.update(stats)
@@ -318,18 +315,17 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.num_iterations:
                     checkpoint(done)
             bar.set_postfix(reward=f"{row.get('reward_mean', float('nan')):.2f}", w2=f"{row.get('w2', 0.0):.2e}")
-            weights_ok = all(bool(torch.isfinite(p).all()) for p in params)
+            weights_ok = bool(torch.stack([torch.isfinite(p).all() for p in params]).all())  # one device sync
             if bad_streak >= cfg.max_bad_iterations or not weights_ok:
-                stage = failed_stage(rewards, rollout, valid, row, weights_ok)
+                stage = failed_stage(sampled_ok, all_valid, row, weights_ok)
                 # keep the last state that sampled finite images, never weights that broke: the current one when
                 # this iteration sampled fine and took no step (e.g. the rewards failed), else the start of the last
                 # iteration that sampled fine (or of the run)
                 if sampled_ok and row.get("optimizer_steps", 0) == 0 and weights_ok:
                     good_iteration = done
                 else:
-                    good = last_good if last_good is not None else first
-                    good_iteration = restore(good, base_transformer, optimizer, lr_scheduler)["iteration"]
-                    prompt_sampler.load_state_dict(good["trainer"]["prompt_sampler"])
+                    good_iteration = restore(last_good, base_transformer, optimizer, lr_scheduler)["iteration"]
+                    prompt_sampler.load_state_dict(last_good["trainer"]["prompt_sampler"])
                 path = checkpoint(good_iteration) if accelerator.is_main_process else None
                 kept = f"The last good state (the start of iteration {good_iteration}) is saved to {path}"
                 if accelerator.is_main_process:  # later checkpoints hold what diverged: out of --resume_from latest

@@ -86,7 +86,8 @@ def optimise(accelerator, transformer, optimizer, lr_scheduler, cfg: TrainConfig
     """``inner_epochs`` shuffled passes over ``n_items`` training items (samples, or DPO pairs) in micro-batches of
     ``cfg.items_per_batch``, with gradient accumulation; returns mean loss terms, grad norm and skip counts.
 
-    ``batch_loss(idx, noise, sigmas) -> (loss, {name: per-item term})``; each term is logged as its mean. Each item gets one (sigma, noise) draw keyed by ``key``
+    ``batch_loss(idx, noise, sigmas) -> (loss, {name: per-item term})``; each term is logged as its mean. Each item
+    gets one (sigma, noise) draw keyed by ``key``
     and its global index (``first_index`` is this process's offset), so the update does not depend on how items
     are split into micro-batches or processes. A window whose loss or gradient is not finite on any process is
     skipped by all of them.
