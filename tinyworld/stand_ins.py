@@ -6,7 +6,7 @@ the loading, LoRA, rollout, reward and checkpoint code paths are the ones that r
 random: images are noise-like and the CLIP reward is a fixed random function of (image, text). They stand in
 until the trained tiny world ships (it replaces them as the quick-start default).
 
-    python -m tinyworld.stand_ins --out assets/tiny-random
+    python -m tinyworld.stand_ins --out assets/tiny-random [--sd35]
 """
 
 from __future__ import annotations
@@ -42,10 +42,12 @@ def clip_tokenizer(model_max_length: int = 77):
     return tok
 
 
-def build_tiny_sd3(out: str | os.PathLike, seed: int = 0, text_len: int = 16) -> Path:
+def build_tiny_sd3(out: str | os.PathLike, seed: int = 0, text_len: int = 16, num_layers: int = 2,
+                   dual_attention_layers: tuple[int, ...] = (), qk_norm: str | None = None) -> Path:
     """Write a complete, random, tiny ``StableDiffusion3Pipeline`` folder (no T5) and return its path.
 
-    64 px images -> 16x16x16 latents (VAE downsamples 4x) -> 64 tokens of patch 2.
+    64 px images -> 16x16x16 latents (VAE downsamples 4x) -> 64 tokens of patch 2. ``dual_attention_layers`` and
+    ``qk_norm`` are the two transformer arguments by which SD3.5 differs from SD3 (see ``build_tiny_sd35``).
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
@@ -56,9 +58,9 @@ def build_tiny_sd3(out: str | os.PathLike, seed: int = 0, text_len: int = 16) ->
     text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_cfg))
     transformer = SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=num_layers, attention_head_dim=16,
         num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=64,
-        pos_embed_max_size=16,
+        pos_embed_max_size=16, dual_attention_layers=tuple(dual_attention_layers), qk_norm=qk_norm,
     )
     vae = AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1, norm_num_groups=8,
@@ -75,6 +77,14 @@ def build_tiny_sd3(out: str | os.PathLike, seed: int = 0, text_len: int = 16) ->
     out = Path(out)
     pipe.save_pretrained(out)
     return out
+
+
+def build_tiny_sd35(out: str | os.PathLike, seed: int = 0, text_len: int = 16) -> Path:
+    """A tiny random SD3.5-medium-like pipeline: the same folder as ``build_tiny_sd3`` with SD3.5's transformer
+    features, RMS q/k normalisation (``qk_norm="rms_norm"``, also in the joint attention's text branch) and a second,
+    image-only attention (``attn2``) in the first blocks (``dual_attention_layers``; SD3.5-medium has it in blocks
+    0-12 of 24, so here in blocks 0-1 of 3 and not in the last). SD3.5-large has qk_norm without dual attention."""
+    return build_tiny_sd3(out, seed, text_len, num_layers=3, dual_attention_layers=(0, 1), qk_norm="rms_norm")
 
 
 def build_tiny_clip(out: str | os.PathLike, seed: int = 0, image_size: int = 64) -> Path:
@@ -101,18 +111,22 @@ def build_tiny_clip(out: str | os.PathLike, seed: int = 0, image_size: int = 64)
     return out
 
 
-def build_all(out: str | os.PathLike, seed: int = 0) -> dict[str, Path]:
-    """Build both tiny models under ``out`` (``sd3/`` and ``clip/``)."""
+def build_all(out: str | os.PathLike, seed: int = 0, sd35: bool = False) -> dict[str, Path]:
+    """Build both tiny models under ``out`` (``sd3/`` and ``clip/``; with ``sd35`` also ``sd3.5/``)."""
     out = Path(out)
-    return {"sd3": build_tiny_sd3(out / "sd3", seed), "clip": build_tiny_clip(out / "clip", seed)}
+    built = {"sd3": build_tiny_sd3(out / "sd3", seed), "clip": build_tiny_clip(out / "clip", seed)}
+    if sd35:
+        built["sd3.5"] = build_tiny_sd35(out / "sd3.5", seed)
+    return built
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="assets/tiny-random", help="folder to write sd3/ and clip/ into")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sd35", action="store_true", help="also write sd3.5/, a tiny random SD3.5-like pipeline")
     args = parser.parse_args()
-    for name, path in build_all(args.out, args.seed).items():
+    for name, path in build_all(args.out, args.seed, args.sd35).items():
         print(f"wrote tiny random {name} to {path}")
 
 
