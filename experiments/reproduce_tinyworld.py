@@ -168,6 +168,27 @@ def task_record(task: Task, out: Path) -> dict:
     return record
 
 
+def record_problems(task: Task, record: Optional[dict], result: Optional[dict], args, base_cfg, out: Path) -> list[str]:
+    """How a task's record (its entry in run_records.json; None: none) and result (its entry in tasks.json) differ
+    from what this command would train and evaluate; [] when they are current. Reads no run folder."""
+    if record is None:
+        return [f"not in {RECORDS}"]
+    keys = []
+    if task.overrides is not None:
+        keys += train_differences(record.get("settings", {}), record.get("inputs"),
+                                  train_argv(task, args, base_cfg, out))
+    want, have = eval_stamp(task, args, base_cfg, out), record.get("eval", {})
+    if have.get("command") != want["command"]:
+        keys.append("the evaluation's command")
+    keys += [f"the file(s) behind {p} (evaluation)" for p in want["inputs"]
+             if have.get("inputs", {}).get(p) != want["inputs"][p]]
+    if result is None:
+        keys.append("no result in tasks.json")
+    elif task.overrides is not None and "trajectory" not in result:
+        keys.append("no trajectory in tasks.json")
+    return keys
+
+
 def check_records(tasks: dict[str, Task], args, base_cfg, out: Path) -> list[str]:
     """--check: for each task, how its record in out/run_records.json (and its result in out/tasks.json) differs
     from what this command would train and evaluate; [] when every task is current. Reads no run folder."""
@@ -175,24 +196,19 @@ def check_records(tasks: dict[str, Task], args, base_cfg, out: Path) -> list[str
     results = json.loads((out / "tasks.json").read_text()) if (out / "tasks.json").is_file() else {}
     problems = []
     for name, task in tasks.items():
-        record = records.get(name)
-        if record is None:
-            problems.append(f"{name}: not in {RECORDS}")
-            continue
-        keys = []
-        if task.overrides is not None:
-            keys += train_differences(record.get("settings", {}), record.get("inputs"),
-                                      train_argv(task, args, base_cfg, out))
-        want, have = eval_stamp(task, args, base_cfg, out), record.get("eval", {})
-        if have.get("command") != want["command"]:
-            keys.append("the evaluation's command")
-        keys += [f"the file(s) behind {p} (evaluation)" for p in want["inputs"]
-                 if have.get("inputs", {}).get(p) != want["inputs"][p]]
-        if name not in results:
-            keys.append("no result in tasks.json")
-        if keys:
+        if keys := record_problems(task, records.get(name), results.get(name), args, base_cfg, out):
             problems.append(f"{name}: {', '.join(keys)}")
     return problems
+
+
+def committed_and_current(tasks: dict[str, Task], previous: dict, records: dict, args, base_cfg, out: Path) -> set:
+    """The tasks a fresh clone need not run again: no local folder of theirs (a local run is resumed from its own
+    files), and a committed record and result that are current. This is how a reproduction longer than one session
+    resumes in the next checkout, where runs/ and eval/ are gone: every finished task's metrics and trajectory are in
+    tasks.json, its settings and evaluation command in run_records.json."""
+    return {name for name, task in tasks.items()
+            if not (out / "runs" / name).exists() and not (out / "eval" / name).exists()
+            and not record_problems(task, records.get(name), previous.get(name), args, base_cfg, out)}
 
 
 def run_task(task: Task, args, base_cfg, out: Path) -> dict:
@@ -217,8 +233,11 @@ def run_task(task: Task, args, base_cfg, out: Path) -> dict:
         atomic_write_json(stamp, want)
         worked = True
     metrics = json.loads(result.read_text())["metrics"]
-    return {"metrics": {m: v["per_seed"][0] for m, v in metrics.items()}, "worked": worked, "trained": trained,
+    done = {"metrics": {m: v["per_seed"][0] for m, v in metrics.items()}, "worked": worked, "trained": trained,
             "seconds": time.perf_counter() - t0 if worked else 0.0}
+    if task.overrides is not None:  # its held-out trajectory (Figure 3's data), kept for when runs/ is gone
+        done["trajectory"] = load_trajectory(run_dir)
+    return done
 
 
 def code_commit(out: Path) -> str:
@@ -304,11 +323,19 @@ def main(argv=None) -> None:
                          "--out; runs are never overwritten.")
     previous = json.loads((out / "tasks.json").read_text()) if (out / "tasks.json").is_file() else {}
     previous_records = read_records(out)
-    done: dict[str, dict] = {}
-    records: dict[str, dict] = {}
+    reused = committed_and_current(tasks, previous, previous_records, args, base_cfg, out)
+    if reused:
+        print(f"{len(reused)} of {len(tasks)} task(s) are recorded as done and current in {out / RECORDS}: reused")
+    done: dict[str, dict] = {name: previous[name] for name in reused}
+    records: dict[str, dict] = {name: previous_records[name] for name in reused}
     worked = False
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(run_task, task, args, base_cfg, out): name for name, task in tasks.items()}
+        # Table 1's runs seed by seed, then the ablation's own: an invocation stopped part-way leaves whole seeds of
+        # every row, not every seed of a few rows
+        table_runs = {name for names in rows.values() for name in names}
+        order = sorted((name for name in tasks if name not in reused),
+                       key=lambda n: (n not in table_runs, tasks[n].seed))
+        futures = {pool.submit(run_task, tasks[name], args, base_cfg, out): name for name in order}
         try:
             for future in tqdm(as_completed(futures), total=len(futures), desc="runs"):
                 name = futures[future]
@@ -339,7 +366,7 @@ def main(argv=None) -> None:
                        columns)
         atomic_write_bytes(out / "ablation.md", abl.to_markdown().encode())
     # the figure's data is kept with it (fig3.json, in the plot's order): the run folders it is read from stay local
-    trajectories = {label: load_trajectory(out / "runs" / names[0]) for label, names in rows.items() if label != "Base"}
+    trajectories = {label: done[names[0]]["trajectory"] for label, names in rows.items() if label != "Base"}
     atomic_write_bytes(out / "fig3.json", (json.dumps(trajectories, indent=1) + "\n").encode())
     plot_tradeoff(trajectories, out / "fig3")
 

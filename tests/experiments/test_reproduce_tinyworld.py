@@ -72,6 +72,13 @@ def test_tinyworld_reproduction_at_reduced_size(tmp_path):
     fresh = checked()
     assert fresh.returncode == 0 and "all 5 run(s)" in fresh.stdout, fresh.stderr[-3000:]
     assert not (out / "runs").exists() and not (out / "eval").exists()  # it trained and evaluated nothing
+    # ... and the reproduction itself, run in that fresh clone, resumes from the record: every task is current, so
+    # nothing is trained or evaluated and the table and figure are rebuilt from tasks.json alone
+    resumed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "5 of 5 task(s) are recorded as done and current" in resumed.stdout
+    assert not (out / "runs").exists() and not (out / "eval").exists()
+    assert (out / "table1.md").read_text() == table and json.loads((out / "fig3.json").read_text()) == fig
     for d, away in local.items():
         away.rename(out / d)
 
