@@ -12,6 +12,7 @@ import os
 import random
 import shutil
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -89,8 +90,10 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(root: str | os.PathLike, step_name: int, model, optimizer, lr_scheduler, trainer_state: dict,
-                    keep: int) -> Path:
-    """Atomically write ``root/checkpoint-<step_name>`` and delete all but the newest ``keep`` checkpoints."""
+                    keep: int, export: Optional[Callable[[Path], None]] = None) -> Path:
+    """Atomically write ``root/checkpoint-<step_name>`` and delete all but the newest ``keep`` checkpoints.
+    ``export(folder)`` writes more files into it before the manifest is taken (the trainer's: the policy as a
+    diffusers LoRA with its config.yaml, so that ``eval/table1.py --run name=<checkpoint>`` evaluates it)."""
     root = Path(root)
     final = root / f"{PREFIX}{step_name:06d}"
     tmp = root / f".tmp-{final.name}"
@@ -103,6 +106,8 @@ def save_checkpoint(root: str | os.PathLike, step_name: int, model, optimizer, l
     save_file(rng_tensors, tmp / "rng.safetensors")
     atomic_write_json(tmp / "state.json", {"trainer": trainer_state, "optimizer": opt_meta, "rng": rng_meta,
                                            "lr_scheduler": lr_scheduler.state_dict()})
+    if export is not None:
+        export(tmp)
     manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
     atomic_write_json(tmp / "manifest.json", manifest)
     if final.exists():

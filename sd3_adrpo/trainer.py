@@ -89,6 +89,13 @@ def sample_grid(sampler: SD3Sampler, reward_fn, prompts: list[str], cfg: TrainCo
     return {"eval_reward_mean": float(reward_fn(rollout.images, rollout.prompts).mean())}
 
 
+def export_policy(transformer, run_cfg: TrainConfig, directory: Path) -> None:
+    """The policy as a user loads it: the LoRA in diffusers format and the run's config.yaml (from which
+    eval/table1.py takes the sampler the run was trained with). ``final/`` and every checkpoint hold one."""
+    save_lora(transformer, directory)
+    atomic_write_bytes(directory / "config.yaml", yaml.safe_dump(dataclasses.asdict(run_cfg), sort_keys=False).encode())
+
+
 def _prepare_output_dir(cfg: TrainConfig) -> Path:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -243,7 +250,8 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
 
     def checkpoint(done: int) -> Path:
         return save_checkpoint(out / "checkpoints", done, base_transformer, optimizer, lr_scheduler,
-                               trainer_state(done), keep=cfg.checkpoints_total_limit)
+                               trainer_state(done), keep=cfg.checkpoints_total_limit,
+                               export=lambda folder: export_policy(base_transformer, run_cfg, folder))
 
     bar = tqdm(range(start, cfg.num_iterations), initial=start, total=cfg.num_iterations, desc=cfg.method,
                disable=not accelerator.is_local_main_process)
@@ -354,8 +362,7 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
         if accelerator.is_main_process:
             tmp = out / ".tmp-final"
             shutil.rmtree(tmp, ignore_errors=True)
-            save_lora(base_transformer, tmp)
-            atomic_write_bytes(tmp / "config.yaml", yaml.safe_dump(dataclasses.asdict(run_cfg), sort_keys=False).encode())
+            export_policy(base_transformer, run_cfg, tmp)
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             print(f"done: LoRA saved to {final}")

@@ -130,6 +130,22 @@ def test_cli_end_to_end_outputs_and_resume(tiny_run_args, tmp_path, capsys):
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["iter_000000.png", "iter_000001.png",
                                                                   "iter_000002.png"]
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-000001"]
+    # each checkpoint also holds the policy as a diffusers LoRA with the run's config.yaml (what eval/table1.py
+    # evaluates): the very weights the checkpoint resumes from, loadable by the stock pipeline
+    ckpt = out / "checkpoints" / "checkpoint-000001"
+    exported = load_file(ckpt / "pytorch_lora_weights.safetensors")
+    trainable = load_file(ckpt / "trainable.safetensors")
+    assert (ckpt / "config.yaml").is_file() and "pytorch_lora_weights.safetensors" in json.loads(
+        (ckpt / "manifest.json").read_text())
+    as_exported = {k.replace(".default", ""): v for k, v in trainable.items()}
+    assert {k.removeprefix("transformer.") for k in exported} == set(as_exported)
+    assert all(torch.equal(v, as_exported[k.removeprefix("transformer.")]) for k, v in exported.items())
+    assert any(not torch.equal(exported[k], final[k]) for k in final)  # iteration 1's policy, not the final one
+    from diffusers import StableDiffusion3Pipeline
+
+    stock = StableDiffusion3Pipeline.from_pretrained(tiny_run_args[tiny_run_args.index("--pretrained_model") + 1],
+                                                     text_encoder_3=None, tokenizer_3=None)
+    stock.load_lora_weights(str(ckpt))
 
     # Resume from the iteration-1 checkpoint in a copy of the run: it continues (no re-run of iteration 0)
     # and ends at bit-for-bit the same LoRA (CPU, same thread count).
