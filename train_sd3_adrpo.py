@@ -14,7 +14,7 @@ from sd3_adrpo.config import ConfigError, parse_args
 
 def main(argv=None) -> int:
     try:
-        cfg = parse_args(argv)
+        cfg = parse_args(argv).validate()  # before torch and diffusers are imported: a bad input answers at once
         from sd3_adrpo.guards import NonFiniteError, TrainingInterrupted, restore_signal_handlers
         from sd3_adrpo.trainer import train
 

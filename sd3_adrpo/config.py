@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import difflib
 import os
+import shutil
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,9 +139,16 @@ class TrainConfig:
                           "evaluation (a column each, plus one per prompt category where a judge sorts prompts into "
                           "categories): a metric name or package.module:Class, optionally @WEIGHTS, e.g. "
                           "tinyworld.scorers:Oracle")
-    report_to: str = _f("none", "experiment tracker: none or wandb (WANDB_MODE=offline works without network)",
-                        ("none", "wandb"))
-    wandb_project: str = _f("sd3-adrpo", "wandb project name")
+    report_to: str = _f("none", "experiment trackers (through accelerate) that get the metrics rows, the sample grids "
+                                "and the trade-off plot: none, tensorboard (event files in logging_dir), wandb "
+                                "(WANDB_MODE=offline works without network) or all; the JSONL files are always written",
+                        ("none", "tensorboard", "wandb", "all"))
+    wandb_project: str = _f("sd3-adrpo", "tracker project name (the wandb project; tensorboard's run folder name)")
+    logging_dir: str = _f("logs", "tensorboard's folder, relative to output_dir")
+    push_to_hub: bool = _f(False, "upload final/ (the LoRA and its model card) to the hub at the end "
+                                  "(huggingface_hub; log in with `hf auth login` first)")
+    hub_model_id: Optional[str] = _f(None, "hub repository for push_to_hub (org/name); default: output_dir's name "
+                                           "under your account")
     cpu: bool = _f(False, "run on CPU even when a GPU is present")
     max_bad_iterations: int = _f(3, "stop (saving a checkpoint) after this many iterations in a row without a "
                                     "usable update: all rewards non-finite, or every step's loss/gradient non-finite")
@@ -248,20 +256,8 @@ class TrainConfig:
         if self.timestep_shift <= 0:
             raise ConfigError(f"timestep_shift must be > 0, got {self.timestep_shift}")
         _check_model_source(self.pretrained_model, "pretrained_model", need="model_index.json")
-        from sd3_adrpo.rewards import REWARDS  # light import: no model is loaded
-
-        if self.reward not in REWARDS:
-            raise ConfigError(f"unknown reward {self.reward!r}; available: {', '.join(sorted(REWARDS))}")
         if self.reward == "clip":
             _check_model_source(self.reward_model, "reward_model", need="config.json")
-        if self.judges:
-            from sd3_adrpo.metrics import metric_class, parse_metric_spec  # imports the judge's module, loads no model
-
-            for spec in self.judges:
-                try:
-                    metric_class(parse_metric_spec(spec)[0])
-                except ValueError as e:
-                    raise ConfigError(f"judges: {e}") from None
         if self.eval_every:
             if self.eval_prompts is None:
                 raise ConfigError("eval_every needs eval_prompts (held-out prompts to evaluate on)")
@@ -278,12 +274,13 @@ class TrainConfig:
                 raise ConfigError("the final evaluation needs a CLIP: set final_eval_clip_model (reward is not clip)")
             _check_model_source(self.eval_clip_model, "final_eval_clip_model", need="config.json")
         for name in ("train_prompts", "eval_prompts", "final_eval_prompts"):
-            path = getattr(self, name)
-            if path is not None and not str(path).startswith("hf://") and not Path(path).is_file():
-                raise ConfigError(f"{name}: no such file {path!r} (relative paths are from {os.getcwd()})")
+            _check_prompt_file(getattr(self, name), name)
         if self.resume_from not in (None, "latest") and not Path(self.resume_from).is_dir():
             raise ConfigError(f"resume_from: no such checkpoint folder {self.resume_from!r}")
         out = Path(self.output_dir)
+        if out.exists() and not out.is_dir():
+            raise ConfigError(f"output_dir {str(out)!r} is a file, not a folder: choose another output_dir (a run "
+                              "folder holds the LoRA, logs and checkpoints)")
         # (.lock: the run lock, which another process of this run may have just taken)
         if (out.exists() and any(p.name != ".lock" for p in out.iterdir()) and self.resume_from is None
                 and not self.overwrite_output_dir):
@@ -291,6 +288,22 @@ class TrainConfig:
                               "it with --resume_from latest, or pass --overwrite_output_dir true to delete it")
         if self.resume_from and self.overwrite_output_dir:
             raise ConfigError("resume_from and overwrite_output_dir contradict each other: pick one")
+        if self.push_to_hub and _offline():
+            raise ConfigError("push_to_hub needs the hub, but HF_HUB_OFFLINE is set: unset it, or train without "
+                              "push_to_hub and upload final/ later (`hf upload <repo> <output_dir>/final`)")
+        # last, as they import torch (a few seconds): everything above answers in about a second
+        from sd3_adrpo.rewards import REWARDS  # no model is loaded
+
+        if self.reward not in REWARDS:
+            raise ConfigError(f"unknown reward {self.reward!r}; available: {', '.join(sorted(REWARDS))}")
+        if self.judges:
+            from sd3_adrpo.metrics import metric_class, parse_metric_spec  # imports the judge's module, loads no model
+
+            for spec in self.judges:
+                try:
+                    metric_class(parse_metric_spec(spec)[0])
+                except ValueError as e:
+                    raise ConfigError(f"judges: {e}") from None
         return self
 
 
@@ -300,9 +313,27 @@ def looks_like_path(name: str) -> bool:
             or os.path.exists(name))
 
 
+def _check_prompt_file(path: Optional[str], key: str) -> None:
+    """A local prompt file exists and holds prompts (hub files, hf://..., are fetched and checked at start-up)."""
+    if path is None or str(path).startswith("hf://"):
+        return
+    if not Path(path).is_file():
+        raise ConfigError(f"{key}: no such file {path!r} (relative paths are from {os.getcwd()})")
+    from sd3_adrpo.prompts import load_prompts  # numpy only
+
+    try:
+        load_prompts(path)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
 def _check_model_source(name: str, key: str, need: str) -> None:
     if not looks_like_path(name):
-        return  # a hub id; from_pretrained resolves it (HF_HUB_OFFLINE=1 makes a missing one fail fast)
+        return  # a hub id: resolved when the model loads (the trainer turns a failure into a ConfigError)
     path = Path(name).expanduser()
     if not path.is_dir():
         raise ConfigError(f"{key}: no such model folder {name!r}. Pass a hub id (org/name) or an existing local "
@@ -318,10 +349,48 @@ _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 _TYPES = typing.get_type_hints(TrainConfig)
 
 
+# diffusers' names (examples/dreambooth/train_dreambooth_lora_sd3.py) where a key means the same thing; keys whose
+# name already matches (output_dir, seed, resolution, learning_rate, report_to, ...) need none. docs/cli.md lists them.
+ALIASES = {"pretrained_model_name_or_path": "pretrained_model", "resume_from_checkpoint": "resume_from",
+           "rank": "lora_rank", "lora_layers": "lora_targets", "tracker_project_name": "wandb_project"}
+# diffusers' flags that set one of our keys to a value
+FLAG_ALIASES = {"use_8bit_adam": ("optimizer", "adamw8bit")}
+
+
 def _unknown_key(key: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, _FIELDS, n=1, cutoff=0.6)
-    hint = f" Did you mean {close[0]!r}?" if close else " See --help for the keys."
+    names = [*_FIELDS, *ALIASES, *FLAG_ALIASES]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if close:
+        name = close[0]
+        hint = f" Did you mean {name!r}?" if name in _FIELDS else (
+            f" Did you mean {name!r} (diffusers' name for {(ALIASES.get(name) or FLAG_ALIASES[name][0])!r})?")
+    else:
+        hint = " See --help for the keys."
     return ConfigError(f"unknown config key {key!r} in {where}.{hint}")
+
+
+def _canonical(values: dict, where: str) -> dict:
+    """YAML keys with diffusers' names under ours; a key given under both names is an error."""
+    out = {}
+    for key, value in values.items():
+        if key in FLAG_ALIASES:
+            name, flag_value = FLAG_ALIASES[key]
+            if not _as_bool(key, value):  # a flag: false sets nothing
+                continue
+            key, value = name, flag_value
+        key = ALIASES.get(key, key)
+        if key in out:
+            raise ConfigError(f"{where} sets {key!r} twice (once under a diffusers alias): keep one")
+        out[key] = value
+    return out
+
+
+def _as_bool(key: str, value: Any) -> bool:
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.lower() in ("true", "1", "yes")
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -336,11 +405,7 @@ def _coerce(key: str, value: Any) -> Any:
         raise ConfigError(f"{key} cannot be null")
     try:
         if tp is bool:
-            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-                return value.lower() in ("true", "1", "yes")
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
+            return _as_bool(key, value)
         if tp is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise TypeError
@@ -390,38 +455,145 @@ def load_yaml(path: str | os.PathLike, _seen: tuple = ()) -> dict:
 
 
 def make_config(values: dict, where: str = "config") -> TrainConfig:
+    values = _canonical(values, where)
     for key in values:
         if key not in _FIELDS:
             raise _unknown_key(key, where)
     return TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _sections() -> dict[str, list[str]]:
+    """TrainConfig's keys under the section headings its source marks (``# --- model ---``), in source order."""
+    import inspect
+    import re
+
+    sections, current = {}, "other"
+    for line in inspect.getsource(TrainConfig).splitlines():
+        heading = re.match(r"\s*# --- (\w[\w ]*?) -+\s*$", line)
+        if heading:
+            current = heading.group(1)
+            continue
+        key = re.match(r"    (\w+):", line)
+        if key and key.group(1) in _FIELDS:
+            sections.setdefault(current, []).append(key.group(1))
+    placed = {k for keys in sections.values() for k in keys}
+    sections.setdefault("other", []).extend(k for k in _FIELDS if k not in placed)
+    return {name: keys for name, keys in sections.items() if keys}
+
+
+def _kind(key: str) -> str:
+    """The type shown in --help: INT, FLOAT, STR, BOOL, LIST (comma-separated)."""
+    tp = _TYPES[key]
+    if typing.get_origin(tp) is typing.Union:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return {list: "A,B,..."}.get(tp, getattr(tp, "__name__", str(tp)).upper())
+
+
+class _BoolFlag(argparse.Action):
+    """``--x`` alone sets true, ``--no-x`` false, and ``--x true|false`` (what scripts write) still works."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        negated = [f"--no-{s[2:]}" for s in option_strings if s.startswith("--")]
+        super().__init__([*option_strings, *negated], dest, nargs="?", **kwargs)
+        self.negated = set(negated)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string in self.negated:
+            if values is not None:
+                raise ConfigError(f"{option_string} takes no value (it sets {self.dest} to false)")
+            values = False
+        setattr(namespace, self.dest, True if values is None else values)
+
+
+class _FlagValue(argparse.Action):
+    """A diffusers flag that stands for ``--key value`` (``--use_8bit_adam``: ``--optimizer adamw8bit``)."""
+
+    def __init__(self, option_strings, dest, value=None, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+        self.value = value
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, self.value)
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=34, width=min(120, max(80, shutil.get_terminal_size().columns)))
+
+    def _format_action_invocation(self, action):
+        if isinstance(action, _BoolFlag):  # --x [BOOL], --no-x
+            positive = [o for o in action.option_strings if o not in action.negated]
+            return ", ".join([f"{o} [BOOL]" for o in positive] + sorted(action.negated))
+        return super()._format_action_invocation(action)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "[]"
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def build_parser(defaults: Optional[dict] = None, source: Optional[str] = None) -> argparse.ArgumentParser:
+    """The training CLI: every TrainConfig key as ``--key``, grouped by section, with diffusers' names as aliases and
+    booleans as flags. ``defaults`` (a config file's values, from ``source``) are the defaults --help shows."""
+    defaults = _canonical(defaults or {}, source or "config")
     parser = argparse.ArgumentParser(
         description="Online RL fine-tuning of SD3 with ADRPO: sample -> score -> advantages -> LoRA update.",
-        epilog="Every key can be set in the YAML file given by --config and overridden as --key value.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
-    parser.add_argument("--config", help="YAML file of key: value pairs (keys below)")
-    for name, f in _FIELDS.items():
-        tp = _TYPES[name]
-        choices = f.metadata.get("choices")
-        kind = "list, comma-separated" if tp is list else getattr(tp, "__name__", str(tp)).replace("typing.", "")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        parser.add_argument(f"--{name}", default=argparse.SUPPRESS, metavar=kind.upper() if not choices else None,
-                            choices=choices, help=f"{f.metadata['help']} (default: {default})")
+        epilog="Every key can be set in the YAML file given by --config and overridden as --key value (booleans: "
+               "--key, --no-key or --key true|false). diffusers' names work too (--pretrained_model_name_or_path, "
+               "--resume_from_checkpoint, --rank, --lora_layers, --use_8bit_adam, --tracker_project_name); "
+               "docs/cli.md lists them.",
+        usage="%(prog)s [--config YAML] [--key VALUE ...] [--flag | --no-flag ...]", formatter_class=_HelpFormatter,
+        allow_abbrev=False)
+    parser.add_argument("--config", metavar="YAML", help="YAML file of key: value pairs (keys below); --help then "
+                                                         "shows its values as the defaults")
+    aliases = {key: [f"--{a}" for a, k in ALIASES.items() if k == key] for key in _FIELDS}
+    for section, keys in _sections().items():
+        group = parser.add_argument_group(section)
+        for name in keys:
+            f, tp = _FIELDS[name], _TYPES[name]
+            choices = f.metadata.get("choices")
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            shown = (f"{_show(defaults[name])}, from {source}" if name in defaults and source else _show(default))
+            text = f"{f.metadata['help']} (default: {shown})".replace("%", "%%")
+            options = [f"--{name}", *aliases[name]]
+            if tp is bool:
+                group.add_argument(*options, action=_BoolFlag, default=argparse.SUPPRESS, help=text)
+            else:
+                group.add_argument(*options, default=argparse.SUPPRESS, choices=choices, help=text,
+                                   metavar=None if choices else _kind(name))
+            for flag, (key, value) in FLAG_ALIASES.items():
+                if key == name:
+                    group.add_argument(f"--{flag}", dest=name, action=_FlagValue, value=value,
+                                       default=argparse.SUPPRESS, help=f"diffusers' name for --{name} {value}")
     return parser
+
+
+def _config_path(argv: list[str]) -> Optional[str]:
+    """The value of --config in ``argv`` (before the full parse, so --help can show the file's values)."""
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def parse_args(argv: Optional[list[str]] = None) -> TrainConfig:
     """YAML (--config) first, then each --key value on top; unknown keys fail with a suggestion."""
-    parser = build_parser()
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    path = _config_path(argv)
+    values = load_yaml(path) if path else {}
+    where = path or "config"
+    parser = build_parser(values, path)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         key = unknown[0].lstrip("-").split("=")[0]
         raise _unknown_key(key, "the command line") if unknown[0].startswith("--") else ConfigError(
             f"unexpected argument {unknown[0]!r}: options are --key value")
-    values = load_yaml(args.config) if args.config else {}
-    where = args.config or "config"
+    values = _canonical(values, where)
     if set(values) - set(_FIELDS):
         raise _unknown_key(sorted(set(values) - set(_FIELDS))[0], where)
     overrides = {k: (yaml.safe_load(v) if isinstance(v, str) and _TYPES[k] is not str else v)

@@ -66,7 +66,8 @@ def load_prompts(path: str | os.PathLike) -> list[str]:
     else:
         prompts = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     if not prompts:
-        raise ValueError(f"{path}: no prompts found")
+        raise ValueError(f"{path}: no prompts found; write one prompt per line (.txt: blank lines and lines starting "
+                         "with # are skipped; .jsonl / .csv: a \"prompt\" field)")
     return prompts
 
 
