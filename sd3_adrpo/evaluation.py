@@ -147,7 +147,8 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
 @torch.no_grad()
 def evaluate_policy(sampler: SD3Sampler, clip: ClipScoreReward, prompts: list[str], images_per_prompt: int,
                     resolution: int, seed: int, with_w2: bool = False, shard: tuple[int, int] = (0, 1),
-                    judges: Optional[dict] = None, chunk_prompts: Optional[int] = None) -> PolicyEval:
+                    judges: Optional[dict] = None, chunk_prompts: Optional[int] = None,
+                    progress: Optional[str] = None) -> PolicyEval:
     """Sample ``images_per_prompt`` images per prompt from the sampler's current policy (fixed noise) and score them
     with the CLIP and every judge (``build_judges``); ``with_w2`` also measures the W2 divergence to the reference on
     those samples. ``shard=(rank, world)`` evaluates only process ``rank``'s share of the prompts, each with the noise
@@ -155,7 +156,8 @@ def evaluate_policy(sampler: SD3Sampler, clip: ClipScoreReward, prompts: list[st
 
     Prompts are sampled and scored ``chunk_prompts`` at a time (default: as many as fill one batch of the sampler,
     so the sampler's batches are those of a single call), so the latents and embeddings held at once do not grow
-    with the prompt set; only the uint8 images and the scores are kept."""
+    with the prompt set; only the uint8 images and the scores are kept. ``progress``: a progress bar's title (None:
+    no bar; the caller passes one on the main process only)."""
     k, n_all = images_per_prompt, len(prompts) * images_per_prompt
     start, stop = shard_bounds(len(prompts), *shard)
     noise = torch.randn((len(prompts) * k, *sampler.latent_shape(resolution)),
@@ -167,7 +169,9 @@ def evaluate_policy(sampler: SD3Sampler, clip: ClipScoreReward, prompts: list[st
                           diversity={"cosine": np.zeros(0), "l2": np.zeros(0)})
     chunk = chunk_prompts or max(1, sampler.batch_size // k)
     parts = []
-    for c in range(0, len(prompts), chunk):
+    from tqdm.auto import tqdm
+
+    for c in tqdm(range(0, len(prompts), chunk), desc=progress, disable=progress is None, unit="batch"):
         rollout = sampler.sample(prompts[c : c + chunk], k, resolution, noise=noise[c * k : (c + chunk) * k])
         img = torch.cat([clip.embed_images(rollout.images[s : s + 64]) for s in range(0, len(rollout.prompts), 64)])
         txt_unique = clip.embed_texts(prompts[c : c + chunk])

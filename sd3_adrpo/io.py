@@ -82,3 +82,71 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     atomic_write_bytes(path, buf.getvalue())
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
+def _wrap(draw, text: str, font, width: int) -> list[str]:
+    """``text`` broken into lines no wider than ``width`` pixels (a word longer than a line gets a line of its own)."""
+    lines = []
+    for paragraph in text.split("\n"):
+        line = ""
+        for word in paragraph.split():
+            trial = f"{line} {word}".strip()
+            if line and draw.textlength(trial, font=font) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = trial
+        lines.append(line)
+    return lines
+
+
+def captioned_grid(images: np.ndarray, captions: list[str], ncols: int, tile: int | None = None,
+                   font_size: int = 11) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> one image of ``ncols`` columns, each tile scaled to ``tile`` px (default: at least 128,
+    nearest-neighbour for small images) with its caption written in full underneath, wrapped to the tile's width."""
+    from PIL import Image, ImageDraw
+
+    n, h, w, _ = images.shape
+    if len(captions) != n:
+        raise ValueError(f"{n} images but {len(captions)} captions")
+    tile = tile or max(128, min(w, 256))
+    size = (tile, round(h * tile / w))
+    font, pad = _font(font_size), 4
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [_wrap(probe, c, font, tile - 2 * pad) for c in captions]
+    line_h = font_size + 3
+    rows = -(-n // ncols)
+    cell_h = size[1] + pad * 2 + line_h * max(map(len, wrapped))
+    canvas = Image.new("RGB", (ncols * (tile + pad) + pad, rows * cell_h + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, (image, lines) in enumerate(zip(images, wrapped)):
+        r, c = divmod(i, ncols)
+        x, y = pad + c * (tile + pad), pad + r * cell_h
+        resample = Image.NEAREST if w < tile else Image.BICUBIC
+        canvas.paste(Image.fromarray(image).resize(size, resample), (x, y))
+        for k, line in enumerate(lines):
+            draw.text((x + pad, y + size[1] + pad + k * line_h), line, fill="black", font=font)
+    return np.asarray(canvas)
+
+
+def side_by_side(panels: dict[str, np.ndarray], font_size: int = 14, gap: int = 12) -> np.ndarray:
+    """Images (e.g. the base's and the trained policy's grids of the same prompts and noise) next to each other in
+    one image, each under its title."""
+    from PIL import Image, ImageDraw
+
+    font, head = _font(font_size), font_size + 10
+    height = max(p.shape[0] for p in panels.values()) + head
+    width = sum(p.shape[1] for p in panels.values()) + gap * (len(panels) - 1)
+    canvas = Image.new("RGB", (width, height), "white")
+    draw, x = ImageDraw.Draw(canvas), 0
+    for title, panel in panels.items():
+        draw.text((x + 6, 4), title, fill="black", font=font)
+        canvas.paste(Image.fromarray(panel), (x, head))
+        x += panel.shape[1] + gap
+    return np.asarray(canvas)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 from pathlib import Path
 
 from sd3_adrpo.io import atomic_write_bytes, read_jsonl
@@ -24,12 +25,20 @@ def load_trajectory(run_dir: str | os.PathLike) -> list[dict]:
     return sorted(rows, key=lambda r: r["iteration"])
 
 
-def plot_tradeoff(runs: dict[str, list[dict]], out: str | os.PathLike, reward_key: str = "reward") -> list[Path]:
-    """Two panels (reward vs ClipDiversity, reward vs W2 divergence); writes ``out``.png and ``out``.pdf."""
+def _pyplot():
+    """pyplot, on the Agg backend unless one is already chosen (a notebook's inline backend keeps showing figures)."""
     import matplotlib
 
-    matplotlib.use("Agg")
+    if "matplotlib.pyplot" not in sys.modules and "MPLBACKEND" not in os.environ:
+        matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def tradeoff_figure(runs: dict[str, list[dict]], reward_key: str = "reward"):
+    """The trade-off figure: two panels (reward vs ClipDiversity, reward vs W2 divergence), one trajectory per run."""
+    plt = _pyplot()
     from matplotlib.colors import to_rgba
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -53,6 +62,25 @@ def plot_tradeoff(runs: dict[str, list[dict]], out: str | os.PathLike, reward_ke
     axes[0].legend(loc="best", fontsize=8)
     fig.suptitle("Reward–diversity / divergence trade-off over training (★ final)")
     fig.tight_layout()
+    return fig
+
+
+def figure_array(fig, dpi: int = 100, close: bool = True):
+    """A matplotlib figure as an (H, W, 3) uint8 array (what a tracker logs as an image)."""
+    import numpy as np
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi)
+    if close:
+        _pyplot().close(fig)
+    return np.asarray(Image.open(buffer).convert("RGB"))
+
+
+def plot_tradeoff(runs: dict[str, list[dict]], out: str | os.PathLike, reward_key: str = "reward") -> list[Path]:
+    """Two panels (reward vs ClipDiversity, reward vs W2 divergence); writes ``out``.png and ``out``.pdf."""
+    plt = _pyplot()
+    fig = tradeoff_figure(runs, reward_key)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     paths = [out.with_suffix(".png"), out.with_suffix(".pdf")]
@@ -70,18 +98,21 @@ def qualitative_grid(eval_dir: str | os.PathLike, labels: list[str] | None = Non
                      prompt_indices: list[int] | None = None, seed: int | None = None, image_index: int = 0,
                      out: str | os.PathLike | None = None):
     """Prompts (rows) x methods (columns) from the images that ``eval/table1.py`` saved (the paper's Figure 2
-    layout): the same seed and image index for every method, so differences come from the methods alone."""
-    import matplotlib
+    layout): the same seed and image index for every method, so differences come from the methods alone. Columns:
+    ``labels``, by default the base (the row without a LoRA) first, then the rest in name order; each row is labelled
+    with its full prompt."""
+    import textwrap
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from PIL import Image
+
+    plt = _pyplot()
 
     root = Path(eval_dir)
     manifests = {p.parent.name: json.loads(p.read_text()) for p in sorted((root / "images").glob("*/manifest.json"))}
     if not manifests:
         raise FileNotFoundError(f"no images/*/manifest.json under {root}: run eval/table1.py first")
-    labels = labels or list(manifests)
+    labels = labels or sorted(manifests, key=lambda k: (manifests[k]["settings"].get("lora") is not None or
+                                                        k not in _bases(manifests), k))
     first = manifests[labels[0]]
     seed = first["settings"]["seeds"][0] if seed is None else seed
     prompts = first["settings"]["prompts"]
@@ -97,8 +128,15 @@ def qualitative_grid(eval_dir: str | os.PathLike, labels: list[str] | None = Non
             if r == 0:
                 ax.set_title(label, fontsize=10)
             if c == 0:
-                ax.set_ylabel(prompts[p][:40], fontsize=7, rotation=0, ha="right", va="center")
+                ax.set_ylabel(textwrap.fill(prompts[p], 26), fontsize=7, rotation=0, ha="right", va="center")
     fig.tight_layout()
     if out is not None:
         fig.savefig(out, dpi=150)
     return fig
+
+
+def _bases(manifests: dict[str, dict]) -> set[str]:
+    """The labels of base rows: no LoRA, and the pipeline that the LoRA rows are trained on."""
+    sources = {m["settings"]["source"] for m in manifests.values() if m["settings"].get("lora")}
+    return {k for k, m in manifests.items() if not m["settings"].get("lora") and (not sources or
+                                                                                  m["settings"]["source"] in sources)}

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -33,6 +34,25 @@ def seeded_subset(prompts: list[str], n: int, seed: int) -> list[str]:
     if not 0 < n < len(prompts):
         return list(prompts)
     keep = np.random.default_rng(seed).permutation(len(prompts))[:n]
+    return [prompts[i] for i in sorted(keep)]
+
+
+def balanced_subset(prompts: list[str], categories: Optional[list[str]], n: int, seed: int) -> list[str]:
+    """n of ``prompts`` with their ``categories`` represented as evenly as they can be (one of each category in turn,
+    each category's prompts in a seeded random order), kept in file order; without categories, ``seeded_subset``.
+    A held-out file where most prompts are of one category still shows every category in a 4-prompt grid."""
+    if categories is None:
+        return seeded_subset(prompts, n, seed)
+    if len(categories) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(categories)} categories")
+    rng = np.random.default_rng(seed)
+    queues = {c: list(rng.permutation([i for i, ci in enumerate(categories) if ci == c]))
+              for c in sorted(set(categories))}
+    keep: list[int] = []
+    while len(keep) < min(n, len(prompts)):
+        for queue in queues.values():
+            if queue and len(keep) < n:
+                keep.append(int(queue.pop(0)))
     return [prompts[i] for i in sorted(keep)]
 
 

@@ -22,13 +22,14 @@ FREE_ON_RESUME = {"output_dir", "overwrite_output_dir", "resume_from", "allow_co
                   "checkpoint_every", "checkpoints_total_limit", "sample_every", "num_sample_prompts",
                   "sample_images_per_prompt", "eval_every", "eval_num_prompts", "eval_images_per_prompt",
                   "final_eval_prompts", "final_eval_num_prompts", "final_eval_images_per_prompt",
-                  "final_eval_clip_model", "judges", "report_to", "wandb_project", "cpu", "max_bad_iterations",
+                  "final_eval_clip_model", "judges", "report_to", "wandb_project", "logging_dir", "push_to_hub",
+                  "hub_model_id", "cpu", "max_bad_iterations",
                   "rollout_batch_size", "vae_batch_size"}
 # The LoRA's shape is in the checkpoint's tensors: it cannot change, even when asked.
 FIXED = {"lora_rank", "lora_alpha", "lora_targets"}
 # What a start writes before its first checkpoint: a run holding only these can start over.
 START_FILES = {"config.yaml", "metrics.jsonl", "eval_metrics.jsonl", "samples", "checkpoints", LOCK,
-               "config_history.jsonl"}
+               "config_history.jsonl", "logs"}
 
 
 class RunLock:
