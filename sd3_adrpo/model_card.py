@@ -209,11 +209,18 @@ def write_model_card(directory: str | os.PathLike, cfg: TrainConfig, lora: Optio
 
 def push_to_hub(directory: str | os.PathLike, cfg: TrainConfig, summary: Optional[dict] = None) -> str:
     """Create (or reuse) the hub repository ``cfg.hub_model_id`` (default: the output folder's name under the logged
-    in account), rewrite the card so its snippet loads the LoRA from there, and upload the folder. Returns the id."""
+    in account) and upload the folder, its card's snippet loading the LoRA from there (the local card keeps loading
+    it from the folder). Returns the repository id."""
+    import shutil
+    import tempfile
+
     from huggingface_hub import HfApi
 
     api = HfApi()
     repo_id = api.create_repo(cfg.hub_model_id or Path(cfg.output_dir).resolve().name, exist_ok=True).repo_id
-    write_model_card(directory, cfg, lora=repo_id, summary=summary)
-    api.upload_folder(repo_id=repo_id, folder_path=str(directory), commit_message=f"{cfg.method} LoRA (sd3-adrpo)")
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / Path(directory).name
+        shutil.copytree(directory, staged)
+        write_model_card(staged, cfg, lora=repo_id, summary=summary)
+        api.upload_folder(repo_id=repo_id, folder_path=str(staged), commit_message=f"{cfg.method} LoRA (sd3-adrpo)")
     return repo_id
