@@ -3,8 +3,9 @@ processes agree on the weights."""
 
 from __future__ import annotations
 
+import os
 import signal
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 
@@ -59,6 +60,26 @@ class StopOnSignal:
 
 
 _stopping: dict = {}
+
+# The environment variables by which `accelerate launch` asks for a sharded backend (from its config's
+# distributed_type), and why each is not run: see docs/gpu.md.
+SHARDED_LAUNCHES = {
+    "ACCELERATE_USE_DEEPSPEED": "DeepSpeed (it steps inside backward, past the non-finite guard, and shards the "
+                                "optimizer state that checkpoints save)",
+    "ACCELERATE_USE_FSDP": "FSDP (rollouts, evaluation and the LoRA export read the unsharded module; accelerate "
+                           "cannot run it on CPU, so it is untested)",
+}
+
+
+def refuse_sharded_launch(environ: Mapping[str, str] = os.environ) -> None:
+    """Stop before anything loads when launched with DeepSpeed or FSDP: DDP is the tested multi-GPU path."""
+    from sd3_adrpo.config import ConfigError
+
+    for var, what in SHARDED_LAUNCHES.items():
+        if environ.get(var, "").lower() in ("1", "true", "yes"):
+            raise ConfigError(f"this launch asks for {what}, which this trainer does not support; launch with DDP "
+                              "instead: accelerate launch --config_file configs/accelerate/multi_gpu.yaml (or "
+                              "torchrun). LoRA training replicates the weights comfortably: see docs/gpu.md")
 
 
 def restore_signal_handlers() -> None:

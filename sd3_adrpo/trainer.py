@@ -254,6 +254,9 @@ def train(cfg: TrainConfig) -> Path:
     the run folder's lock (``resume.RunLock``) for the whole run."""
     # Everything that can fail on bad input fails here, before any model is loaded.
     cfg.validate()
+    from sd3_adrpo.guards import refuse_sharded_launch  # DeepSpeed / FSDP: exit 2, DDP is the tested path
+
+    refuse_sharded_launch()
     is_main = int(os.environ.get("RANK", "0")) == 0
     start = open_run(cfg, is_main)
     with RunLock(cfg.output_dir) if is_main else nullcontext():

@@ -163,7 +163,7 @@ def test_base_config_chain_and_cycle(tmp_path):
         parse_args(["--config", str(tmp_path / "b.yaml")])
 
 
-@pytest.mark.parametrize("name", ["multi_gpu", "multi_node", "deepspeed_zero2", "fsdp"])
+@pytest.mark.parametrize("name", ["multi_gpu", "multi_node"])
 def test_accelerate_configs_load(name):
     from pathlib import Path
 
@@ -171,8 +171,7 @@ def test_accelerate_configs_load(name):
 
     cfg = load_config_from_file(str(Path(__file__).resolve().parents[1] / "configs/accelerate" / f"{name}.yaml"))
     assert cfg.num_processes >= 8 and cfg.mixed_precision == "bf16"
-    assert str(cfg.distributed_type).endswith({"multi_gpu": "MULTI_GPU", "multi_node": "MULTI_GPU",
-                                               "deepspeed_zero2": "DEEPSPEED", "fsdp": "FSDP"}[name])
+    assert str(cfg.distributed_type).endswith("MULTI_GPU")  # DDP, the tested path (DeepSpeed and FSDP are refused)
 
 
 def test_t5_8bit_needs_a_gpu(valid):
