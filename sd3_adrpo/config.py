@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 import yaml
 
+from sd3_adrpo.reward_spec import parse_reward
+
 
 class ConfigError(ValueError):
     """Bad configuration; the message says what to change."""
@@ -58,9 +60,14 @@ class TrainConfig:
     eval_prompts: Optional[str] = _f("prompts/example_heldout.txt",
                                      "held-out prompts for the periodic sample grid; null to skip grids")
     # --- reward ----------------------------------------------------------------------------------------------
-    reward: str = _f("clip", "reward name from sd3_adrpo.rewards.REWARDS (clip, open_clip, ...)")
+    reward: typing.Union[str, dict] = _f(
+        "clip", "what the images are scored by (docs/rewards.md): a scorer name (clip, open_clip, clip_score, "
+                "pickscore, aesthetic, hpsv2, image_reward, blip_score), optionally @WEIGHTS; a weighted sum "
+                "NAME=W,NAME@WEIGHTS=W (YAML: a mapping name: weight or name: {weight, model, <options>}); a plug-in "
+                "path/to/file.py:Class or package.module:Class; or a reward server's URL http://127.0.0.1:PORT")
     reward_model: str = _f("openai/clip-vit-large-patch14",
-                           "reward weights: hub id or local folder (clip); model name (open_clip)")
+                           "weights of the clip / open_clip reward entry that names none: hub id or local folder "
+                           "(clip); model name (open_clip)")
     reward_pretrained: Optional[str] = _f(None, "open_clip only: pretrained tag (e.g. openai) or local weights file")
     # --- the loop --------------------------------------------------------------------------------------------
     num_iterations: int = _f(100, "online iterations (sample -> score -> advantages -> update)")
@@ -176,7 +183,7 @@ class TrainConfig:
     def eval_clip_model(self) -> Optional[str]:
         if self.final_eval_clip_model is not None:
             return self.final_eval_clip_model
-        return self.reward_model if self.reward == "clip" else None
+        return _clip_weights(self)
 
     @property
     def items_per_iteration(self) -> int:
@@ -256,8 +263,13 @@ class TrainConfig:
         if self.timestep_shift <= 0:
             raise ConfigError(f"timestep_shift must be > 0, got {self.timestep_shift}")
         _check_model_source(self.pretrained_model, "pretrained_model", need="model_index.json")
-        if self.reward == "clip":
-            _check_model_source(self.reward_model, "reward_model", need="config.json")
+        try:
+            terms = parse_reward(self.reward, self.reward_model, self.reward_pretrained)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        for term in terms:
+            if term.spec == "clip" and term.model is not None:
+                _check_model_source(term.model, term.model_from or "reward clip@", need="config.json")
         if self.eval_every:
             if self.eval_prompts is None:
                 raise ConfigError("eval_every needs eval_prompts (held-out prompts to evaluate on)")
@@ -292,10 +304,12 @@ class TrainConfig:
             raise ConfigError("push_to_hub needs the hub, but HF_HUB_OFFLINE is set: unset it, or train without "
                               "push_to_hub and upload final/ later (`hf upload <repo> <output_dir>/final`)")
         # last, as they import torch (a few seconds): everything above answers in about a second
-        from sd3_adrpo.rewards import REWARDS  # no model is loaded
+        from sd3_adrpo.rewards import check_reward  # no model is loaded; a plug-in's file is imported
 
-        if self.reward not in REWARDS:
-            raise ConfigError(f"unknown reward {self.reward!r}; available: {', '.join(sorted(REWARDS))}")
+        try:
+            check_reward(self.reward, self.reward_model, self.reward_pretrained)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if self.judges:
             from sd3_adrpo.metrics import metric_class, parse_metric_spec  # imports the judge's module, loads no model
 
@@ -305,6 +319,15 @@ class TrainConfig:
                 except ValueError as e:
                     raise ConfigError(f"judges: {e}") from None
         return self
+
+
+def _clip_weights(cfg: TrainConfig) -> Optional[str]:
+    """The weights of the reward's ``clip`` entry (the evaluation's default CLIP), if it has one."""
+    try:
+        clip = [t for t in parse_reward(cfg.reward, cfg.reward_model, cfg.reward_pretrained) if t.spec == "clip"]
+    except ValueError:
+        return None  # validate() says what is wrong with reward
+    return clip[0].model if clip else None
 
 
 def looks_like_path(name: str) -> bool:

@@ -17,20 +17,16 @@ import numpy as np
 import torch
 
 from sd3_adrpo.io import atomic_write_bytes, atomic_write_json, image_grid, save_png
-from sd3_adrpo.rewards import ClipScoreReward
+from sd3_adrpo.metrics.base import call_scorer
+from sd3_adrpo.metrics.clip import clip_scores  # noqa: F401 - the one CLIP score (re-exported for its users)
 from sd3_adrpo.rollout import SD3Sampler, make_generator
 
 if TYPE_CHECKING:
-    from sd3_adrpo.metrics import Metric
+    from sd3_adrpo.metrics import ClipScore, Metric
 
 EVAL_NOISE = 3  # random stream of evaluation samples (see trainer's ROLLOUT_NOISE, LOSS_NOISE, GRID_NOISE)
 W2_NOISE = 4  # random stream of the (sigma, noise) draws of the W2 divergence
 DIVERSITY_DEFAULT = "cosine"
-
-
-def clip_scores(img_emb: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor:
-    """ClipScore per pair: 100 * cos(image, text), clamped at 0 (the torchmetrics definition)."""
-    return (100 * torch.nn.functional.cosine_similarity(img_emb, txt_emb, dim=-1)).clamp(min=0)
 
 
 def clip_diversity(img_emb: torch.Tensor, group_ids: torch.Tensor) -> dict[str, np.ndarray]:
@@ -79,7 +75,7 @@ def build_judges(specs: list[str], device: torch.device | str = "cpu") -> dict[s
 
 def judge_images(judges: dict, images: np.ndarray, prompts: list[str]) -> tuple[dict[str, np.ndarray], Optional[list[str]]]:
     """Each judge's per-image scores, and the per-image categories of the first judge that sorts prompts into any."""
-    scores = {key: np.asarray(judge(images, prompts), dtype=float) for key, judge in judges.items()}
+    scores = {key: call_scorer(judge, images, prompts) for key, judge in judges.items()}
     for key, values in scores.items():
         if values.shape != (len(prompts),):
             raise ValueError(f"judge {key!r} returned shape {values.shape} for {len(prompts)} images; a judge must "
@@ -145,7 +141,7 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def evaluate_policy(sampler: SD3Sampler, clip: ClipScoreReward, prompts: list[str], images_per_prompt: int,
+def evaluate_policy(sampler: SD3Sampler, clip: "ClipScore", prompts: list[str], images_per_prompt: int,
                     resolution: int, seed: int, with_w2: bool = False, shard: tuple[int, int] = (0, 1),
                     judges: Optional[dict] = None, chunk_prompts: Optional[int] = None,
                     progress: Optional[str] = None) -> PolicyEval:

@@ -22,6 +22,12 @@ class NonFiniteError(FloatingPointError):
     """Too many iterations in a row produced no usable update; a checkpoint of the last good state was saved."""
 
 
+class RewardUnavailable(NonFiniteError):
+    """The reward could not be computed at all (its server is down, timed out or answered garbage): the run stopped
+    with a checkpoint of the iteration's start rather than train on a made-up reward. Exit code 1, like
+    ``NonFiniteError``."""
+
+
 class StopOnSignal:
     """Turns the first SIGINT/SIGTERM into a request to stop at the next safe point; a second one stops at once, as
     a ``TrainingInterrupted`` whose exit code is 128 + that signal and whose message says what was not saved

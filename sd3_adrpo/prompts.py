@@ -37,6 +37,44 @@ def seeded_subset(prompts: list[str], n: int, seed: int) -> list[str]:
     return [prompts[i] for i in sorted(keep)]
 
 
+def load_prompt_records(path: str | os.PathLike) -> list[dict]:
+    """Read a prompt file as one dict per prompt: ``{"prompt": text, **other fields}``. A .jsonl line's other keys and
+    a .csv row's other columns are the prompt's metadata, which reaches the scorers that take it (a GenEval-style
+    verifiable reward reads what the image must show from there); .txt prompts have none. Accepts what
+    ``load_prompts`` accepts; raises ValueError naming the file and line on malformed input."""
+    path = fetch_hub_file(str(path)) if str(path).startswith(HUB_PREFIX) else Path(path)
+    suffix = path.suffix.lower()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e}); re-save it as UTF-8") from None
+    if suffix == ".jsonl":
+        records = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: invalid JSON ({e})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                raise ValueError(f"{path}:{n}: each line needs a string field \"prompt\"")
+            records.append({**row, "prompt": row["prompt"].strip()})
+    elif suffix == ".csv":
+        reader = csv.DictReader(text.splitlines())
+        if not reader.fieldnames or "prompt" not in reader.fieldnames:
+            raise ValueError(f"{path}: needs a header row with a 'prompt' column, got {reader.fieldnames}")
+        records = [{**{k: v for k, v in row.items() if k is not None}, "prompt": row["prompt"].strip()}
+                   for row in reader if row["prompt"] and row["prompt"].strip()]
+    else:
+        records = [{"prompt": ln.strip()} for ln in text.splitlines()
+                   if ln.strip() and not ln.lstrip().startswith("#")]
+    if not records:
+        raise ValueError(f"{path}: no prompts found; write one prompt per line (.txt: blank lines and lines starting "
+                         "with # are skipped; .jsonl / .csv: a \"prompt\" field)")
+    return records
+
+
 def balanced_subset(prompts: list[str], categories: Optional[list[str]], n: int, seed: int) -> list[str]:
     """n of ``prompts`` with their ``categories`` represented as evenly as they can be (one of each category in turn,
     each category's prompts in a seeded random order), kept in file order; without categories, ``seeded_subset``.
@@ -60,35 +98,20 @@ def load_prompts(path: str | os.PathLike) -> list[str]:
     """Read prompts from .txt (one per line; blank lines and '#' comments skipped), .jsonl (a "prompt" field per
     line) or .csv (a "prompt" column), or a file of a hub dataset given as ``hf://datasets/<org>/<name>/<file>``
     (e.g. a CSV export of DrawBench). Raises ValueError naming the file and line on malformed input."""
-    path = fetch_hub_file(str(path)) if str(path).startswith(HUB_PREFIX) else Path(path)
-    suffix = path.suffix.lower()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e}); re-save it as UTF-8") from None
-    if suffix == ".jsonl":
-        prompts = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: invalid JSON ({e})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                raise ValueError(f"{path}:{n}: each line needs a string field \"prompt\"")
-            prompts.append(row["prompt"].strip())
-    elif suffix == ".csv":
-        reader = csv.DictReader(text.splitlines())
-        if not reader.fieldnames or "prompt" not in reader.fieldnames:
-            raise ValueError(f"{path}: needs a header row with a 'prompt' column, got {reader.fieldnames}")
-        prompts = [row["prompt"].strip() for row in reader if row["prompt"] and row["prompt"].strip()]
-    else:
-        prompts = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    if not prompts:
-        raise ValueError(f"{path}: no prompts found; write one prompt per line (.txt: blank lines and lines starting "
-                         "with # are skipped; .jsonl / .csv: a \"prompt\" field)")
-    return prompts
+    return [r["prompt"] for r in load_prompt_records(path)]
+
+
+def prompt_metadata(records: list[dict], where: str = "the prompt file") -> dict[str, dict]:
+    """prompt -> its fields besides ``prompt`` (what the scorers get per image). A prompt listed twice must carry the
+    same fields: a sample knows its prompt's text, not its line."""
+    out: dict[str, dict] = {}
+    for r in records:
+        fields = {k: v for k, v in r.items() if k != "prompt"}
+        if r["prompt"] in out and out[r["prompt"]] != fields:
+            raise ValueError(f"{where}: the prompt {r['prompt']!r} appears twice with different fields "
+                             f"({out[r['prompt']]} and {fields}); give each prompt one row")
+        out[r["prompt"]] = fields
+    return out
 
 
 class PromptSampler:

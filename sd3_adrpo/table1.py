@@ -329,9 +329,9 @@ def main(argv: Optional[list[str]] = None) -> Table:
     notes = []
     clip = None
     if args.clip:
-        from sd3_adrpo.rewards import ClipScoreReward
+        from sd3_adrpo.metrics import ClipScore
 
-        clip = ClipScoreReward(args.clip, device=device)
+        clip = ClipScore(args.clip, device=device)
     else:
         notes.append("ClipScore and ClipDiversity left out: no --clip weights given.")
     metrics = {**_build_metrics(args, device, notes), **build_judges(args.judge, device)}

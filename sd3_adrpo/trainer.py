@@ -25,13 +25,15 @@ from sd3_adrpo.advantages import group_advantages
 from sd3_adrpo.checkpoint import list_checkpoints, load_checkpoint, restore, save_checkpoint, snapshot, truncate_metrics
 from sd3_adrpo.config import ConfigError, TrainConfig
 from sd3_adrpo.io import append_jsonl, atomic_write_bytes, captioned_grid, save_png, side_by_side
-from sd3_adrpo.guards import NonFiniteError, StopOnSignal, TrainingInterrupted, check_in_sync
+from sd3_adrpo.guards import NonFiniteError, RewardUnavailable, StopOnSignal, TrainingInterrupted, check_in_sync
 from sd3_adrpo.methods import coefficients, dpo_pairs
 from sd3_adrpo.model_card import push_to_hub, write_model_card
 from sd3_adrpo.models import DTYPES, add_lora, load_pipeline, reference_mode, save_lora
-from sd3_adrpo.prompts import PromptSampler, balanced_subset, load_prompts, seeded_subset
+from sd3_adrpo.metrics import ClipScore, ScorerUnavailable
+from sd3_adrpo.prompts import (PromptSampler, balanced_subset, load_prompt_records, load_prompts, prompt_metadata,
+                               seeded_subset)
 from sd3_adrpo.resume import RunLock, RunStart, apply_optimizer_settings, open_run, record_changes
-from sd3_adrpo.rewards import ClipScoreReward, build_reward
+from sd3_adrpo.rewards import WeightedReward, build_reward, probe_reward
 from sd3_adrpo.rollout import Rollout, SD3Sampler, make_generator
 from sd3_adrpo.tracking import accelerator_kwargs, banner, log_images, tracker_config
 from sd3_adrpo.update import update, update_dpo
@@ -42,13 +44,26 @@ logger = logging.getLogger("sd3_adrpo")
 ROLLOUT_NOISE, LOSS_NOISE, GRID_NOISE = 0, 1, 2
 
 
-def score(reward_fn, rollout: Rollout, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rewards of the rollout's images and a mask of usable samples (finite reward and finite latents)."""
-    rewards = torch.as_tensor(reward_fn(rollout.images, rollout.prompts)).float().cpu()
-    if rewards.shape != (len(rollout.prompts),):
-        raise ValueError(f"reward {name!r} returned shape {tuple(rewards.shape)} for {len(rollout.prompts)} images; "
-                         "a reward must return one number per image")
-    return rewards, torch.isfinite(rewards) & torch.isfinite(rollout.latents.cpu()).flatten(1).all(1)
+def score(reward_fn: WeightedReward, rollout: Rollout,
+          metadata: Optional[list[dict]] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rewards of the rollout's images (the weighted sum of its scorers), a mask of usable samples (finite reward and
+    finite latents), and each scorer's rewards (B, number of scorers) for the logs. ``metadata``: per image, its
+    prompt's fields in the prompt file."""
+    parts = reward_fn.components(rollout.images, rollout.prompts, metadata)
+    rewards = torch.from_numpy(reward_fn.combine(parts)).float()
+    per_scorer = torch.from_numpy(np.stack([parts[k] for k in reward_fn.keys], axis=1)).float()
+    return rewards, torch.isfinite(rewards) & torch.isfinite(rollout.latents.cpu()).flatten(1).all(1), per_scorer
+
+
+def scorer_stats(per_scorer: torch.Tensor, keys: list[str], group_ids: torch.Tensor, valid: torch.Tensor) -> dict:
+    """Each scorer's mean reward and mean within-group std (over the usable samples): ``reward_<key>_mean`` and
+    ``reward_<key>_group_std``, what a weighted reward's weights are chosen by."""
+    r, g = per_scorer[valid], group_ids[valid]
+    if len(r) == 0:
+        return {}
+    std = torch.stack([r[g == k].std(dim=0, unbiased=False) for k in g.unique()]).mean(0)
+    return {name: float(v) for i, key in enumerate(keys)
+            for name, v in ((f"reward_{key}_mean", r[:, i].mean()), (f"reward_{key}_group_std", std[i]))}
 
 
 def failed_stage(sampled_ok: bool, valid: torch.Tensor, row: dict, weights_ok: bool) -> str:
@@ -268,7 +283,8 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
-    train_prompts = load_prompts(cfg.train_prompts)
+    train_records = load_prompt_records(cfg.train_prompts)
+    train_prompts, metadata = [r["prompt"] for r in train_records], prompt_metadata(train_records, cfg.train_prompts)
     grid_prompts = _grid_prompts(cfg)
     final_prompts = _subset(cfg.final_eval_prompts, cfg.final_eval_num_prompts, cfg.seed)
     traj_prompts = _subset(cfg.eval_prompts, cfg.eval_num_prompts, cfg.seed) if cfg.eval_every else []
@@ -284,9 +300,15 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
         raise ConfigError(f"prompts_per_iteration={cfg.prompts_per_iteration} on {accelerator.num_processes} "
                           f"process(es) needs {cfg.prompts_per_iteration * accelerator.num_processes} distinct prompts "
                           f"per iteration but {cfg.train_prompts} has only {len(train_prompts)}")
+    device = accelerator.device
+    try:  # the reward first: a plug-in that fails, or answers in the wrong shape, stops here (exit 2)
+        reward_fn = build_reward(cfg.reward, cfg.reward_model, device=device, pretrained=cfg.reward_pretrained)
+        probe_reward(reward_fn, train_prompts[:2], [metadata[p] for p in train_prompts[:2]], min(cfg.resolution, 64))
+    except (ValueError, FileNotFoundError, ScorerUnavailable) as e:
+        raise ConfigError(f"reward: {e}" if not str(e).startswith("reward") else str(e)) from None
+    print(f"reward: {reward_fn.describe()}")
     out = Path(cfg.output_dir)
     set_seed(cfg.seed)
-    device = accelerator.device
 
     pipe = _load_pipeline(cfg)
     pipe.to(device)
@@ -310,7 +332,6 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
     lr_scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=total_steps * accelerator.num_processes)
     transformer, optimizer, lr_scheduler = accelerator.prepare(base_transformer, optimizer, lr_scheduler)
-    reward_fn = build_reward(cfg.reward, cfg.reward_model, device=device, pretrained=cfg.reward_pretrained)
     sampler = SD3Sampler(pipe, device, num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
                          max_sequence_length=cfg.t5_length, batch_size=cfg.rollout_batch_size,
                          vae_batch_size=cfg.vae_batch_size)
@@ -322,8 +343,7 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
     if traj_prompts or final_prompts:
         from sd3_adrpo.evaluation import build_judges
 
-        eval_clip = (reward_fn if isinstance(reward_fn, ClipScoreReward) and cfg.eval_clip_model == cfg.reward_model
-                     else ClipScoreReward(cfg.eval_clip_model, device=device))
+        eval_clip = reward_fn.clip_scorer(cfg.eval_clip_model) or ClipScore(cfg.eval_clip_model, device=device)
         judges = build_judges(cfg.judges, device)
 
     start = 0
@@ -382,13 +402,28 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
                                          [make_generator(cfg.seed, iteration, ROLLOUT_NOISE, rank * n_prompts + i)
                                           for i in range(n_prompts)])
             t1 = time.perf_counter()
-            rewards, valid = score(reward_fn, rollout, cfg.reward)  # 2. score
+            try:  # 2. score
+                rewards, valid, per_scorer = score(reward_fn, rollout, [metadata.get(p, {}) for p in rollout.prompts])
+                unavailable = None
+            except ScorerUnavailable as e:  # never a made-up reward: stop, keeping this iteration's start
+                unavailable = str(e)
+            if (unavailable is not None or world > 1 and bool(accelerator.reduce(
+                    torch.tensor(float(unavailable is not None), device=device), "max") > 0)):
+                prompt_sampler.load_state_dict(candidate["trainer"]["prompt_sampler"])  # nothing of it was used
+                path = checkpoint(iteration) if accelerator.is_main_process else None
+                accelerator.wait_for_everyone()
+                raise RewardUnavailable(
+                    f"stopped at iteration {iteration}: {unavailable or 'the reward failed on another process'}. "
+                    f"No reward was made up: the state at the start of iteration {iteration} is saved to "
+                    f"{path or out / 'checkpoints'}. Restart the reward server (or fix the reward), then continue "
+                    "with --resume_from latest")
             t2 = time.perf_counter()
             # 3. advantages, from all processes' rewards (so batch_std and the logged stats are global)
-            all_rewards, all_valid, all_groups = (accelerator.gather(x.to(device)).cpu() for x in (
-                rewards, valid.float(), rollout.group_ids + rank * n_prompts))  # floats: NCCL gathers no bools
+            all_rewards, all_valid, all_groups, all_per_scorer = (accelerator.gather(x.to(device)).cpu() for x in (
+                rewards, valid.float(), rollout.group_ids + rank * n_prompts, per_scorer))  # floats: NCCL gathers no bools
             all_valid = all_valid.bool()
             all_advantages, row = advantage_stats(all_rewards, all_groups, all_valid, cfg)
+            row.update(scorer_stats(all_per_scorer, reward_fn.keys, all_groups, all_valid))
             # the weights this iteration started from gave finite samples somewhere: a state worth falling back on
             sampled_ok = bool(accelerator.reduce(torch.isfinite(rollout.latents).flatten(1).all(1).any().float(),
                                                  "sum") > 0)

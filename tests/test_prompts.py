@@ -81,3 +81,22 @@ def test_seeded_subset_represents_a_category_ordered_file():
     # the file is ordered by category: its first 60 prompts have no binding prompt, a random 60 do
     categories = lambda ps: {parse(p).category for p in ps}  # noqa: E731
     assert "binding" not in categories(heldout[:60]) and "binding" in categories(sub)
+
+
+def test_prompt_records_keep_the_other_fields_as_metadata(tmp_path):
+    from sd3_adrpo.prompts import load_prompt_records, prompt_metadata
+
+    jl = tmp_path / "p.jsonl"
+    jl.write_text('{"prompt": " two blue squares ", "tag": "counting", "include": [{"class": "square", "count": 2}]}\n'
+                  '{"prompt": "a red circle"}\n')
+    records = load_prompt_records(jl)
+    assert records == [{"prompt": "two blue squares", "tag": "counting", "include": [{"class": "square", "count": 2}]},
+                       {"prompt": "a red circle"}]
+    assert prompt_metadata(records) == {"two blue squares": {"tag": "counting", "include": [{"class": "square",
+                                                                                              "count": 2}]},
+                                        "a red circle": {}}
+    cs = tmp_path / "p.csv"
+    cs.write_text("prompt,category\na red circle,colour\n")
+    assert load_prompt_records(cs) == [{"prompt": "a red circle", "category": "colour"}]
+    with pytest.raises(ValueError, match="appears twice with different fields"):
+        prompt_metadata([{"prompt": "a", "x": 1}, {"prompt": "a", "x": 2}])

@@ -157,9 +157,9 @@ def test_all_rewards_non_finite_stops_with_a_checkpoint(run_args, tmp_path, caps
     assert (out / "checkpoints" / "checkpoint-000002").is_dir() and not (out / "final").exists()
 
 
-def test_reward_of_the_wrong_shape_is_caught(run_args, tmp_path):
-    with pytest.raises(ValueError, match="returned shape \\(3,\\) for 4 images"):
-        train_sd3_adrpo.main([*run_args, "--output_dir", str(tmp_path / "run"), "--reward", "test_wrong_shape"])
+def test_reward_of_the_wrong_shape_is_caught_before_the_first_rollout(run_args, tmp_path, capsys):
+    assert train_sd3_adrpo.main([*run_args, "--output_dir", str(tmp_path / "run"), "--reward", "test_wrong_shape"]) == 2
+    assert "returned shape (1,) for 2 images at the start-up check" in capsys.readouterr().err
 
 
 def test_non_finite_loss_skips_the_step(tiny_models):

@@ -305,7 +305,7 @@ def evaluate_clip(path: str | Path, n: int = 500, seed: int = 0) -> dict:
         images = render_batch(picked, seed=seed * 100 + k)
         true = reward(images, [s.to_text() for s in picked])
         false = reward(images, negs)
-        result[change] = float((true > false).float().mean())
+        result[change] = float(np.mean(np.asarray(true) > np.asarray(false)))
     result["n"] = n
     return result
 

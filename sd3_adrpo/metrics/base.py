@@ -1,21 +1,35 @@
-"""The metric registry and what every metric shares: input checks, weight resolution, preprocessing, the MLP head.
+"""The scorer registry and what every scorer shares: input checks, weight resolution, preprocessing, the MLP head.
 
-A metric maps (uint8 images (B, H, W, 3), prompts) -> float64 scores (B,), scored in fp32, eval mode, no grad,
-in batches, on the device it was built for. A metric is named by its registry name or, for one that lives outside
-this package (a user's, or the tiny world's oracle), by its import path ``package.module:ClassName``.
+A scorer maps (uint8 images (B, H, W, 3), prompts) -> float64 scores (B,), scored in fp32, eval mode, no grad,
+in batches, on the device it was built for. The same object is a training reward (``reward:``, see
+``sd3_adrpo.rewards``) and an evaluation metric (``judges:``, a Table 1 column). A scorer is named by
+
+- its registry name (``clip``, ``pickscore``, ...; ``METRICS``),
+- an import path ``package.module:ClassName`` (the tiny world's oracle: ``tinyworld.scorers:Oracle``),
+- a file and a class, ``path/to/file.py:ClassName`` (a plug-in: no change to the package), or
+- the URL of a reward server, ``http://127.0.0.1:PORT`` (``sd3_adrpo.reward_server``).
+
+A scorer whose ``__call__`` takes a ``metadata`` argument also gets, per image, the fields of its prompt's row in a
+.jsonl/.csv prompt file besides ``prompt`` (a dict; empty for .txt files): see ``call_scorer``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
+import inspect
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 import torch
 from torch import nn
+
+from sd3_adrpo.reward_spec import is_url, parse_metric_spec  # noqa: F401 - parse_metric_spec: re-exported
 
 METRICS: dict[str, type["Metric"]] = {}
 
@@ -38,8 +52,13 @@ def register_metric(name: str) -> Callable[[type], type]:
     return wrap
 
 
+class ScorerUnavailable(RuntimeError):
+    """A scorer could not score at all (its reward server is down, timed out or answered garbage): the trainer stops
+    with a checkpoint instead of training on a made-up reward."""
+
+
 class Metric:
-    """Base class: ``Metric(weights, device, **kwargs)(images_uint8, prompts) -> np.ndarray (B,) float64``.
+    """Base class of every scorer: ``Metric(weights, device, **options)(images_uint8, prompts) -> (B,) float64``.
 
     What a table or summary shows of it comes from the metric itself: its column ``key`` (default: its registry
     name), ``label`` and ``higher_is_better``, and, where it sorts prompts into categories (a GenEval-style judge),
@@ -50,8 +69,11 @@ class Metric:
     label: str = ""
     higher_is_better: bool = True
 
-    def __init__(self, weights: str, device: torch.device | str = "cpu", **kwargs):
-        raise NotImplementedError
+    def __init__(self, weights: Optional[str] = None, device: torch.device | str = "cpu", **options):
+        if weights is not None or options:
+            raise TypeError(f"{type(self).__name__} takes no weights or options; define __init__(self, weights, "
+                            f"device, ...) to accept them")
+        self.device = torch.device(device)
 
     def __call__(self, images, prompts: list[str]) -> np.ndarray:
         raise NotImplementedError
@@ -65,36 +87,108 @@ class Metric:
         return None
 
 
-def metric_class(name: str) -> type[Metric]:
-    """A registered metric by name, or any Metric subclass by import path ``package.module:ClassName``."""
+def _split_path(name: str) -> tuple[str, str]:
+    """``left:Class`` -> (left, Class); the last ':' separates (a Windows drive letter keeps its own)."""
+    left, _, attr = name.rpartition(":")
+    return left, attr
+
+
+def _load_file(path: str, spec: str, kind: str):
+    """Import a plug-in's .py file as a module of its own (named after its resolved path, so it loads once)."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ValueError(f"{kind} {spec!r}: no such file {str(file)!r} (relative paths are from {os.getcwd()}); "
+                         f"write it as path/to/file.py:ClassName")
+    file = file.resolve()
+    module_name = f"sd3_adrpo_plugin_{file.stem}_{hashlib.sha1(str(file).encode()).hexdigest()[:8]}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    module_spec = importlib.util.spec_from_file_location(module_name, file)
+    module = importlib.util.module_from_spec(module_spec)
+    sys.modules[module_name] = module
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - any error of the user's file, re-raised saying where
+        del sys.modules[module_name]
+        where = ""
+        tb = e.__traceback__
+        while tb is not None:  # the deepest frame inside the plug-in's own file
+            if tb.tb_frame.f_code.co_filename == str(file):
+                where = f" (line {tb.tb_lineno})"
+            tb = tb.tb_next
+        if isinstance(e, SyntaxError):
+            where = f" (line {e.lineno})"
+        raise ValueError(f"{kind} {spec!r}: importing {str(file)!r} failed{where}: {type(e).__name__}: {e}. Fix "
+                         "that file (or install what it imports) and run again") from None
+    return module
+
+
+def metric_class(name: str, kind: str = "metric") -> type[Metric]:
+    """A registered scorer by name, or any Metric subclass by import path ``package.module:ClassName`` or plug-in
+    file ``path/to/file.py:ClassName``. ``kind`` ("metric", "reward", "judge") words the errors."""
     if name in METRICS:
         return METRICS[name]
+    if is_url(name):
+        from sd3_adrpo.reward_server import RemoteScorer
+
+        return RemoteScorer
     if ":" not in name:
-        raise ValueError(f"unknown metric {name!r}; available: {', '.join(sorted(METRICS))}, or an import path "
-                         "package.module:ClassName of a Metric subclass")
-    module, _, attr = name.partition(":")
-    try:
-        cls = getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"metric {name!r}: cannot import {attr!r} from module {module!r} ({e}); check the module "
-                         "is importable (installed, or on PYTHONPATH) and the class name") from None
+        raise ValueError(f"unknown {kind} {name!r}; available: {', '.join(sorted(METRICS))}, an import path "
+                         "package.module:ClassName or a file path/to/file.py:ClassName of a "
+                         "sd3_adrpo.metrics.Metric subclass, or a reward server's URL http://HOST:PORT")
+    module, attr = _split_path(name)
+    if module.endswith(".py"):
+        where = repr(module)
+        try:
+            cls = getattr(_load_file(module, name, kind), attr)
+        except AttributeError:
+            raise ValueError(f"{kind} {name!r}: {where} defines no {attr!r}; check the class name after ':'") from None
+    else:
+        where = f"module {module!r}"
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"{kind} {name!r}: cannot import {attr!r} from module {module!r} ({e}); check the "
+                             "module is importable (installed, or on PYTHONPATH) and the class name; a file is "
+                             "named path/to/file.py:ClassName") from None
     if not (isinstance(cls, type) and issubclass(cls, Metric)):
-        raise ValueError(f"metric {name!r} is not a subclass of sd3_adrpo.metrics.Metric")
+        raise ValueError(f"{kind} {name!r}: {attr!r} in {where} is not a subclass of sd3_adrpo.metrics.Metric; "
+                         "write it as `from sd3_adrpo.metrics import Metric` then `class "
+                         f"{attr}(Metric): ...` with __call__(self, images, prompts) returning one score per image")
     return cls
 
 
-def build_metric(name: str, weights: Optional[str] = None, device: torch.device | str = "cpu", **kwargs) -> Metric:
-    """Build a metric by registry name or import path; ``weights=None`` takes the metric's default weights."""
-    cls = metric_class(name)
+def takes_metadata(scorer) -> bool:
+    """Whether ``scorer.__call__`` accepts ``metadata`` (a parameter of that name, or **kwargs)."""
+    try:
+        params = inspect.signature(scorer.__call__).parameters
+    except (TypeError, ValueError):
+        return False
+    return "metadata" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def call_scorer(scorer, images, prompts: list[str], metadata: Optional[list[dict]] = None) -> np.ndarray:
+    """``scorer(images, prompts)``, plus ``metadata=`` (one dict per image) for a scorer that takes it; the scores
+    as a float64 array (whatever array type the scorer returned)."""
+    if takes_metadata(scorer):
+        out = scorer(images, prompts, metadata=metadata if metadata is not None else [{} for _ in prompts])
+    else:
+        out = scorer(images, prompts)
+    if isinstance(out, torch.Tensor):
+        out = out.detach().float().cpu().numpy()
+    return np.asarray(out, dtype=np.float64)
+
+
+def build_metric(name: str, weights: Optional[str] = None, device: torch.device | str = "cpu", kind: str = "metric",
+                 **kwargs) -> Metric:
+    """Build a scorer by registry name, import path, plug-in file or server URL (see the module's docstring);
+    ``weights=None`` takes the scorer's default weights; ``kwargs`` are its options."""
+    cls = metric_class(name, kind)
+    if is_url(name):
+        weights, name = name, name
     metric = cls(device=device, **kwargs) if weights is None else cls(weights, device=device, **kwargs)
     metric.name = metric.name or name
     return metric
-
-
-def parse_metric_spec(spec: str) -> tuple[str, Optional[str]]:
-    """``NAME`` or ``NAME@WEIGHTS`` (as pip writes ``name @ url``) -> (NAME, WEIGHTS or None)."""
-    name, _, weights = spec.partition("@")
-    return name.strip(), (weights.strip() or None)
 
 
 def as_uint8_images(images, prompts: Optional[list[str]] = None) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""The CLIP family: ClipScore, PickScore, the LAION aesthetic predictor and HPSv2 (definitions: README, "Evaluation")."""
+"""The CLIP family: ClipScore (and the unclamped ``clip`` reward), open_clip's CLIP score, PickScore, the LAION
+aesthetic predictor and HPSv2 (definitions: README, "Evaluation")."""
 
 from __future__ import annotations
 
@@ -9,45 +10,103 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sd3_adrpo.evaluation import clip_scores
 from sd3_adrpo.metrics.base import (OPENAI_MEAN, OPENAI_STD, LinearHead, Metric, as_uint8_images, batches,
                                     load_pretrained, pixels, register_metric, resolve_weights, torch_load)
-from sd3_adrpo.rewards import ClipScoreReward, _embedding
 
 CLIP_L14 = "openai/clip-vit-large-patch14"
 PICKSCORE = "yuvalkirstain/PickScore_v1"
 PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
 
+def _embedding(out) -> torch.Tensor:
+    """transformers 5 returns an output object from get_*_features (embedding in pooler_output); 4 a tensor."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def clip_scores(img_emb: torch.Tensor, txt_emb: torch.Tensor, clamp: bool = True) -> torch.Tensor:
+    """ClipScore per pair: 100 * cos(image, text), clamped at 0 (the torchmetrics definition) unless ``clamp`` is
+    false (the training reward: a negative cosine still ranks)."""
+    score = 100 * F.cosine_similarity(img_emb, txt_emb, dim=-1)
+    return score.clamp(min=0) if clamp else score
+
+
 @register_metric("clip_score")
 class ClipScore(Metric):
-    """100 * cos(image, text) clamped at 0 per pair (``evaluation.clip_scores``), with the embeddings of
-    ``rewards.ClipScoreReward`` (a transformers CLIPModel + its CLIPProcessor). ``embed_images`` serves
-    ClipDiversity."""
+    """100 * cos(image, text) with a transformers ``CLIPModel`` (hub id, e.g. openai/clip-vit-large-patch14, or a
+    local folder) and its ``CLIPProcessor``, clamped at 0 per pair (``clip_scores``). The project's one CLIP score:
+    the ``clip`` reward, the evaluation's ClipScore and ClipDiversity (``embed_images``) and the aesthetic predictor's
+    image embedding all come from here."""
+
+    clamp = True
 
     def __init__(self, weights: str = CLIP_L14, device: torch.device | str = "cpu", batch_size: int = 64):
+        from transformers import CLIPModel, CLIPProcessor
+
         expects = f"a CLIPModel hub id (e.g. {CLIP_L14}) or a local folder with the model and its processor"
-        weights = resolve_weights(weights, "clip_score", expects)
-        self.clip = load_pretrained(lambda w: ClipScoreReward(w, device=device, batch_size=batch_size), weights,
-                                    "clip_score", expects)
-        self.clip.model.float()  # fp32 whatever dtype the checkpoint was stored in
-        self.batch_size = batch_size
+        weights = resolve_weights(weights, self.name or "clip_score", expects)
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.model = load_pretrained(lambda w: CLIPModel.from_pretrained(w, dtype=torch.float32), weights,
+                                     self.name or "clip_score", expects).to(self.device).eval().requires_grad_(False)
+        self.processor = load_pretrained(CLIPProcessor.from_pretrained, weights, self.name or "clip_score", expects)
 
     @property
     def projection_dim(self) -> int:
-        return self.clip.model.config.projection_dim
+        return self.model.config.projection_dim
 
+    @torch.no_grad()
     def embed_images(self, images) -> torch.Tensor:
-        """Raw (unnormalised) CLIP image embeddings (B, D), float32 on the metric's device."""
+        """Raw (unnormalised) CLIP image embeddings (B, D), float32 on the scorer's device."""
         images = as_uint8_images(images)
-        return torch.cat([self.clip.embed_images(images[s]) for s in batches(len(images), self.batch_size)])
+        out = []
+        for s in batches(len(images), self.batch_size):
+            px = self.processor(images=list(images[s]), return_tensors="pt")["pixel_values"].to(self.device)
+            out.append(_embedding(self.model.get_image_features(pixel_values=px)).float())
+        return torch.cat(out) if out else torch.zeros(0, self.projection_dim, device=self.device)
 
+    @torch.no_grad()
     def embed_texts(self, prompts: list[str]) -> torch.Tensor:
-        return torch.cat([self.clip.embed_texts(prompts[s]) for s in batches(len(prompts), self.batch_size)])
+        out = []
+        for s in batches(len(prompts), self.batch_size):
+            tok = self.processor.tokenizer(prompts[s], padding=True, truncation=True, return_tensors="pt")
+            out.append(_embedding(self.model.get_text_features(**tok.to(self.device))).float())
+        return torch.cat(out) if out else torch.zeros(0, self.projection_dim, device=self.device)
 
     def __call__(self, images, prompts: list[str]) -> np.ndarray:
         as_uint8_images(images, prompts)
-        return clip_scores(self.embed_images(images), self.embed_texts(prompts)).double().cpu().numpy()
+        return clip_scores(self.embed_images(images), self.embed_texts(prompts), self.clamp).double().cpu().numpy()
+
+
+@register_metric("clip")
+class ClipScoreReward(ClipScore):
+    """The CLIP score as the default training reward: ``clip_score`` without the clamp at 0 (a reward need not)."""
+
+    clamp = False
+
+
+@register_metric("open_clip")
+class OpenClipScore(Metric):
+    """100 * cos(image, text) with an open_clip model: ``weights`` is its architecture name (e.g. ViT-L-14) and
+    ``pretrained`` a tag (e.g. openai, laion2b_s32b_b82k) or a local weights file. Not clamped (a reward)."""
+
+    def __init__(self, weights: str = "ViT-L-14", device: torch.device | str = "cpu", pretrained: Optional[str] = None,
+                 batch_size: int = 64):
+        import open_clip
+
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+            weights, pretrained=pretrained, device=self.device, weights_only=True)  # never unpickle arbitrary objects
+        self.model.float().eval().requires_grad_(False)
+        self.tokenizer = open_clip.get_tokenizer(weights)
+
+    @torch.no_grad()
+    def __call__(self, images, prompts: list[str]) -> np.ndarray:
+        images = as_uint8_images(images, prompts)
+        out = []
+        for s in batches(len(images), self.batch_size):
+            img = self.model.encode_image(pixels(images[s], self.preprocess).to(self.device)).float()
+            txt = self.model.encode_text(self.tokenizer(prompts[s]).to(self.device)).float()
+            out.append(clip_scores(img, txt, clamp=False))
+        return torch.cat(out).double().cpu().numpy()
 
 
 @register_metric("pickscore")
@@ -101,12 +160,15 @@ class Aesthetic(Metric):
         path = resolve_weights(weights, "aesthetic", "the head file sac+logos+ava1-l14-linearMSE.pth (a local .pth)",
                                allow_hub=False)
         self.device = torch.device(device)
-        self.head = LinearHead(768)
-        self.head.load_state_dict(torch_load(path, "aesthetic"), strict=True)
+        state = torch_load(path, "aesthetic")
+        dim = state["layers.0.weight"].shape[1] if "layers.0.weight" in state else 768
+        self.head = LinearHead(dim)
+        self.head.load_state_dict(state, strict=True)
         self.head.to(self.device).float().eval().requires_grad_(False)
         self.clip = ClipScore(clip, device=device, batch_size=batch_size)
-        if self.clip.projection_dim != 768:
-            raise ValueError(f"aesthetic: the head takes 768-d CLIP ViT-L/14 image embeddings but {clip!r} gives "
+        if self.clip.projection_dim != dim:
+            model = " ViT-L/14" if dim == 768 else ""
+            raise ValueError(f"aesthetic: the head takes {dim}-d CLIP{model} image embeddings but {clip!r} gives "
                              f"{self.clip.projection_dim}-d; pass clip={CLIP_L14!r} (or a local copy)")
 
     @torch.no_grad()

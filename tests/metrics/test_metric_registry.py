@@ -8,7 +8,7 @@ from sd3_adrpo.metrics import METRICS, Metric, build_metric, register_metric
 def test_registry_lists_the_metrics_and_names_them():
     assert {"clip_score", "pickscore", "aesthetic", "hpsv2", "blip_score", "image_reward"} <= set(METRICS)
     assert all(cls.name == name for name, cls in METRICS.items())
-    with pytest.raises(ValueError, match="unknown metric 'nope'; available: aesthetic, blip_score, clip_score"):
+    with pytest.raises(ValueError, match="unknown metric 'nope'; available: aesthetic, blip_score, clip, clip_score"):
         build_metric("nope", "x")
     with pytest.raises(ValueError, match="already registered"):
         register_metric("clip_score")(Metric)
