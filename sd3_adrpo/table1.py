@@ -11,7 +11,7 @@ import argparse
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -69,7 +69,9 @@ def generate(out: Path, label: str, settings: Settings, *, pipe=None, drop_t5: b
                              batch_size=batch_size)
         k, n_all = settings.images_per_prompt, len(settings.prompts) * settings.images_per_prompt
         chunk = max(1, batch_size // k)  # prompts per sampler call: one batch's latents and embeddings at a time
-        for seed in tqdm(settings.seeds, desc=f"generate {label}"):
+        bar = tqdm(total=len(settings.seeds) * -(-len(settings.prompts) // chunk), desc=f"generate {label}",
+                   unit="batch")
+        for seed in settings.seeds:
             noise = torch.randn((n_all, *sampler.latent_shape(settings.resolution)),
                                 generator=make_generator(seed, 0, EVAL_NOISE))  # as one call would draw it
             for c in range(0, len(settings.prompts), chunk):
@@ -83,6 +85,8 @@ def generate(out: Path, label: str, settings: Settings, *, pipe=None, drop_t5: b
                     save_png(path, image)
                     files.append({"file": str(path.relative_to(out)), "seed": seed, "prompt_index": p, "j": j,
                                   "prompt": settings.prompts[p], **{name: float(v[i]) for name, v in w2.items()}})
+                bar.update()
+        bar.close()
         if settings.lora:
             pipe.delete_adapters(label)
     else:  # any other diffusers text-to-image pipeline, through its own __call__
@@ -93,7 +97,8 @@ def generate(out: Path, label: str, settings: Settings, *, pipe=None, drop_t5: b
                   if isinstance(v, list) and v[0] is None}
         pipe = DiffusionPipeline.from_pretrained(settings.source, dtype=dtype, **absent).to(device)
         pipe.set_progress_bar_config(disable=True)
-        for seed in tqdm(settings.seeds, desc=f"generate {label}"):
+        bar = tqdm(total=len(settings.seeds) * len(settings.prompts), desc=f"generate {label}", unit="prompt")
+        for seed in settings.seeds:
             for p, prompt in enumerate(settings.prompts):
                 images = pipe(prompt, num_images_per_prompt=settings.images_per_prompt, output_type="np",
                               num_inference_steps=settings.steps, guidance_scale=settings.guidance_scale,
@@ -104,6 +109,8 @@ def generate(out: Path, label: str, settings: Settings, *, pipe=None, drop_t5: b
                     save_png(path, (np.clip(image, 0, 1) * 255).round().astype(np.uint8))
                     files.append({"file": str(path.relative_to(out)), "seed": seed, "prompt_index": p, "j": j,
                                   "prompt": prompt})
+                bar.update()
+        bar.close()
     manifest = {"label": label, "settings": asdict(settings), "files": files}
     atomic_write_json(manifest_path, manifest)
     return manifest
@@ -160,19 +167,74 @@ def aggregate(rows: list[dict], breakdown: tuple[str, ...] = ()) -> dict[str, li
     return per_seed
 
 
+def per_prompt_values(rows: list[dict], breakdown: tuple[str, ...] = ()) -> dict[str, dict[int, float]]:
+    """Each metric's value per prompt (the mean over seeds and images; ClipDiversity: the prompt's diversity, averaged
+    over seeds), and each broken-down metric's per category (``<metric>_<category>``, over that category's prompts):
+    what a paired comparison of two rows that share their noise resamples."""
+    by_prompt: dict[int, list[dict]] = {}
+    for r in rows:
+        by_prompt.setdefault(r["prompt_index"], []).append(r)
+    out = {key: {p: float(np.mean([r[key] for r in rs])) for p, rs in by_prompt.items()}
+           for key in rows[0] if key not in _NOT_METRICS}
+    for key in breakdown:
+        for category in dict.fromkeys(r["category"] for r in rows if "category" in r):
+            out[f"{key}_{category}"] = {p: v for p, v in out[key].items() if by_prompt[p][0].get("category") == category}
+    if "_embedding" in rows[0]:
+        per_seed = []
+        for seed in sorted({r["seed"] for r in rows}):
+            rs = [r for r in rows if r["seed"] == seed]
+            ids = torch.tensor([r["prompt_index"] for r in rs])
+            div = clip_diversity(torch.tensor([r["_embedding"] for r in rs]), ids)[DIVERSITY_DEFAULT]
+            per_seed.append(dict(zip(torch.unique(ids).tolist(), div)))
+        out["clip_diversity"] = {p: float(np.mean([d[p] for d in per_seed])) for p in per_seed[0]}
+    return out
+
+
+def paired_comparisons(values: dict[str, dict[str, dict[int, float]]]) -> "Callable[[str, str, str], Optional[dict]]":
+    """``paired(metric, a, b)``: the mean over prompts of a - b, with a bootstrap interval over prompts, for rows a and
+    b in ``values`` (rows whose images share their noise: the same seeds, prompts and starting latents); None for a
+    row outside it or a metric one of them lacks."""
+    from sd3_adrpo.evaluation import paired_bootstrap
+
+    cache: dict[tuple, Optional[dict]] = {}
+
+    def paired(metric: str, a: str, b: str) -> Optional[dict]:
+        if (metric, a, b) not in cache:
+            va, vb = values.get(a, {}).get(metric), values.get(b, {}).get(metric)
+            keys = sorted(va.keys() & vb.keys()) if va is not None and vb is not None else []
+            cache[(metric, a, b)] = paired_bootstrap(np.array([vb[k] for k in keys]), np.array([va[k] for k in keys])
+                                                     ) if len(keys) >= 2 else None
+        return cache[(metric, a, b)]
+
+    return paired
+
+
 def write_outputs(out: Path, results: dict[str, dict[str, list[float]]], rows: dict[str, list[dict]],
-                  notes: list[str], meta: dict, columns: Optional[dict] = None) -> Table:
+                  notes: list[str], meta: dict, columns: Optional[dict] = None, shared_noise: tuple[str, ...] = (),
+                  reference: Optional[str] = None, breakdown: tuple[str, ...] = ()) -> Table:
+    """Per-image scores, per-run summaries and the table. Rows in ``shared_noise`` (the base and its LoRAs) are
+    compared pairwise; each of them gets its paired difference against ``reference`` (the base)."""
+    paired = paired_comparisons({label: per_prompt_values(rows[label], breakdown) for label in shared_noise})
+    shown = {label: {m: v for m, v in r.items() if not m.startswith("clip_diversity_")} for label, r in results.items()}
+    differences = {}
+    if reference in shared_noise:
+        for label in (lb for lb in shared_noise if lb != reference):
+            diffs = {m: paired(m, label, reference) for m in shown[label] if not m.startswith("w2_divergence")}
+            differences[label] = {m: d for m, d in diffs.items() if d is not None}
     for label, label_rows in rows.items():
         lines = [json.dumps({k: v for k, v in r.items() if k != "_embedding"}) for r in label_rows]
         atomic_write_bytes(out / "scores" / f"{label}.jsonl", ("\n".join(lines) + "\n").encode())
         summary = {m: {"per_seed": v, "mean": mean_and_se(v)[0], "se": mean_and_se(v)[1]} for m, v in results[label].items()}
-        atomic_write_json(out / "runs" / f"{label}.json", {"label": label, "meta": meta, "metrics": summary})
-    shown = {label: {m: v for m, v in r.items() if not m.startswith("clip_diversity_")} for label, r in results.items()}
+        record = {"label": label, "meta": meta, "metrics": summary}
+        if label in differences:
+            record[f"paired_vs_{reference}"] = differences[label]
+        atomic_write_json(out / "runs" / f"{label}.json", record)
     table = Table(shown, notes=notes + [f"ClipDiversity = {DIVERSITY_DEFAULT} variant (100 * (1 - cos)); the l2 "
                                         "variant is in runs/*.json.",
                                         f"{meta['num_prompts']} prompts x {meta['images_per_prompt']} images x "
                                         f"{len(meta['seeds'])} seeds, {meta['steps']} steps, CFG {meta['guidance_scale']}, "
-                                        f"{meta['resolution']} px."], columns=columns or {})
+                                        f"{meta['resolution']} px."], columns=columns or {}, paired=paired,
+                  differences=differences, reference=reference)
     atomic_write_bytes(out / "table.md", table.to_markdown().encode())
     atomic_write_bytes(out / "table.csv", table.to_csv().encode())
     atomic_write_bytes(out / "table.tex", table.to_latex().encode())
@@ -342,7 +404,9 @@ def main(argv: Optional[list[str]] = None) -> Table:
         results[label] = aggregate(rows[label], breakdown)
     meta = {"num_prompts": len(prompts), **{k: v for k, v in common.items() if k != "prompts"},
             "base": args.base, "prompts_file": args.prompts}
-    table = write_outputs(out, results, rows, notes, meta, columns)
+    shared = tuple(label for label, _, pipe in rows_spec if pipe is not None)  # the base pipeline's rows: one noise
+    table = write_outputs(out, results, rows, notes, meta, columns, shared_noise=shared,
+                          reference=None if args.skip_base else args.base_label, breakdown=breakdown)
     print(table.to_markdown())
     trajectories = {label: run for label, _, run in runs if (run / "eval_metrics.jsonl").is_file()}
     if trajectories:
