@@ -1,15 +1,18 @@
 #!/usr/bin/env python
-"""GPU benchmark on the full-size SD3-medium architecture with random weights (no download needed).
+"""GPU benchmark on the full-size SD3-medium and SD3.5-medium architectures with random weights (no download needed).
 
 Builds the public SD3-medium configuration (MMDiT: 24 blocks, width 1536, 16 latent channels, patch 2; the 16-channel
-VAE; CLIP-L, CLIP-G and T5-XXL text encoders) in bf16 and measures, with the project's own code paths:
+VAE; CLIP-L, CLIP-G and T5-XXL text encoders) in bf16, then SD3.5-medium's transformer (the same, plus RMS q/k norm
+and a second, image-only attention in blocks 0-12), and measures, with the project's own code paths:
 
 - rollout images/s (sd3_adrpo.rollout.SD3Sampler: Euler ODE + CFG + VAE decode) at 512 and 1024 px, 10 and 28
-  steps, CFG on and off, and with torch.compile on and off;
-- training samples/s of one ADRPO step (LoRA r=32, the adapter-off reference pass included, AdamW step);
-- peak GPU memory of each config profile (configs/sd3_medium_80gb.yaml, configs/sd3_medium_24gb.yaml): a rollout and
-  a training step with the profile's batch sizes, gradient checkpointing and optimizer, plus the text encoders'
-  weights where the profile keeps them resident (the start-up peak of encoding every prompt is reported apart);
+  steps, CFG on and off, and with torch.compile on and off (SD3.5: 10 steps, eager only);
+- training samples/s of one ADRPO step (LoRA r=32, the adapter-off reference pass included, AdamW step) under
+  loss_guidance conditional (the default) and guided;
+- peak GPU memory of each config profile (SD3: configs/sd3_medium_80gb.yaml, configs/sd3_medium_24gb.yaml; SD3.5:
+  configs/sd35_medium.yaml and it with the 24 GB profile's memory knobs): a rollout and a training step with the
+  profile's batch sizes, gradient checkpointing and optimizer, plus the text encoders' weights where the profile
+  keeps them resident (the start-up peak of encoding every prompt is reported apart);
 - MFU: FLOPs counted by torch.utils.flop_counter on one transformer forward, against the card's dense bf16 peak.
 
     python benchmarks/gpu_sd3_medium.py --out benchmarks/out/gpu_sd3_medium.json        # one H100: ~5-8 min
@@ -19,6 +22,7 @@ VAE; CLIP-L, CLIP-G and T5-XXL text encoders) in bf16 and measures, with the pro
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import subprocess
@@ -28,6 +32,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,15 +42,21 @@ from sd3_adrpo.models import add_lora  # noqa: E402
 from sd3_adrpo.rollout import SD3Sampler  # noqa: E402
 from sd3_adrpo.update import fm_batch_loss, loss_noise  # noqa: E402
 
-# Public SD3-medium shapes; --tiny shrinks every width and depth for a CPU smoke test.
+# Public SD3-medium shapes; --tiny shrinks every width and depth for a CPU smoke test. ``dual``: how many leading
+# blocks of SD3.5-medium have the second attention (its dual_attention_layers 0-12).
 FULL = dict(layers=24, heads=24, head_dim=64, joint_dim=4096, pooled=2048, vae=(128, 256, 512, 512), vae_layers=2,
-            clip_l=(768, 12, 12, 3072), clip_g=(1280, 32, 20, 5120), t5=(4096, 24, 64, 10240), clip_len=77, t5_len=256)
+            clip_l=(768, 12, 12, 3072), clip_g=(1280, 32, 20, 5120), t5=(4096, 24, 64, 10240), clip_len=77, t5_len=256,
+            dual=13)
 TINY = dict(layers=2, heads=2, head_dim=16, joint_dim=64, pooled=64, vae=(8, 16, 16, 16), vae_layers=1,
-            clip_l=(32, 2, 2, 64), clip_g=(32, 2, 2, 64), t5=(64, 2, 2, 128), clip_len=16, t5_len=8)
+            clip_l=(32, 2, 2, 64), clip_g=(32, 2, 2, 64), t5=(64, 2, 2, 128), clip_len=16, t5_len=8, dual=1)
+# What SD3.5-medium's transformer config adds to SD3-medium's (SD3Transformer2DModel arguments)
+ARCHS = {"SD3-medium": lambda shapes: dict(pos_embed_max_size=192),
+         "SD3.5-medium": lambda shapes: dict(pos_embed_max_size=384, qk_norm="rms_norm",
+                                             dual_attention_layers=tuple(range(shapes["dual"])))}
 DENSE_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
 
 
-def build(shapes: dict, device, dtype):
+def build(shapes: dict, device, dtype, arch: str = "SD3-medium"):
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
     with torch.device(device):
@@ -53,7 +64,7 @@ def build(shapes: dict, device, dtype):
             sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=shapes["layers"],
             attention_head_dim=shapes["head_dim"], num_attention_heads=shapes["heads"],
             joint_attention_dim=shapes["joint_dim"], caption_projection_dim=shapes["heads"] * shapes["head_dim"],
-            pooled_projection_dim=shapes["pooled"], pos_embed_max_size=192).to(dtype)
+            pooled_projection_dim=shapes["pooled"], **ARCHS[arch](shapes)).to(dtype)
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=16, block_out_channels=shapes["vae"],
             layers_per_block=shapes["vae_layers"], down_block_types=("DownEncoderBlock2D",) * len(shapes["vae"]),
@@ -161,6 +172,71 @@ def train_step_speed(pipe, shapes, device, dtype, resolution, batch, profile, gu
     return batch / seconds, peak
 
 
+def memory_knobs(profile: Path) -> list[str]:
+    """A memory profile's own settings (without its base_config) as command-line overrides for another config."""
+    knobs = yaml.safe_load(profile.read_text())
+    knobs.pop("base_config", None)
+    return [x for key, value in knobs.items() for x in (f"--{key}", str(value).lower() if isinstance(value, bool)
+                                                         else str(value))]
+
+
+def measure(arch: str, profiles: dict, shapes: dict, device, dtype, res, steps, peak_tflops, result: dict,
+            args) -> list[dict]:
+    """Rollout rows, FLOPs per forward and one ADRPO training step per memory profile of one architecture. SD3-medium
+    gets the whole rollout grid (and torch.compile); SD3.5-medium, the 10-step rows in eager mode."""
+    rows = []
+    pipe = build(shapes, device, dtype, arch)
+    info = result.setdefault("models", {}).setdefault(arch, {})
+    info["transformer_params"] = sum(p.numel() for p in pipe.transformer.parameters())
+    full_grid = arch == "SD3-medium"
+
+    # rollout throughput, eager then compiled
+    for compiled in ((False,) if args.no_compile or args.tiny or not full_grid else (False, True)):
+        if compiled:
+            pipe.transformer = torch.compile(pipe.transformer)
+        for r in res[:1] if compiled else res:  # compiled: 512 px, 10 steps only (each new shape recompiles)
+            for s in steps[:1] if compiled or not full_grid else steps:
+                for cfg_scale in (4.5, 1.0):
+                    batch = 8 if r == res[0] else 4
+                    ips = rollout_speed(pipe, shapes, device, dtype, r, s, cfg_scale, batch)
+                    rows.append({"model": arch, "what": "rollout", "resolution": r, "steps": s, "cfg": cfg_scale > 1,
+                                 "compile": compiled, "batch": batch, "images_per_s": ips})
+        if compiled:
+            pipe.transformer = pipe.transformer._orig_mod
+            torch._dynamo.reset()  # compiled graphs hold the weights: free them with the model
+    flops = {r: flops_per_forward(pipe.transformer, shapes, device, dtype, r) for r in res}
+    info["tflop_per_forward"] = {r: f / 1e12 for r, f in flops.items()}
+    for row in rows:
+        forwards = row["steps"] * (2 if row["cfg"] else 1)
+        achieved = row["images_per_s"] * forwards * flops[row["resolution"]] / 1e12
+        row["mfu"] = achieved / peak_tflops  # transformer FLOPs only; VAE decode time counts against it
+
+    # one ADRPO training step per profile, LoRA r=32, at the profile's train batch size
+    add_lora(pipe.transformer, rank=32 if not args.tiny else 4)
+    for pname, profile in profiles.items():
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        r = res[0]
+        # the profile's rollout (its batch sizes, CFG) and then its training step, under one peak-memory window
+        rollout_speed(pipe, shapes, device, dtype, r, steps[0], profile.guidance_scale, profile.rollout_batch_size,
+                      profile.vae_batch_size)
+        for guided in (False, True):
+            sps, peak = train_step_speed(pipe, shapes, device, dtype, r, profile.train_batch_size, profile, guided)
+            if not profile.free_text_encoders:  # this profile keeps CLIP-L, CLIP-G and T5 resident all run long
+                peak += result["text_encoders_gib"]
+            # assumed cost: policy forward + backward (~2 forwards: input gradients, LoRA weights only) + reference
+            # forward = 4 forwards, + 1 recompute with gradient checkpointing; twice that with the guided loss
+            tflops = sps * (4 + profile.gradient_checkpointing) * (1 + guided) * flops[r] / 1e12
+            rows.append({"model": arch, "what": f"train step ({pname}{', guided' if guided else ''})",
+                         "resolution": r, "batch": profile.train_batch_size,
+                         "gradient_checkpointing": profile.gradient_checkpointing, "optimizer": profile.optimizer,
+                         "loss_guidance": "guided" if guided else "conditional", "samples_per_s": sps,
+                         "peak_gib": peak, "mfu": tflops / peak_tflops})
+    del pipe
+    gc.collect()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on CPU: a smoke test of this script")
@@ -175,7 +251,11 @@ def main() -> None:
     steps = (2, 3) if args.tiny else (10, 28)
     name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     peak_tflops = next((v for k, v in DENSE_BF16_TFLOPS.items() if k in name), float("nan"))
-    profiles = {p: parse_args(["--config", str(ROOT / f"configs/sd3_medium_{p}.yaml")]) for p in ("80gb", "24gb")}
+    profiles = {"SD3-medium": {p: parse_args(["--config", str(ROOT / f"configs/sd3_medium_{p}.yaml")])
+                               for p in ("80gb", "24gb")},
+                "SD3.5-medium": {"80gb": parse_args(["--config", str(ROOT / "configs/sd35_medium.yaml")]),
+                                 "24gb": parse_args(["--config", str(ROOT / "configs/sd35_medium.yaml"),
+                                                     *memory_knobs(ROOT / "configs/sd3_medium_24gb.yaml")])}}
     rows, result = [], {"device": name, "dense_bf16_tflops": peak_tflops, "tiny": args.tiny, "torch": torch.__version__,
                         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                                  text=True, cwd=ROOT).stdout.strip()}
@@ -194,61 +274,25 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    pipe = build(shapes, device, dtype)
-    result["transformer_params"] = sum(p.numel() for p in pipe.transformer.parameters())
-
-    # 2. rollout throughput, eager then compiled
-    for compiled in ((False,) if args.no_compile or args.tiny else (False, True)):
-        if compiled:
-            pipe.transformer = torch.compile(pipe.transformer)
-        for r in res[:1] if compiled else res:  # compiled: 512 px, 10 steps only (each new shape recompiles)
-            for s in steps[:1] if compiled else steps:
-                for cfg_scale in (4.5, 1.0):
-                    batch = 8 if r == res[0] else 4
-                    ips = rollout_speed(pipe, shapes, device, dtype, r, s, cfg_scale, batch)
-                    rows.append({"what": "rollout", "resolution": r, "steps": s, "cfg": cfg_scale > 1,
-                                 "compile": compiled, "batch": batch, "images_per_s": ips})
-        if compiled:
-            pipe.transformer = pipe.transformer._orig_mod
-    flops = {r: flops_per_forward(pipe.transformer, shapes, device, dtype, r) for r in res}
-    result["tflop_per_forward"] = {r: f / 1e12 for r, f in flops.items()}
-    for row in rows:
-        forwards = row["steps"] * (2 if row["cfg"] else 1)
-        achieved = row["images_per_s"] * forwards * flops[row["resolution"]] / 1e12
-        row["mfu"] = achieved / peak_tflops  # transformer FLOPs only; VAE decode time counts against it
-
-    # 3. one ADRPO training step per profile, LoRA r=32, at the profile's train batch size
-    add_lora(pipe.transformer, rank=32 if not args.tiny else 4)
-    for pname, profile in profiles.items():
+    for arch, arch_profiles in profiles.items():
+        rows += measure(arch, arch_profiles, shapes, device, dtype, res, steps, peak_tflops, result, args)
         if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        r = res[0]
-        # the profile's rollout (its batch sizes, CFG) and then its training step, under one peak-memory window
-        rollout_speed(pipe, shapes, device, dtype, r, steps[0], profile.guidance_scale, profile.rollout_batch_size,
-                      profile.vae_batch_size)
-        for guided in (False, True):
-            sps, peak = train_step_speed(pipe, shapes, device, dtype, r, profile.train_batch_size, profile, guided)
-            if not profile.free_text_encoders:  # this profile keeps CLIP-L, CLIP-G and T5 resident all run long
-                peak += result["text_encoders_gib"]
-            # assumed cost: policy forward + backward (~2 forwards: input gradients, LoRA weights only) + reference
-            # forward = 4 forwards, + 1 recompute with gradient checkpointing; twice that with the guided loss
-            tflops = sps * (4 + profile.gradient_checkpointing) * (1 + guided) * flops[r] / 1e12
-            rows.append({"what": f"train step ({pname}{', guided' if guided else ''})", "resolution": r,
-                         "batch": profile.train_batch_size, "gradient_checkpointing": profile.gradient_checkpointing,
-                         "optimizer": profile.optimizer, "loss_guidance": "guided" if guided else "conditional",
-                         "samples_per_s": sps, "peak_gib": peak, "mfu": tflops / peak_tflops})
+            torch.cuda.empty_cache()  # the next architecture's peaks start from its own weights only
     result["rows"], result["seconds"] = rows, time.perf_counter() - t0
 
-    print(f"SD3-medium architecture{' (TINY shapes)' if args.tiny else ''}, random weights, {dtype}, {name}, "
-          f"commit {result['commit']}")
-    print(f"transformer {result['transformer_params'] / 1e9:.2f}B params; text encoders {result['text_encoders_gib']:.1f} "
-          f"GiB (encoding peak {result['encode_peak_gib']:.1f} GiB); TFLOP per forward: " + ", ".join(f"{r}px {v:.2f}" for r, v in result["tflop_per_forward"].items()))
-    print(f"{'what':24s}{'res':>6s}{'steps':>6s}{'cfg':>6s}{'compile':>8s}{'batch':>6s}{'per s':>10s}{'MFU':>7s}{'peak GiB':>9s}")
+    print(f"SD3-medium and SD3.5-medium architectures{' (TINY shapes)' if args.tiny else ''}, random weights, {dtype}, "
+          f"{name}, commit {result['commit']}")
+    print(f"text encoders {result['text_encoders_gib']:.1f} GiB (encoding peak {result['encode_peak_gib']:.1f} GiB)")
+    for arch, info in result["models"].items():
+        print(f"{arch}: transformer {info['transformer_params'] / 1e9:.2f}B params; TFLOP per forward: "
+              + ", ".join(f"{r}px {v:.2f}" for r, v in info["tflop_per_forward"].items()))
+    print(f"{'model':14s}{'what':24s}{'res':>6s}{'steps':>6s}{'cfg':>6s}{'compile':>8s}{'batch':>6s}{'per s':>10s}"
+          f"{'MFU':>7s}{'peak GiB':>9s}")
     for row in rows:
         rate = row.get("images_per_s", row.get("samples_per_s"))
-        print(f"{row['what']:24s}{row['resolution']:>6d}{row.get('steps', ''):>6}{str(row.get('cfg', '')):>6s}"
-              f"{str(row.get('compile', '')):>8s}{row['batch']:>6d}{rate:>10.3f}{row['mfu']:>7.1%}"
-              f"{row.get('peak_gib', float('nan')):>9.1f}")
+        print(f"{row['model']:14s}{row['what']:24s}{row['resolution']:>6d}{row.get('steps', ''):>6}"
+              f"{str(row.get('cfg', '')):>6s}{str(row.get('compile', '')):>8s}{row['batch']:>6d}{rate:>10.3f}"
+              f"{row['mfu']:>7.1%}{row.get('peak_gib', float('nan')):>9.1f}")
     print(f"total {result['seconds']:.0f} s")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

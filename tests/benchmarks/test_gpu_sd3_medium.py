@@ -1,4 +1,5 @@
-"""The SD3-medium speed benchmark's tiny mode (its numbers mean nothing on CPU; the script must keep working)."""
+"""The SD3-medium / SD3.5-medium GPU benchmark's tiny mode (its numbers mean nothing on CPU; the script must keep
+working, through every row it produces on a GPU but the torch.compile ones)."""
 
 import json
 import subprocess
@@ -6,6 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+PROFILES = ("80gb", "24gb")
 
 
 def test_gpu_benchmark_tiny_mode(tmp_path):
@@ -14,12 +16,26 @@ def test_gpu_benchmark_tiny_mode(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
-    rollouts = [r for r in data["rows"] if r["what"] == "rollout"]
-    assert {(r["resolution"], r["steps"], r["cfg"]) for r in rollouts} == {
+    assert "SD3-medium and SD3.5-medium architectures (TINY shapes)" in result.stdout
+    rollouts = {m: [r for r in data["rows"] if r["what"] == "rollout" and r["model"] == m]
+                for m in ("SD3-medium", "SD3.5-medium")}
+    assert {(r["resolution"], r["steps"], r["cfg"]) for r in rollouts["SD3-medium"]} == {
         (res, s, c) for res in (64, 128) for s in (2, 3) for c in (True, False)}
-    assert all(r["images_per_s"] > 0 for r in rollouts)
-    trains = {r["what"]: r for r in data["rows"] if r["what"].startswith("train")}
-    assert trains["train step (24gb)"]["gradient_checkpointing"] and trains["train step (24gb)"]["optimizer"] == "adamw8bit"
-    assert trains["train step (80gb)"]["batch"] > trains["train step (24gb)"]["batch"]
-    assert data["tflop_per_forward"]["128"] > data["tflop_per_forward"]["64"] > 0
-    assert "SD3-medium architecture (TINY shapes)" in result.stdout
+    assert {(r["resolution"], r["steps"], r["cfg"]) for r in rollouts["SD3.5-medium"]} == {
+        (res, 2, c) for res in (64, 128) for c in (True, False)}
+    assert all(r["images_per_s"] > 0 for rows in rollouts.values() for r in rows)
+    models = data["models"]
+    # SD3.5's extra attention (and q/k norms) make it the larger model, at more FLOPs per forward
+    assert models["SD3.5-medium"]["transformer_params"] > models["SD3-medium"]["transformer_params"]
+    for m in models.values():
+        assert m["tflop_per_forward"]["128"] > m["tflop_per_forward"]["64"] > 0
+    assert models["SD3.5-medium"]["tflop_per_forward"]["64"] > models["SD3-medium"]["tflop_per_forward"]["64"]
+    for model in models:
+        trains = {r["what"]: r for r in data["rows"] if r["what"].startswith("train") and r["model"] == model}
+        # each memory profile, under both loss_guidance settings, with the profile's own knobs
+        assert set(trains) == {f"train step ({p}{g})" for p in PROFILES for g in ("", ", guided")}
+        small, big = trains["train step (24gb)"], trains["train step (80gb)"]
+        assert small["gradient_checkpointing"] and small["optimizer"] == "adamw8bit"
+        assert not big["gradient_checkpointing"] and big["optimizer"] == "adamw"
+        assert big["batch"] > small["batch"]
+        assert all(r["samples_per_s"] > 0 and "peak_gib" in r for r in trains.values())
