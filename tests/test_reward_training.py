@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import train_sd3_adrpo
 
@@ -67,14 +68,19 @@ def stand_ins(tiny_models, tiny_open_clip, tmp_path_factory):
     return {
         "clip": "clip",
         "clip_score": f"clip_score@{clip}",
-        "open_clip": json.dumps({"open_clip": {"model": name, "pretrained": str(out / "open_clip.pt")}}),
+        "open_clip": _flow({"open_clip": {"model": name, "pretrained": str(out / "open_clip.pt")}}),
         "pickscore": f"pickscore@{clip}",
-        "aesthetic": json.dumps({"aesthetic": {"model": str(out / "aesthetic_head.pth"), "clip": str(out / "clip768")}}),
-        "hpsv2": json.dumps({"hpsv2": {"model": str(out / "HPS_tiny.pt"), "arch": name}}),
-        "image_reward": json.dumps({"image_reward": {"model": str(out / "ImageReward.pt"), **blip_options}}),
-        "blip_score": json.dumps({"blip_score": {"model": str(out / "model_large.pth"), **blip_options}}),
+        "aesthetic": _flow({"aesthetic": {"model": str(out / "aesthetic_head.pth"), "clip": str(out / "clip768")}}),
+        "hpsv2": _flow({"hpsv2": {"model": str(out / "HPS_tiny.pt"), "arch": name}}),
+        "image_reward": _flow({"image_reward": {"model": str(out / "ImageReward.pt"), **blip_options}}),
+        "blip_score": _flow({"blip_score": {"model": str(out / "model_large.pth"), **blip_options}}),
         "oracle": "tinyworld.scorers:Oracle",
     }
+
+
+def _flow(mapping) -> str:
+    """A mapping as one YAML flow line for --reward (JSON's 1e-12 would read back as a string in YAML 1.1)."""
+    return yaml.safe_dump(mapping, default_flow_style=True, width=10**6).strip()
 
 
 def _rows(out):
@@ -170,7 +176,7 @@ def test_reward_server_trains_then_a_killed_server_stops_the_run_with_its_checkp
         out = tmp_path / "run"
         trainer = subprocess.Popen(
             [sys.executable, str(ROOT / "train_sd3_adrpo.py"), *run_args, "--output_dir", str(out), "--num_iterations",
-             "200", "--reward", json.dumps({url: {"timeout": 10, "retries": 1, "backoff": 0.2}})],
+             "200", "--reward", _flow({url: {"timeout": 10, "retries": 1, "backoff": 0.2}})],
             cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             text=True)
         deadline = time.time() + 240

@@ -10,7 +10,8 @@ What the image must show comes from the prompt's metadata when its row in a .jso
 fields (``tag``: the category; ``include``: a list of ``{"class": shape, "color": colour, "count": n}``, optionally
 ``"style": "outlined"``; ``relation`` for position prompts, e.g. "left of"), so any wording of the prompt can be
 verified; otherwise from the prompt text, which must then be a canonical tiny-world caption.
-``python -m tinyworld.scorers prompts/tinyworld_train.txt out.jsonl`` writes a prompt file with those fields. Trained
+``python -m tinyworld.scorers metadata prompts/tinyworld_train.txt out.jsonl`` writes a prompt file with those
+fields. Trained
 on, the oracle is a verifiable reward; as a judge of a run trained on CLIP it exposes reward hacking of the learned
 reward.
 """
@@ -82,12 +83,38 @@ class Oracle(Metric):
         return [self.scene(p).category for p in prompts]
 
 
+def write_aesthetic_stand_in(out, clip: str, seed: int = 0) -> str:
+    """A random aesthetic head (``LinearHead``) sized for ``clip``'s image embedding, saved as a state dict at
+    ``out``: the stand-in that lets ``aesthetic`` train on the tiny world (the real head takes ViT-L/14's 768-d)."""
+    import torch
+    from transformers import CLIPConfig
+
+    from sd3_adrpo.metrics.base import LinearHead
+
+    torch.manual_seed(seed)
+    head = LinearHead(CLIPConfig.from_pretrained(clip).projection_dim)
+    from pathlib import Path
+
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(head.state_dict(), out)
+    return str(out)
+
+
 def main(argv: Optional[list[str]] = None) -> None:
-    ap = argparse.ArgumentParser(description="Write a .jsonl prompt file with GenEval-style metadata (tag, include, "
-                                             "relation) for each tiny-world prompt of a .txt file.")
-    ap.add_argument("prompts", help="a file of canonical tiny-world prompts (.txt, .jsonl or .csv)")
-    ap.add_argument("out", help="the .jsonl to write")
+    ap = argparse.ArgumentParser(description="Tiny-world scorer helpers.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    meta = sub.add_parser("metadata", help="write a .jsonl prompt file with GenEval-style metadata (tag, include, "
+                                           "relation) for each tiny-world prompt of a file")
+    meta.add_argument("prompts", help="a file of canonical tiny-world prompts (.txt, .jsonl or .csv)")
+    meta.add_argument("out", help="the .jsonl to write")
+    head = sub.add_parser("aesthetic-head", help="write a random aesthetic head sized for a CLIP (a stand-in)")
+    head.add_argument("out", help="the .pth to write")
+    head.add_argument("--clip", default="assets/tinyworld/clip", help="the CLIP folder the head will read")
+    head.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.command == "aesthetic-head":
+        print(f"wrote a random aesthetic head for {args.clip} to {write_aesthetic_stand_in(args.out, args.clip, args.seed)}")
+        return
     from sd3_adrpo.io import atomic_write_bytes
     from sd3_adrpo.prompts import load_prompts
 
