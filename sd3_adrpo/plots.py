@@ -132,6 +132,7 @@ def qualitative_grid(eval_dir: str | os.PathLike, labels: list[str] | None = Non
     fig.tight_layout()
     if out is not None:
         fig.savefig(out, dpi=150)
+    plt.close(fig)  # still drawable (a notebook shows it once, where it is the cell's value), but no longer open
     return fig
 
 

@@ -76,7 +76,7 @@ class Table:
 
     def ranks(self, metric: str) -> dict[str, int]:
         """1 for the best label of a column, 2 for the second best (by mean), each only where it is beyond the noise:
-        the best beyond the second, the second beyond the third (and the best marked)."""
+        the best beyond the second, the second (of three rows or more) beyond the third, and the best marked."""
         higher = self._columns().get(metric, (metric, True))[1]
         if higher is None:
             return {}
@@ -85,7 +85,7 @@ class Table:
         marks = {}
         if len(order) >= 2 and self.beyond_noise(metric, order[0], order[1]):
             marks[order[0]] = 1
-            if len(order) == 2 or self.beyond_noise(metric, order[1], order[2]):
+            if len(order) > 2 and self.beyond_noise(metric, order[1], order[2]):  # (of two rows, none is second)
                 marks[order[1]] = 2
         return marks
 
