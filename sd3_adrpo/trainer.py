@@ -369,10 +369,15 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
     def trainer_state(done: int) -> dict:
         return {"iteration": done, "prompt_sampler": prompt_sampler.state_dict()}
 
+    def export(folder: Path, done: int) -> None:  # a checkpoint's policy as a user loads it, with its model card
+        export_policy(base_transformer, run_cfg, folder)
+        write_model_card(folder, run_cfg, lora=str(folder.with_name(folder.name.removeprefix(".tmp-"))),
+                         title=f"{run_cfg.method} LoRA for {run_cfg.pretrained_model}, iteration {done}", iteration=done)
+
     def checkpoint(done: int) -> Path:
         return save_checkpoint(out / "checkpoints", done, base_transformer, optimizer, lr_scheduler,
                                trainer_state(done), keep=cfg.checkpoints_total_limit,
-                               export=lambda folder: export_policy(base_transformer, run_cfg, folder))
+                               export=lambda folder: export(folder, done))
 
     bar = tqdm(range(start, cfg.num_iterations), initial=start, total=cfg.num_iterations, desc=cfg.method,
                disable=not accelerator.is_local_main_process)

@@ -110,7 +110,11 @@ def bf16_run(tiny_models, tmp_path_factory):
             "--checkpoint_every", "0", "--learning_rate", "1e-2", "--adv_scale", "batch_std", "--adam_epsilon", "1e-4",
             "--prompts_per_iteration", "4", "--train_batch_size", "8", "--split_batches", "true",
             "--mixed_precision", "bf16"]
-    assert train_sd3_adrpo.main([*args, "--output_dir", str(tmp / "one")]) == 0
+    # a process of its own: accelerate's state is a per-process singleton that keeps its first mixed precision
+    one = subprocess.run([sys.executable, str(ROOT / "train_sd3_adrpo.py"), *args, "--output_dir", str(tmp / "one")],
+                         cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
     return args, _lora_b(tmp / "one")
 
 
