@@ -10,6 +10,7 @@ without any error. The snippet says so and passes both.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -73,6 +74,7 @@ Training prompts: `{{ train_prompts }}`.{% if eval_prompts %} Held-out prompts: 
 """
 
 
+@functools.lru_cache(maxsize=8)  # a run writes a card per checkpoint: the base's card is read once
 def base_license(base: str) -> tuple[Optional[str], Optional[str], Optional[str]]:
     """(license, license_name, license_link) of a base model: from its card's metadata (a local folder's README.md,
     or the hub's where reachable), else from ``KNOWN_LICENSES``; (None, None, None) where unknown."""

@@ -43,7 +43,7 @@ def finished_run(tiny_models, tmp_path_factory):
             "--final_eval_prompts", str(prompts), "--final_eval_num_prompts", "2", "--final_eval_images_per_prompt", "2",
             "--eval_every", "1", "--eval_num_prompts", "2", "--eval_images_per_prompt", "2", "--num_iterations", "2",
             "--prompts_per_iteration", "2", "--samples_per_prompt", "2", "--train_batch_size", "2",
-            "--num_inference_steps", "3", "--checkpoint_every", "0", "--sample_every", "1", "--num_sample_prompts", "2",
+            "--num_inference_steps", "3", "--checkpoint_every", "1", "--sample_every", "1", "--num_sample_prompts", "2",
             "--sample_images_per_prompt", "2", "--learning_rate", "5e-2", "--report_to", "tensorboard",
             "--push_to_hub", "--output_dir", str(out)]
     import io
@@ -102,6 +102,14 @@ def test_model_card_beside_the_lora(finished_run, tiny_models):
     assert str(tiny_models["sd3"]) in card and "beta0 | 1" in card and "| method | adrpo |" in card
     assert "text_encoder_3=None, tokenizer_3=None" in card and "max_sequence_length=4" in card
     assert "## Before and after" in card and "| clip_score |" in card and "2 held-out prompts x 2 images" in card
+
+
+def test_every_checkpoint_export_has_its_card(finished_run):
+    out, _, _ = finished_run
+    ckpt = out / "checkpoints" / "checkpoint-000001"
+    card = (ckpt / "README.md").read_text()
+    assert f"pipe.load_lora_weights({str(ckpt)!r})" in _snippet(card)  # where it lies once in place, not .tmp-*
+    assert "| iterations | 1 of 2 |" in card and "README.md" in (ckpt / "manifest.json").read_text()
 
 
 def _snippet(card: str) -> str:
