@@ -311,11 +311,12 @@ class TrainConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if self.judges:
-            from sd3_adrpo.metrics import metric_class, parse_metric_spec  # imports the judge's module, loads no model
+            from sd3_adrpo.metrics import metric_class  # imports the judge's module, loads no model
+            from sd3_adrpo.reward_spec import judge_term
 
             for spec in self.judges:
                 try:
-                    metric_class(parse_metric_spec(spec)[0])
+                    metric_class(judge_term(spec).spec)
                 except ValueError as e:
                     raise ConfigError(f"judges: {e}") from None
         return self

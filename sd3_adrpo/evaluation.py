@@ -59,14 +59,17 @@ def paired_bootstrap(before: np.ndarray, after: np.ndarray, n_boot: int = 2000, 
 
 
 def build_judges(specs: list[str], device: torch.device | str = "cpu") -> dict[str, "Metric"]:
-    """The judges named by ``specs`` (``NAME`` or ``NAME@WEIGHTS``; a registry name or ``package.module:Class``),
-    keyed by the column each reports. Judges are scorers the policy is not trained on, e.g. the tiny world's oracle
-    (``tinyworld.scorers:Oracle``) or PickScore on SD3."""
-    from sd3_adrpo.metrics import build_metric, parse_metric_spec
+    """The judges named by ``specs`` (``NAME`` or ``NAME@WEIGHTS``: a registry name, ``package.module:Class``,
+    ``file.py:Class`` or a reward server's URL; ``{NAME: {model: ..., <option>: ...}}`` for options), keyed by the
+    column each reports. Judges are scorers the policy is not trained on, e.g. the tiny world's oracle
+    (``tinyworld.scorers:Oracle``) or PickScore on SD3; any reward can be one."""
+    from sd3_adrpo.metrics import build_metric
+    from sd3_adrpo.reward_spec import judge_term
 
     judges = {}
     for spec in specs:
-        judge = build_metric(*parse_metric_spec(spec), device=device)
+        term = judge_term(spec)
+        judge = build_metric(term.spec, term.model, device=device, **term.options)
         if judge.column in judges:
             raise ValueError(f"two judges report the column {judge.column!r}: name each once")
         judges[judge.column] = judge

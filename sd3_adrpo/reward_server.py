@@ -50,7 +50,7 @@ def decode_request(body: bytes) -> tuple[np.ndarray, list[str], list[dict]]:
     try:
         req = json.loads(body)
         shape = [int(x) for x in req["shape"]]
-        images = np.frombuffer(base64.b64decode(req["images"], validate=True), dtype=np.uint8).reshape(shape)
+        images = np.frombuffer(base64.b64decode(req["images"], validate=True), dtype=np.uint8).reshape(shape).copy()
         prompts, metadata = req["prompts"], req.get("metadata") or [{} for _ in req["prompts"]]
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"malformed request ({type(e).__name__}: {e}); send "
@@ -71,11 +71,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, code: int, payload: dict) -> None:
         body = json.dumps(payload).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        try:
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (its timeout); it retries or stops
+            pass
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         if self.path.rstrip("/") in ("/info", ""):
@@ -209,13 +212,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     from sd3_adrpo.rewards import build_reward
 
     try:
+        reward = args.reward
+        if reward.strip().startswith("{"):  # a mapping, written as on the trainer's command line (YAML flow)
+            import yaml
+
+            reward = yaml.safe_load(reward)
         options = json.loads(args.options) if args.options else {}
         if not isinstance(options, dict):
             raise ValueError("--options must be a JSON object")
-        reward = build_reward(args.reward, args.reward_model, device=args.device, pretrained=args.reward_pretrained,
+        reward = build_reward(reward, args.reward_model, device=args.device, pretrained=args.reward_pretrained,
                               **options)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - bad input (a spec, YAML, weights): say it, exit 2, no traceback
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
     server = make_server(reward, args.host, args.port, args.verbose)
     host, port = server.server_address[:2]

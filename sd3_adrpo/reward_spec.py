@@ -128,3 +128,24 @@ def parse_reward(value: Any, reward_model: Optional[str] = None,
     return out
 
 
+def judge_term(spec: str) -> RewardTerm:
+    """A judge (an evaluation column) named as a reward entry is: ``NAME[@WEIGHTS]``, a server URL, or one entry of a
+    reward mapping written as a YAML flow string, ``{aesthetic: {model: head.pth, clip: my_clip}}``, for options."""
+    if not isinstance(spec, str):
+        raise ValueError(f"judges: each judge is a string, got {spec!r}; write options as '{{NAME: {{...}}}}'")
+    text = spec.strip()
+    if text.startswith("{"):
+        import yaml
+
+        try:
+            entry = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"judge {spec!r}: not a YAML mapping ({str(e).splitlines()[0]})") from None
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise ValueError(f"judge {spec!r}: write one scorer as {{NAME: {{model: WEIGHTS, <option>: value}}}}")
+        (name, options), = entry.items()
+        term = _term_from_entry(name, options, "judge")
+        return RewardTerm(term.spec, 1.0, term.model, term.options, term.key)
+    name, model = _split_spec(text)
+    return RewardTerm(name, 1.0, model)
+

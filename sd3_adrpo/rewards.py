@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 import sd3_adrpo.metrics  # noqa: F401 - registers every scorer of the package
-from sd3_adrpo.metrics.base import METRICS, Metric, build_metric, call_scorer, metric_class, register_metric
+from sd3_adrpo.metrics.base import (METRICS, Metric, ScorerUnavailable, build_metric, call_scorer, metric_class,
+                                    register_metric)
 from sd3_adrpo.metrics.clip import ClipScore, ClipScoreReward, OpenClipScore
 from sd3_adrpo.reward_spec import CLIP_FAMILY, RewardTerm, check_url, is_url, parse_reward
 
@@ -158,6 +159,16 @@ def build_reward(reward: Any = "clip", reward_model: Optional[str] = None, devic
         scorer = build_metric(term.spec, term.model, device=device, kind="reward", **term.options)
         scorers.append(scorer)
     return WeightedReward(terms, scorers)
+
+
+def held_out_rewards(reward: WeightedReward, images, prompts: list[str], what: str) -> np.ndarray:
+    """The reward of held-out images (grids, periodic evaluations), NaN with a warning where the reward is unavailable
+    (a reward server down): what is logged then says so, and the training loop's own scoring stops the run."""
+    try:
+        return np.asarray(reward(images, prompts), dtype=np.float64)
+    except ScorerUnavailable as e:
+        print(f"warning: no reward for the {what} ({e}); logged as NaN", flush=True)
+        return np.full(len(prompts), np.nan)
 
 
 def probe_images(n: int = 2, size: int = 64) -> np.ndarray:

@@ -33,7 +33,7 @@ from sd3_adrpo.metrics import ClipScore, ScorerUnavailable
 from sd3_adrpo.prompts import (PromptSampler, balanced_subset, load_prompt_records, load_prompts, prompt_metadata,
                                seeded_subset)
 from sd3_adrpo.resume import RunLock, RunStart, apply_optimizer_settings, open_run, record_changes
-from sd3_adrpo.rewards import WeightedReward, build_reward, probe_reward
+from sd3_adrpo.rewards import WeightedReward, build_reward, held_out_rewards, probe_reward
 from sd3_adrpo.rollout import Rollout, SD3Sampler, make_generator
 from sd3_adrpo.tracking import accelerator_kwargs, banner, log_images, tracker_config
 from sd3_adrpo.update import update, update_dpo
@@ -108,7 +108,7 @@ def sample_grid(sampler: SD3Sampler, reward_fn, prompts: list[str], cfg: TrainCo
     image and this grid's (images, prompts, rewards)."""
     rollout = sampler.sample(prompts, cfg.sample_images_per_prompt, cfg.resolution,
                              make_generator(cfg.seed, 0, GRID_NOISE))
-    rewards = np.asarray(reward_fn(rollout.images, rollout.prompts), dtype=float)
+    rewards = held_out_rewards(reward_fn, rollout.images, rollout.prompts, "sample grid")
     this = (rollout.images.numpy(), rollout.prompts, rewards)
     image = side_by_side({"Base": _captioned(*base, cfg), title: _captioned(*this, cfg)}) if base else side_by_side(
         {title: _captioned(*this, cfg)})
@@ -242,7 +242,7 @@ def trajectory_point(cfg: TrainConfig, prompts: list[str], sampler: SD3Sampler, 
 
     ev = evaluate_policy(sampler, clip, prompts, cfg.eval_images_per_prompt, cfg.resolution, cfg.seed, with_w2=True,
                          judges=judges, progress="eval_every")
-    rewards = reward_fn(torch.from_numpy(ev.images), ev.prompts)
+    rewards = held_out_rewards(reward_fn, ev.images, ev.prompts, "periodic evaluation")
     point = {"reward": float(torch.as_tensor(rewards).float().nanmean()), "clip_score": float(ev.clip_score.mean()),
              "clip_diversity": float(ev.diversity[DIVERSITY_DEFAULT].mean()),
              **{name: float(values.mean()) for name, values in ev.w2.items()}}

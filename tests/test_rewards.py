@@ -183,3 +183,21 @@ def test_a_plugin_file_loads_and_bad_ones_say_what_to_fix(tmp_path):
         build_reward(f"{tmp_path / 'missing.py'}:Scorer")
     with pytest.raises(ValueError, match="aesthetic needs its weights"):
         build_reward("aesthetic")
+
+
+def test_every_reward_form_is_a_judge_too(tiny_models, tmp_path):
+    from sd3_adrpo.evaluation import build_judges, judge_images
+    from sd3_adrpo.metrics.base import LinearHead
+
+    path = tmp_path / "my_scorer.py"
+    path.write_text(PLUGIN)
+    clip = str(tiny_models["clip"])
+    torch.save(LinearHead(32).state_dict(), tmp_path / "head32.pth")  # a stand-in head for the 32-d tiny CLIP
+    judges = build_judges([f"clip@{clip}", f"pickscore@{clip}", "tinyworld.scorers:Oracle", f"{path}:Brightness",
+                           f"{{aesthetic: {{model: {tmp_path / 'head32.pth'}, clip: {clip}}}}}"])
+    assert list(judges) == ["clip", "pickscore", "oracle_accuracy", "Brightness", "aesthetic"]
+    images = np.full((2, 64, 64, 3), 255, np.uint8)
+    scores, categories = judge_images(judges, images, ["a red circle", "two blue squares"])
+    assert all(v.shape == (2,) and np.isfinite(v).all() for v in scores.values())
+    assert categories == ["colour", "counting"]
+    np.testing.assert_allclose(scores["clip"], build_reward("clip", clip)(images, ["a red circle", "two blue squares"]))

@@ -187,7 +187,7 @@ def build_metric(name: str, weights: Optional[str] = None, device: torch.device 
     if is_url(name):
         weights, name = name, name
     metric = cls(device=device, **kwargs) if weights is None else cls(weights, device=device, **kwargs)
-    metric.name = metric.name or name
+    metric.name = metric.name or (cls.__name__ if ":" in name and not is_url(name) else name)  # a path: its class
     return metric
 
 
