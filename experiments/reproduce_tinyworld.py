@@ -68,6 +68,17 @@ class Task:
     name: str
     seed: int
     overrides: Optional[dict] = None
+    budgets: tuple[int, ...] = ()  # earlier iterations also evaluated, each from the run's checkpoint at it
+
+
+def lora_of(task: Task, out: Path, budget: Optional[int] = None) -> Path:
+    """The folder of a task's LoRA: final/, or the checkpoint at ``budget`` iterations (each holds one)."""
+    run_dir = out / "runs" / task.name
+    return run_dir / "final" if budget is None else run_dir / "checkpoints" / f"checkpoint-{budget:06d}"
+
+
+def eval_dir(task: Task, out: Path, budget: Optional[int] = None) -> Path:
+    return out / "eval" / (task.name if budget is None else f"{task.name}_it{budget}")
 
 
 def plan(args, base_cfg) -> tuple[dict[str, Task], dict[str, list[str]], dict[str, list[str]]]:
@@ -141,10 +152,11 @@ def stale_settings(task: Task, args, base_cfg, out: Path) -> list[str]:
     return train_differences(saved_settings(saved_path), inputs, train_argv(task, args, base_cfg, out))
 
 
-def eval_stamp(task: Task, args, base_cfg, out: Path) -> dict:
-    """A task's evaluation: {"command": the Table 1 CLI's command line, "inputs": the sha256 of the files behind the
-    base model, the held-out prompts and the CLIP}; the evaluation is redone when either changes."""
-    run_dir, ev = out / "runs" / task.name, out / "eval" / task.name
+def eval_stamp(task: Task, args, base_cfg, out: Path, budget: Optional[int] = None) -> dict:
+    """A task's evaluation (of its final LoRA, or of its checkpoint at ``budget``): {"command": the Table 1 CLI's
+    command line, "inputs": the sha256 of the files behind the base model, the held-out prompts and the CLIP}; the
+    evaluation is redone when either changes."""
+    ev = eval_dir(task, out, budget)
     cmd = ["eval/table1.py", "--base", base_cfg.pretrained_model, "--prompts", args.eval_prompts,
            "--num_prompts", str(args.eval_num_prompts), "--prompt_seed", "0", "--seeds", str(task.seed),
            "--images_per_prompt", str(args.images_per_prompt), "--steps", str(base_cfg.num_inference_steps),
@@ -152,7 +164,7 @@ def eval_stamp(task: Task, args, base_cfg, out: Path) -> dict:
            "--max_sequence_length", str(base_cfg.t5_length), "--clip", base_cfg.eval_clip_model, "--out", str(ev)]
     cmd += ["--drop_t5"] if base_cfg.drop_t5 else []
     cmd += [arg for spec in base_cfg.judges for arg in ("--judge", spec)]  # the config's (the tiny world's oracle)
-    cmd += [] if task.overrides is None else ["--run", f"run={run_dir / 'final'}", "--skip_base"]
+    cmd += [] if task.overrides is None else ["--run", f"run={lora_of(task, out, budget)}", "--skip_base"]
     return {"command": cmd, "inputs": input_fingerprint(base_cfg.pretrained_model, args.eval_prompts,
                                                          base_cfg.eval_clip_model)}
 
@@ -160,7 +172,10 @@ def eval_stamp(task: Task, args, base_cfg, out: Path) -> dict:
 def task_record(task: Task, out: Path) -> dict:
     """What run_records.json keeps of a finished task, read from its local files: the trained run's settings
     (final/config.yaml) and input fingerprints (inputs.json), none for the base; its evaluation's stamp."""
-    record = {"eval": json.loads((out / "eval" / task.name / "command.json").read_text())}
+    record = {"eval": json.loads((eval_dir(task, out) / "command.json").read_text())}
+    if task.budgets:
+        record["budget_evals"] = {str(b): json.loads((eval_dir(task, out, b) / "command.json").read_text())
+                                  for b in task.budgets}
     if task.overrides is not None:
         run_dir = out / "runs" / task.name
         record["settings"] = saved_settings(run_dir / "final" / "config.yaml")
@@ -177,15 +192,21 @@ def record_problems(task: Task, record: Optional[dict], result: Optional[dict], 
     if task.overrides is not None:
         keys += train_differences(record.get("settings", {}), record.get("inputs"),
                                   train_argv(task, args, base_cfg, out))
-    want, have = eval_stamp(task, args, base_cfg, out), record.get("eval", {})
-    if have.get("command") != want["command"]:
-        keys.append("the evaluation's command")
-    keys += [f"the file(s) behind {p} (evaluation)" for p in want["inputs"]
-             if have.get("inputs", {}).get(p) != want["inputs"][p]]
+    stamps = [(None, record.get("eval", {}))] + [(b, record.get("budget_evals", {}).get(str(b), {}))
+                                                 for b in task.budgets]
+    for budget, have in stamps:
+        what = "evaluation" if budget is None else f"evaluation at iteration {budget}"
+        want = eval_stamp(task, args, base_cfg, out, budget)
+        if have.get("command") != want["command"]:
+            keys.append(f"the {what}'s command")
+        keys += [f"the file(s) behind {p} ({what})" for p in want["inputs"]
+                 if have.get("inputs", {}).get(p) != want["inputs"][p]]
     if result is None:
         keys.append("no result in tasks.json")
     elif task.overrides is not None and "trajectory" not in result:
         keys.append("no trajectory in tasks.json")
+    elif set(result.get("budgets", {})) != {str(b) for b in task.budgets}:
+        keys.append("results at other budgets in tasks.json")
     return keys
 
 
@@ -213,31 +234,75 @@ def committed_and_current(tasks: dict[str, Task], previous: dict, records: dict,
 
 def run_task(task: Task, args, base_cfg, out: Path) -> dict:
     """Train (unless its LoRA exists) and evaluate (unless the same evaluation exists) one task, each in a
-    subprocess. Returns {"metrics": {metric: value at this seed}, "seconds": time spent on it by this invocation,
-    "worked": whether it trained or evaluated anything, "trained": whether it trained}."""
+    subprocess: its final LoRA, and its checkpoint at each of ``task.budgets``. Returns {"metrics": {metric: value at
+    this seed}, "budgets": {iteration: metrics} (if any), "trajectory": its held-out trajectory (trained runs),
+    "seconds": time spent on it by this invocation, "worked": whether it trained or evaluated anything, "trained":
+    whether it trained}."""
     t0, worked, trained = time.perf_counter(), False, False
-    run_dir, ev = out / "runs" / task.name, out / "eval" / task.name
-    if task.overrides is not None and not (run_dir / "final" / "pytorch_lora_weights.safetensors").is_file():
-        if ev.exists():  # the evaluation of an earlier, unfinished LoRA of this name
-            print(f"removing {ev}: it belongs to an earlier attempt at {run_dir}")
-            shutil.rmtree(ev)
+    run_dir = out / "runs" / task.name
+    if task.overrides is not None and not (lora_of(task, out) / "pytorch_lora_weights.safetensors").is_file():
+        for ev in [eval_dir(task, out)] + [eval_dir(task, out, b) for b in task.budgets]:
+            if ev.exists():  # the evaluation of an earlier, unfinished LoRA of this name
+                print(f"removing {ev}: it belongs to an earlier attempt at {run_dir}")
+                shutil.rmtree(ev)
         argv = train_argv(task, args, base_cfg, out)
         run_logged(["train_sd3_adrpo.py", *argv], out / "logs" / f"{task.name}.train.log", args.threads)
         atomic_write_json(run_dir / "inputs.json", train_inputs(argv))
         worked = trained = True
-    result = ev / "runs" / ("Base.json" if task.overrides is None else "run.json")
-    # the evaluation is redone when its command or the files behind the base model, prompts or CLIP change
-    stamp, want = ev / "command.json", eval_stamp(task, args, base_cfg, out)
-    if not (result.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want):
-        run_logged(want["command"], out / "logs" / f"{task.name}.eval.log", args.threads)
-        atomic_write_json(stamp, want)
-        worked = True
-    metrics = json.loads(result.read_text())["metrics"]
-    done = {"metrics": {m: v["per_seed"][0] for m, v in metrics.items()}, "worked": worked, "trained": trained,
-            "seconds": time.perf_counter() - t0 if worked else 0.0}
+
+    def evaluate(budget: Optional[int]) -> dict:
+        nonlocal worked
+        ev = eval_dir(task, out, budget)
+        result = ev / "runs" / ("Base.json" if task.overrides is None else "run.json")
+        # the evaluation is redone when its command or the files behind the base model, prompts or CLIP change
+        stamp, want = ev / "command.json", eval_stamp(task, args, base_cfg, out, budget)
+        if not (result.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == want):
+            run_logged(want["command"], out / "logs" / f"{ev.name}.eval.log", args.threads)
+            atomic_write_json(stamp, want)
+            worked = True
+        return {m: v["per_seed"][0] for m, v in json.loads(result.read_text())["metrics"].items()}
+
+    done = {"metrics": evaluate(None)}
+    if task.budgets:
+        done["budgets"] = {str(b): evaluate(b) for b in task.budgets}
     if task.overrides is not None:  # its held-out trajectory (Figure 3's data), kept for when runs/ is gone
         done["trajectory"] = load_trajectory(run_dir)
+    done.update(worked=worked, trained=trained, seconds=time.perf_counter() - t0 if worked else 0.0)
     return done
+
+
+def run_tasks(tasks: dict[str, Task], args, base_cfg, out: Path, first: set = frozenset()) -> tuple[dict, bool]:
+    """Run every task that is not done (``args.jobs`` at a time; those in ``first``, then the others, each group seed
+    by seed, so an invocation stopped part-way leaves whole seeds of every row), writing out/tasks.json and the run
+    records after each. Returns ({task: its result}, whether anything was trained or evaluated)."""
+    previous = json.loads((out / "tasks.json").read_text()) if (out / "tasks.json").is_file() else {}
+    previous_records = read_records(out)
+    reused = committed_and_current(tasks, previous, previous_records, args, base_cfg, out)
+    if reused:
+        print(f"{len(reused)} of {len(tasks)} task(s) are recorded as done and current in {out / RECORDS}: reused")
+    done: dict[str, dict] = {name: previous[name] for name in reused}
+    records: dict[str, dict] = {name: previous_records[name] for name in reused}
+    worked = False
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        order = sorted((name for name in tasks if name not in reused), key=lambda n: (n not in first, tasks[n].seed))
+        futures = {pool.submit(run_task, tasks[name], args, base_cfg, out): name for name in order}
+        try:
+            for future in tqdm(as_completed(futures), total=len(futures), desc="runs"):
+                name = futures[future]
+                done[name] = future.result()
+                worked |= done[name].pop("worked")
+                # a resumed task's time is the sum over the invocations that worked on it; a run trained (again)
+                # from scratch starts its count afresh: the earlier run's training and evaluation were discarded
+                if not done[name].pop("trained"):
+                    done[name]["seconds"] += previous.get(name, {}).get("seconds", 0.0)
+                atomic_write_json(out / "tasks.json", {**previous, **done})
+                records[name] = task_record(tasks[name], out)
+                write_records(out, {**previous_records, **records})
+        except BaseException:
+            for f in futures:  # stop what has not started; the runs under way finish (and are kept) first
+                f.cancel()
+            raise
+    return done, worked
 
 
 def code_commit(out: Path) -> str:
@@ -321,37 +386,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"error: {len(stale)} existing run(s) under {out / 'runs'} were trained with other settings "
                          f"than this command would use (e.g. {name}: {', '.join(keys)}). Delete them or pass another "
                          "--out; runs are never overwritten.")
-    previous = json.loads((out / "tasks.json").read_text()) if (out / "tasks.json").is_file() else {}
-    previous_records = read_records(out)
-    reused = committed_and_current(tasks, previous, previous_records, args, base_cfg, out)
-    if reused:
-        print(f"{len(reused)} of {len(tasks)} task(s) are recorded as done and current in {out / RECORDS}: reused")
-    done: dict[str, dict] = {name: previous[name] for name in reused}
-    records: dict[str, dict] = {name: previous_records[name] for name in reused}
-    worked = False
-    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        # Table 1's runs seed by seed, then the ablation's own: an invocation stopped part-way leaves whole seeds of
-        # every row, not every seed of a few rows
-        table_runs = {name for names in rows.values() for name in names}
-        order = sorted((name for name in tasks if name not in reused),
-                       key=lambda n: (n not in table_runs, tasks[n].seed))
-        futures = {pool.submit(run_task, tasks[name], args, base_cfg, out): name for name in order}
-        try:
-            for future in tqdm(as_completed(futures), total=len(futures), desc="runs"):
-                name = futures[future]
-                done[name] = future.result()
-                worked |= done[name].pop("worked")
-                # a resumed task's time is the sum over the invocations that worked on it; a run trained (again)
-                # from scratch starts its count afresh: the earlier run's training and evaluation were discarded
-                if not done[name].pop("trained"):
-                    done[name]["seconds"] += previous.get(name, {}).get("seconds", 0.0)
-                atomic_write_json(out / "tasks.json", {**previous, **done})
-                records[name] = task_record(tasks[name], out)
-                write_records(out, {**previous_records, **records})
-        except BaseException:
-            for f in futures:  # stop what has not started; the runs under way finish (and are kept) first
-                f.cancel()
-            raise
+    table_runs = {name for names in rows.values() for name in names}
+    done, worked = run_tasks(tasks, args, base_cfg, out, first=table_runs)
 
     notes = [f"Tiny world, {args.eval_num_prompts or 'all'} held-out prompts ({args.eval_prompts}, seeded subset) x "
              f"{args.images_per_prompt} images; mean ± s.e. over training seeds {args.seeds}."]
@@ -370,8 +406,21 @@ def main(argv=None) -> None:
     atomic_write_bytes(out / "fig3.json", (json.dumps(trajectories, indent=1) + "\n").encode())
     plot_tradeoff(trajectories, out / "fig3")
 
+    readme = ["## Table 1", "", table.to_markdown()]
+    if ablation:
+        readme += ["## Advantage clipping (Table 3)", "", (out / "ablation.md").read_text()]
+    readme += ["## Figure 3", "", f"Trajectories of the seed-{args.seeds[0]} runs.", "", "![trade-off](fig3.png)", ""]
+    write_readme(out, f"Tiny-world reproduction{' (quick mode)' if args.quick else ''}", "reproduce_tinyworld.py",
+                 argv, args, t0, done, worked, readme)
+
+
+def write_readme(out: Path, title: str, script: str, argv, args, t0: float, done: dict, worked: bool,
+                 body: list[str]) -> None:
+    """out/README.md: the title, a header (the exact command, commit, machine, wall and summed run time), the tiny-world
+    caveat, then ``body``; a reading written by hand below the KEEP marker survives. When nothing was trained or
+    evaluated, the header stays that of the invocation that did the work."""
     commit = code_commit(out)
-    command = "python experiments/reproduce_tinyworld.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    command = f"python experiments/{script} " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     compute = sum(d["seconds"] for d in done.values())
     old = (out / "README.md").read_text() if (out / "README.md").is_file() else ""
     header = [f"Command: `{command}`  ", f"Commit: {commit}  ",
@@ -381,17 +430,13 @@ def main(argv=None) -> None:
               f"{len(done)} runs (training + evaluation, over every invocation): {compute / 60:.1f} min  "]
     previous_header = [line for line in old.splitlines() if line.startswith(HEADER_FIELDS)]
     if not worked and len(previous_header) == len(HEADER_FIELDS):
-        # nothing was trained or evaluated: the header stays that of the invocation that did the work
         # (every header line ends in a markdown line break, so the rerun line is not run into the wall time)
         header = [line.rstrip() + "  " for line in previous_header] + [
             f"Rerun on {time.strftime('%Y-%m-%d')} at commit {commit}: every run and evaluation was current, nothing "
             "was trained or evaluated again."]
-    readme = [f"# Tiny-world reproduction{' (quick mode)' if args.quick else ''}", "", *header, "",
+    readme = [f"# {title}", "", *header, "",
               "These are tiny-world numbers (a 64 px synthetic domain with project-trained models), not SD3 results.",
-              "", "## Table 1", "", table.to_markdown()]
-    if ablation:
-        readme += ["## Advantage clipping (Table 3)", "", (out / "ablation.md").read_text()]
-    readme += ["## Figure 3", "", f"Trajectories of the seed-{args.seeds[0]} runs.", "", "![trade-off](fig3.png)", ""]
+              "", *body]
     print("\n".join(readme))
     if KEEP in old:  # a reading written by hand below the generated part survives a rerun
         readme += [old[old.index(KEEP):]]

@@ -216,7 +216,8 @@ def test_reproduction_check_compares_the_committed_record_with_the_command(tmp_p
     def write(records, results=tuple(tasks)):
         out.mkdir(exist_ok=True)
         (out / "run_records.json").write_text(json.dumps(records))
-        (out / "tasks.json").write_text(json.dumps({n: {"metrics": {}, "seconds": 1.0} for n in results}))
+        (out / "tasks.json").write_text(json.dumps({n: {"metrics": {}, "seconds": 1.0, **(
+            {} if n.startswith("base_") else {"trajectory": [{"iteration": 0}]})} for n in results}))
 
     records = {name: record(task) for name, task in tasks.items()}
     write(records)
@@ -246,6 +247,13 @@ def test_reproduction_check_compares_the_committed_record_with_the_command(tmp_p
         f"  raft_s0: the file(s) behind {args.eval_prompts} (evaluation)"]
     assert problems(lambda r: r.pop("raft_s0")) == ["  raft_s0: not in run_records.json"]
     assert problems(lambda r: None, results=("base_s0", "raft_s0")) == ["  adrpo_s0: no result in tasks.json"]
+    # a result without its trajectory (Figure 3's data, which a fresh clone cannot read from a run folder) is stale
+    write(records)
+    results = json.loads((out / "tasks.json").read_text())
+    del results["adrpo_s0"]["trajectory"]
+    (out / "tasks.json").write_text(json.dumps(results))
+    with pytest.raises(SystemExit, match=r"\n  adrpo_s0: no trajectory in tasks.json$"):
+        R.main(argv)
 
 
 def test_each_loss_guidance_setting_is_a_row_of_every_method_and_conditional_runs_keep_their_names():

@@ -1,0 +1,124 @@
+"""The frontier experiment (experiments/frontier_tinyworld.py): its evaluation set, its budgets, its analysis on
+constructed results, and the driver end to end at a reduced size."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import frontier_tinyworld as F  # noqa: E402
+
+
+def test_balanced_prompts_take_at_most_n_of_each_category_seeded_in_file_order(tmp_path):
+    colour = ["a red circle", "an outlined blue square"]
+    position = [f"a {c} circle to the left of a green square" for c in ("red", "blue", "yellow", "purple")]
+    position.append("an orange circle to the left of a green square")
+    counting = ["two red circles", "three blue squares", "four green triangles"]
+    lines = [colour[0], *position[:3], counting[0], colour[1], *position[3:], *counting[1:]]
+    path = tmp_path / "p.txt"
+    path.write_text("\n".join(lines) + "\n\n")
+    picked = F.balanced_prompts(str(path), 2)
+    assert set(colour) <= set(picked)  # a category with fewer prompts than asked for: all of them
+    assert len(set(picked) & set(position)) == 2 and len(set(picked) & set(counting)) == 2 and len(picked) == 6
+    assert picked == [p for p in lines if p in picked]  # the file's order
+    assert F.balanced_prompts(str(path), 2) == picked  # seeded
+    assert F.balanced_prompts(str(path), 2, seed=1) != picked or F.balanced_prompts(str(path), 2, seed=2) != picked
+
+
+def test_budgets_keep_a_checkpoint_at_every_earlier_budget():
+    assert F.budget_overrides([60, 120, 240]) == {"checkpoint_every": 60, "checkpoints_total_limit": 3}
+    assert F.budget_overrides([100, 300]) == {"checkpoint_every": 100, "checkpoints_total_limit": 2}
+    assert F.budget_overrides([1, 2]) == {"checkpoint_every": 1, "checkpoints_total_limit": 1}
+
+
+def _result(clip_score, w2=None, diversity=30.0, oracle=0.2):
+    metrics = {"clip_score": clip_score, "clip_diversity": diversity, "oracle_accuracy": oracle}
+    if w2 is not None:
+        metrics["w2_divergence"] = w2
+    return {"metrics": metrics, "budgets": {"1": dict(metrics)}}
+
+
+def test_paired_differences_are_against_the_base_at_the_same_seed():
+    point = {"tasks": ["adrpo_b1_s0", "adrpo_b1_s1"]}
+    done = {"base_s0": _result(60.0), "base_s1": _result(70.0),
+            "adrpo_b1_s0": _result(61.0, 1e-3), "adrpo_b1_s1": _result(72.0, 3e-3)}
+    assert F.paired(done, point, 2, 2, "clip_score").tolist() == [1.0, 2.0]
+    assert F.paired(done, point, 2, 2, "w2_divergence").tolist() == [1e-3, 3e-3]  # the run's own (the base's is 0)
+    del done["base_s1"]
+    assert F.paired(done, point, 2, 2, "clip_score") is None  # a seed without its base is not reported half-paired
+
+
+def test_matched_comparison_reads_both_frontiers_at_the_same_divergence_not_the_same_strength():
+    """ADRPO's frontier lies exactly 1 ClipScore point above fixed beta's at every W2 (both linear in log10 W2), but
+    the two reach different W2 at the same strength: at matched strength the difference would be anything but 1."""
+    strengths, seeds = [0.5, 1.0, 2.0], [0, 1]
+    done = {f"base_s{s}": _result(60.0 + s) for s in seeds}
+    points = {}
+    for method, offset, w2s in (("adrpo", 1.0, [1e-2, 1e-3, 1e-4]), ("fixed_beta", 0.0, [3e-2, 2e-3, 5e-4])):
+        for b, w2 in zip(strengths, w2s):
+            name = F.point_name(method, b)
+            points[name] = {"method": method, "strength": b, "clip": 1.0, "perturbed": False,
+                            "tasks": [f"{name}_s{s}" for s in seeds]}
+            for s in seeds:
+                gain = 10 + 2 * np.log10(w2) + offset + 0.1 * s  # + a seed effect shared by both methods
+                done[f"{name}_s{s}"] = _result(60.0 + s + gain, w2 * (1 + 0.01 * s))
+    lines, longest = F.matched_comparison(done, points, [1, 2], strengths, 1.0)
+    rows = [line for line in lines[2:] if line.startswith("| 2 |")]
+    assert len(rows) == 4 and all(row.split("|")[3].strip().startswith("+1.00 [+1.00, +1.00]") for row in rows)
+    assert np.allclose(longest["clip_score"], 1.0)
+    # at matched *strength* the differences are not 1: the comparison above is not a strength-by-strength one
+    at_strength = [done[f"{F.point_name('adrpo', b)}_s0"]["metrics"]["clip_score"]
+                   - done[f"{F.point_name('fixed_beta', b)}_s0"]["metrics"]["clip_score"] for b in strengths]
+    assert not np.allclose(at_strength, 1.0)
+
+
+def test_frontier_driver_at_reduced_size_evaluates_each_budget_and_resumes_from_its_record(tmp_path):
+    out = tmp_path / "frontier"
+    args = [sys.executable, str(ROOT / "experiments/frontier_tinyworld.py"), "--seeds", "0", "--strengths", "0.5",
+            "2", "--poster_strengths", "--orw_alphas", "0", "--dpo_betas", "--perturb", "0.5", "--budgets", "1", "2",
+            "--per_category", "1", "--images_per_prompt", "2", "--jobs", "2", "--threads", "1", "--out", str(out),
+            "--", "--prompts_per_iteration", "2", "--samples_per_prompt", "2", "--train_batch_size", "2",
+            "--num_inference_steps", "2"]
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tasks = json.loads((out / "tasks.json").read_text())
+    assert set(tasks) == {"base_s0", "adrpo_b0.5_s0", "adrpo_b2_s0", "fixed_beta_b0.5_s0", "fixed_beta_b2_s0",
+                          "adrpo_b0.5_perturbed_s0", "orw_cfm_w2_a0_s0"}
+    records = json.loads((out / "run_records.json").read_text())
+    # each trained run is evaluated at iteration 1 from its checkpoint's LoRA and at 2 from final/
+    for name, record in records.items():
+        if name == "base_s0":
+            assert "budget_evals" not in record and "budgets" not in tasks[name]
+            continue
+        assert f"run={out / 'runs' / name / 'checkpoints' / 'checkpoint-000001'}" in record["budget_evals"]["1"]["command"]
+        assert f"run={out / 'runs' / name / 'final'}" in record["eval"]["command"]
+        assert set(tasks[name]["budgets"]) == {"1"} and "w2_divergence" in tasks[name]["budgets"]["1"]
+        settings = record["settings"]
+        assert settings["num_iterations"] == 2 and settings["checkpoint_every"] == 1
+        if settings["method"] in ("adrpo", "fixed_beta"):  # clipped at +-strength, the primary setting
+            assert settings["adv_clip_max"] == settings["beta0"] == -settings["adv_clip_min"]
+    assert records["adrpo_b0.5_perturbed_s0"]["settings"]["learning_rate"] == pytest.approx(1e-3 * 1.0001)
+    assert records["orw_cfm_w2_a0_s0"]["settings"]["orw_alpha"] == 0.0
+    # the same balanced prompts for every evaluation: one per category of the held-out file
+    balanced = (out / "heldout_balanced.txt").read_text().splitlines()
+    assert len(balanced) == 4 and all(str(out / "heldout_balanced.txt") in r["eval"]["command"] for r in records.values())
+    # the report: every point at each budget, paired with the base at its seed
+    table = (out / "frontier.md").read_text()
+    base = tasks["base_s0"]["metrics"]["clip_score"]
+    gain = tasks["adrpo_b2_s0"]["budgets"]["1"]["clip_score"] - base
+    assert f"| adrpo_b2 | 1 | {gain:+.2f} |" in table
+    assert (out / "frontier.png").is_file() and "Noise floor" in (out / "comparison.md").read_text()
+    # a fresh clone (no runs/, eval/, logs/) reuses every finished run from the record, training nothing
+    for d in ("runs", "eval", "logs"):
+        (out / d).rename(tmp_path / d)
+    check = subprocess.run([*args[:2], "--check", *args[2:]], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert check.returncode == 0 and "all 7 run(s)" in check.stdout, check.stderr[-2000:]
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "7 of 7 task(s) are recorded as done" in again.stdout, again.stderr[-2000:]
+    assert not (out / "runs").exists() and (out / "frontier.md").read_text() == table
