@@ -1,0 +1,177 @@
+"""Collapse and reward-hacking alarms: what the periodic held-out evaluation (``eval_every``) watches, and what it does
+when a signal crosses its threshold.
+
+Signals are the evaluation's own numbers (the reward, ClipScore, ClipDiversity, guided W2, each judge's score) plus
+image statistics that reveal reward hacking without any model (``image_statistics``): an optimiser that wipes
+backgrounds or paints grid artefacts moves colour entropy, brightness, saturation and edge density long before a person
+looks. Every signal is also reported as a change from the first evaluation (the base policy, iteration 0):
+``<signal>_change`` (difference) and ``<signal>_rel_change`` (relative difference).
+
+An alarm is a string, ``SIGNAL OP THRESHOLD [ACTION]``, e.g.::
+
+    clip_diversity_rel_change < -0.15 stop      # diversity fell by more than 15% of the base's
+    w2_divergence > 0.05 warn                    # the sampled policy drifted this far from the reference
+    oracle_accuracy_change < -0.02 stop          # a judge the policy is not trained on lost 2 points
+
+OP is ``<`` or ``>``; ACTION is ``warn`` (console and trackers, the default) or ``stop`` (checkpoint, then exit with
+``ALARM_EXIT_CODE`` and a message naming the signal, its value and its threshold). Keep-best (``keep_best: SIGNAL``)
+exports the best policy so far by that signal as ``best/`` beside ``final/``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+ALARM_EXIT_CODE = 3  # train_sd3_adrpo.py's exit code when a stop alarm fired (config errors are 2, divergence 1)
+ACTIONS = ("warn", "stop")
+_SPEC = re.compile(r"^\s*(?P<signal>[A-Za-z_][\w.]*)\s*(?P<op>[<>])\s*(?P<threshold>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)"
+                   r"\s*(?P<action>\w+)?\s*$")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Image statistics (numpy only: four formulas of a few lines each, where an image library would add a dependency
+# for one call apiece)
+
+def colour_entropy(images: np.ndarray, levels: int = 8) -> np.ndarray:
+    """Shannon entropy (bits) of each image's colour histogram, each channel quantised to ``levels`` values
+    (``levels**3`` bins): 0 for a single flat colour, up to 3*log2(levels) for uniform noise."""
+    q = (images.astype(np.int64) * levels) // 256
+    codes = (q[..., 0] * levels + q[..., 1]) * levels + q[..., 2]
+    out = np.empty(len(images))
+    for i, c in enumerate(codes.reshape(len(images), -1)):
+        p = np.bincount(c, minlength=levels ** 3) / c.size
+        p = p[p > 0]
+        out[i] = float(-(p * np.log2(p)).sum())
+    return out
+
+
+def brightness(images: np.ndarray) -> np.ndarray:
+    """Mean luma (ITU-R BT.601 weights) of each image, in [0, 1]."""
+    x = images.astype(np.float64) / 255.0
+    return (0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2]).mean(axis=(1, 2))
+
+
+def saturation(images: np.ndarray) -> np.ndarray:
+    """Mean HSV saturation (max - min) / max of each image, in [0, 1] (0 for grey pixels, black included)."""
+    x = images.astype(np.float64) / 255.0
+    hi, lo = x.max(-1), x.min(-1)
+    return np.where(hi > 0, (hi - lo) / np.maximum(hi, 1e-12), 0.0).mean(axis=(1, 2))
+
+
+def edge_density(images: np.ndarray, threshold: float = 0.1) -> np.ndarray:
+    """Fraction of each image's interior pixels whose Sobel gradient magnitude of luma (in [0, 1] units, divided by
+    the kernel's 4) exceeds ``threshold``."""
+    x = images.astype(np.float64) / 255.0
+    y = 0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2]
+    gx = (y[:, :-2, 2:] + 2 * y[:, 1:-1, 2:] + y[:, 2:, 2:]) - (y[:, :-2, :-2] + 2 * y[:, 1:-1, :-2] + y[:, 2:, :-2])
+    gy = (y[:, 2:, :-2] + 2 * y[:, 2:, 1:-1] + y[:, 2:, 2:]) - (y[:, :-2, :-2] + 2 * y[:, :-2, 1:-1] + y[:, :-2, 2:])
+    return (np.hypot(gx, gy) / 4.0 > threshold).mean(axis=(1, 2))
+
+
+IMAGE_STATISTICS = {"colour_entropy": colour_entropy, "brightness": brightness, "saturation": saturation,
+                    "edge_density": edge_density}
+
+
+def image_statistics(images) -> dict[str, float]:
+    """The mean of each image statistic over uint8 images (B, H, W, 3)."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"image statistics take uint8 images (B, H, W, 3), got {images.dtype} {images.shape}")
+    return {name: float(fn(images).mean()) for name, fn in IMAGE_STATISTICS.items()}
+
+
+def with_changes(point: dict[str, float], base: dict[str, float]) -> dict[str, float]:
+    """``point`` plus, for every signal the base (the first evaluation) also has, ``<signal>_change`` (difference)
+    and ``<signal>_rel_change`` (difference over the base's magnitude; absent where the base is 0)."""
+    out = dict(point)
+    for key, value in point.items():
+        if key in base and isinstance(value, (int, float)) and math.isfinite(base[key]) and key != "iteration":
+            out[f"{key}_change"] = value - base[key]
+            if base[key] != 0:
+                out[f"{key}_rel_change"] = (value - base[key]) / abs(base[key])
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Alarms
+
+@dataclass(frozen=True)
+class Alarm:
+    signal: str
+    op: str
+    threshold: float
+    action: str = "warn"
+
+    def fired(self, point: dict) -> bool:
+        value = point.get(self.signal)
+        if value is None or not math.isfinite(value):
+            return False
+        return value < self.threshold if self.op == "<" else value > self.threshold
+
+    def describe(self, point: dict) -> str:
+        return f"{self.signal} = {point.get(self.signal):.4g} {self.op} {self.threshold:g}"
+
+    def __str__(self) -> str:
+        return f"{self.signal} {self.op} {self.threshold:g} {self.action}"
+
+
+def parse_alarm(spec: str) -> Alarm:
+    """``SIGNAL OP THRESHOLD [ACTION]`` -> Alarm; ValueError saying the form otherwise."""
+    m = _SPEC.match(str(spec))
+    if not m:
+        raise ValueError(f"alarm {spec!r} is not 'SIGNAL < THRESHOLD [warn|stop]' or 'SIGNAL > THRESHOLD [...]', e.g. "
+                         "'clip_diversity_rel_change < -0.15 stop'")
+    action = m["action"] or "warn"
+    if action not in ACTIONS:
+        raise ValueError(f"alarm {spec!r}: action {action!r} is not one of {', '.join(ACTIONS)}")
+    return Alarm(m["signal"], m["op"], float(m["threshold"]), action)
+
+
+@dataclass
+class Firing:
+    alarm: Alarm
+    iteration: int
+    value: float
+
+    @property
+    def message(self) -> str:
+        return (f"alarm at iteration {self.iteration}: {self.alarm.signal} = {self.value:.4g} crossed its threshold "
+                f"({self.alarm.op} {self.alarm.threshold:g}); action: {self.alarm.action}")
+
+
+class Monitor:
+    """Watches each periodic evaluation: adds the changes from the first one (the base), checks the alarms, and
+    tracks the best point by ``keep_best`` (a signal; higher is better unless ``lower_is_better``)."""
+
+    def __init__(self, alarms: list[Alarm], keep_best: Optional[str] = None, lower_is_better: bool = False):
+        self.alarms, self.keep_best, self.lower_is_better = list(alarms), keep_best, lower_is_better
+        self.base: Optional[dict] = None
+        self.best: Optional[tuple[int, float]] = None  # (iteration, value)
+
+    def observe(self, iteration: int, point: dict) -> tuple[dict, list[Firing], bool]:
+        """(the point with its changes from the base, the alarms that fired, whether this point is the new best).
+        The first point observed is the base; a resumed run passes its base again with ``set_base``."""
+        if self.base is None:
+            self.base = dict(point)
+        point = with_changes(point, self.base)
+        firings = [Firing(a, iteration, point[a.signal]) for a in self.alarms if a.fired(point)]
+        improved = False
+        if self.keep_best is not None and iteration > 0:  # the base is not a policy worth exporting as best/
+            value = point.get(self.keep_best)
+            if value is not None and math.isfinite(value):
+                better = self.best is None or (value < self.best[1] if self.lower_is_better else value > self.best[1])
+                if better:
+                    self.best, improved = (iteration, value), True
+        return point, firings, improved
+
+    def state_dict(self) -> dict:
+        return {"base": self.base, "best": list(self.best) if self.best else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.base = state.get("base")
+        self.best = tuple(state["best"]) if state.get("best") else None

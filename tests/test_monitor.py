@@ -1,0 +1,110 @@
+"""The monitor's image statistics on constructed images, the alarm grammar and logic, and keep-best's choice."""
+
+import numpy as np
+import pytest
+
+from sd3_adrpo.monitor import (Alarm, Monitor, brightness, colour_entropy, edge_density, image_statistics,
+                               parse_alarm, saturation, with_changes)
+
+
+def _scene(background=(40, 90, 160), noise=True, seed=0):
+    """A 64 px picture: a textured background with a red square and a yellow disc on it."""
+    rng = np.random.default_rng(seed)
+    img = np.empty((64, 64, 3), np.uint8)
+    img[:] = background
+    if noise:
+        img = np.clip(img + rng.integers(-60, 60, img.shape), 0, 255).astype(np.uint8)
+    img[10:30, 10:30] = (220, 30, 30)
+    yy, xx = np.mgrid[:64, :64]
+    img[(yy - 44) ** 2 + (xx - 44) ** 2 < 100] = (230, 220, 40)
+    return img
+
+
+def test_colour_entropy_is_the_histogram_entropy_in_bits():
+    flat = np.full((1, 8, 8, 3), 128, np.uint8)
+    halves = flat.copy()
+    halves[0, :, :4] = 0  # two colours, half the pixels each: exactly 1 bit
+    quarters = halves.copy()
+    quarters[0, :4, 4:] = 255
+    quarters[0, :4, :4] = (255, 0, 0)  # four colours, a quarter each: 2 bits
+    assert colour_entropy(flat)[0] == 0.0
+    assert colour_entropy(halves)[0] == pytest.approx(1.0)
+    assert colour_entropy(quarters)[0] == pytest.approx(2.0)
+
+
+def test_a_wiped_background_lowers_colour_entropy_and_edge_density():
+    scene = _scene()[None]
+    wiped = _scene(background=(255, 255, 255), noise=False)[None]  # the same objects on a blank background
+    assert colour_entropy(wiped)[0] < colour_entropy(scene)[0] - 1.0
+    assert edge_density(wiped)[0] < 0.5 * edge_density(scene)[0]
+    assert edge_density(np.full((1, 16, 16, 3), 77, np.uint8))[0] == 0.0  # a flat image has no edges
+    board = np.kron((np.indices((8, 8)).sum(0) % 2) * 255, np.ones((4, 4)))  # 4 px black/white squares
+    board = np.repeat(board[None, :, :, None], 3, -1).astype(np.uint8)
+    # the interior pixels next to a square boundary (2 of every 4 per axis) are edges: 1 - (1/2)^2 of them
+    assert edge_density(board)[0] == pytest.approx(0.75, abs=0.05)
+
+
+def test_brightness_and_saturation():
+    black, white = np.zeros((1, 4, 4, 3), np.uint8), np.full((1, 4, 4, 3), 255, np.uint8)
+    red, grey = np.zeros((1, 4, 4, 3), np.uint8), np.full((1, 4, 4, 3), 100, np.uint8)
+    red[..., 0] = 255
+    assert brightness(black)[0] == 0.0 and brightness(white)[0] == pytest.approx(1.0)
+    assert brightness(red)[0] == pytest.approx(0.299)
+    scene = _scene()[None]
+    brighter = np.clip(scene.astype(int) + 60, 0, 255).astype(np.uint8)
+    assert brightness(brighter)[0] > brightness(scene)[0] + 0.15
+    assert saturation(grey)[0] == 0.0 and saturation(black)[0] == 0.0 and saturation(red)[0] == pytest.approx(1.0)
+    washed = (0.5 * scene + 0.5 * 200).astype(np.uint8)  # mixed with grey: less saturated
+    assert saturation(washed)[0] < saturation(scene)[0]
+
+
+def test_image_statistics_averages_over_images_and_checks_its_input():
+    images = np.stack([_scene(seed=0), _scene(background=(255, 255, 255), noise=False)])
+    stats = image_statistics(images)
+    assert set(stats) == {"colour_entropy", "brightness", "saturation", "edge_density"}
+    assert stats["colour_entropy"] == pytest.approx(colour_entropy(images).mean())
+    with pytest.raises(ValueError, match="uint8"):
+        image_statistics(images.astype(np.float32))
+
+
+def test_changes_from_the_base():
+    point = with_changes({"iteration": 40, "clip_diversity": 24.0, "w2_divergence": 0.01},
+                         {"iteration": 0, "clip_diversity": 30.0, "w2_divergence": 0.0})
+    assert point["clip_diversity_change"] == pytest.approx(-6.0)
+    assert point["clip_diversity_rel_change"] == pytest.approx(-0.2)
+    assert point["w2_divergence_change"] == 0.01 and "w2_divergence_rel_change" not in point  # base 0: no ratio
+    assert "iteration_change" not in point
+
+
+def test_alarm_grammar():
+    assert parse_alarm("clip_diversity_rel_change < -0.15 stop") == Alarm("clip_diversity_rel_change", "<", -0.15,
+                                                                           "stop")
+    assert parse_alarm("w2_divergence>5e-2") == Alarm("w2_divergence", ">", 0.05, "warn")
+    for bad, what in (("clip_diversity <", "is not"), ("w2 >= 1", "is not"), ("w2 > 1 explode", "action")):
+        with pytest.raises(ValueError, match=what):
+            parse_alarm(bad)
+
+
+def test_alarms_fire_on_their_side_of_the_threshold_only():
+    low, high = parse_alarm("oracle_accuracy_change < -0.02 stop"), parse_alarm("w2_divergence > 0.05")
+    assert low.fired({"oracle_accuracy_change": -0.03}) and not low.fired({"oracle_accuracy_change": -0.02})
+    assert high.fired({"w2_divergence": 0.06}) and not high.fired({"w2_divergence": 0.05})
+    assert not low.fired({}) and not high.fired({"w2_divergence": float("nan")})  # no value: no alarm
+
+
+def test_monitor_reports_firings_against_the_first_point_and_keeps_the_best():
+    monitor = Monitor([parse_alarm("oracle_accuracy_change < -0.02 stop"),
+                       parse_alarm("clip_diversity_rel_change < -0.15 warn")], keep_best="oracle_accuracy")
+    trajectory = [(0, 0.20, 30.0), (20, 0.25, 29.0), (40, 0.30, 27.0), (60, 0.22, 24.0), (80, 0.17, 23.0)]
+    seen = [monitor.observe(it, {"oracle_accuracy": acc, "clip_diversity": div}) for it, acc, div in trajectory]
+    fired = [[f.alarm.signal for f in firings] for _, firings, _ in seen]
+    assert fired == [[], [], [], ["clip_diversity_rel_change"], ["oracle_accuracy_change", "clip_diversity_rel_change"]]
+    assert [improved for *_, improved in seen] == [False, True, True, False, False]  # the base is never best/
+    assert monitor.best == (40, 0.30)
+    stop = seen[-1][1][0]
+    assert stop.alarm.action == "stop" and "oracle_accuracy_change = -0.03" in stop.message and "-0.02" in stop.message
+    # a resumed run picks the base and the best up again
+    resumed = Monitor(monitor.alarms, keep_best="oracle_accuracy")
+    resumed.load_state_dict(monitor.state_dict())
+    point, firings, improved = resumed.observe(100, {"oracle_accuracy": 0.31, "clip_diversity": 30.0})
+    assert point["oracle_accuracy_change"] == pytest.approx(0.11) and not firings and improved
