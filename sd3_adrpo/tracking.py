@@ -56,8 +56,10 @@ def banner(cfg: TrainConfig, num_processes: int, output_dir: Optional[str] = Non
     images = cfg.samples_per_iteration * num_processes
     steps = cfg.optimizer_steps_per_iteration
     lines = [
-        f"sd3-adrpo: {cfg.method} on {cfg.pretrained_model} (LoRA rank {cfg.lora_rank}, {cfg.mixed_precision} weights)",
-        f"  reward          {cfg.reward} ({cfg.reward_model}); beta0 {cfg.beta0:g}; {advantages}",
+        f"sd3-adrpo: {cfg.method} on {cfg.pretrained_model} (LoRA rank {cfg.lora_rank}, "
+        f"{'fp32' if cfg.mixed_precision == 'no' else cfg.mixed_precision} weights)",
+        f"  reward          {cfg.reward}{f' ({cfg.reward_model})' if 'clip' in str(cfg.reward) else ''}; "
+        f"beta0 {cfg.beta0:g}; {advantages}",
         f"  per iteration   {cfg.prompts_per_iteration * num_processes} prompts x {cfg.samples_per_prompt} samples = "
         f"{images} images ({cfg.num_inference_steps} steps, CFG {cfg.guidance_scale:g}, {cfg.resolution} px)",
         f"  effective batch {per_step} {unit} per optimizer step (train_batch_size {cfg.train_batch_size} x "
