@@ -73,7 +73,7 @@ def _stand_ins(out: Path) -> dict:
 
 
 def _rate(reward, images, prompts, repeats: int) -> float:
-    reward(images[:2], prompts[:2])  # warm-up
+    reward(images, prompts)  # warm-up (the first call of a process also warms torch itself)
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -87,7 +87,10 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads here and in the server process")
     ap.add_argument("--server", default="clip", help="the scorer timed through the reward server too")
+    ap.add_argument("--size", type=int, default=64, help="image size in pixels (the payload the server moves)")
+    ap.add_argument("--only", default=None, help="comma-separated scorers to time (default: all)")
     args = ap.parse_args()
     import torch
     import yaml
@@ -95,20 +98,22 @@ def main() -> None:
     from sd3_adrpo.rewards import build_reward
     from tinyworld.render import render_batch
 
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     prompts = (["a red circle", "two blue squares", "a green triangle to the left of a yellow square",
                 "a purple circle and an orange triangle"] * args.images)[: args.images]
-    images = render_batch(prompts, seed=0)
+    images = render_batch(prompts, seed=0, size=args.size)
     with tempfile.TemporaryDirectory() as tmp:
         specs = _stand_ins(Path(tmp))
         rows = []
         for name, spec in specs.items():
+            if args.only and name not in args.only.split(","):
+                continue
             rate = _rate(build_reward(spec, device=args.device), images, prompts, args.repeats)
             rows.append((name, rate))
         server = subprocess.Popen([sys.executable, "-m", "sd3_adrpo.reward_server", "--reward",
                                    yaml.safe_dump(specs[args.server], default_flow_style=True, width=10**6).strip(),
                                    "--port", "0", "--device", args.device], cwd=ROOT, stdout=subprocess.PIPE,
-                                  text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+                                  text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
         try:
             url = server.stdout.readline().split(" on ")[1].split()[0]
             client, here = build_reward(url), build_reward(specs[args.server], device=args.device)
@@ -119,7 +124,7 @@ def main() -> None:
         finally:
             server.kill()
             server.wait()
-    print(f"{args.images} rendered 64 px images, best of {args.repeats}, device {args.device}, torch threads "
+    print(f"{args.images} rendered {args.size} px images, best of {args.repeats}, device {args.device}, torch threads "
           f"{torch.get_num_threads()}\n")
     print("| scorer | images/s |\n|---|---|")
     for name, rate in rows:

@@ -3,6 +3,7 @@ servers in this process (the end-to-end test with a server process killed mid-ru
 
 import threading
 import time
+import urllib.error
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -57,6 +58,25 @@ def test_scores_round_trip_in_batches_with_metadata_and_nan():
     expected = images.astype(float).mean(axis=(1, 2, 3)) + np.arange(7)
     assert scorer.calls == [3, 3, 1]  # batch_size images per request
     assert np.isnan(got[2]) and np.allclose(np.delete(got, 2), np.delete(expected, 2))
+
+
+def test_the_all_json_form_for_other_clients_gives_the_same_scores():
+    import json
+    import urllib.request
+
+    from sd3_adrpo.reward_server import encode_request
+
+    scorer = _Counting()
+    with _serving(make_server(WeightedReward([RewardTerm("x")], [scorer]))) as url:
+        images = _images(2)
+        body = encode_request(images, ["a", "b"], [{"bonus": 1}, {}], binary=False)
+        request = urllib.request.Request(url + "/score", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=5) as response:
+            got = json.loads(response.read())["scores"]
+        assert np.allclose(got, RemoteScorer(url)(images, ["a", "b"], metadata=[{"bonus": 1}, {}]))
+        bad = urllib.request.Request(url + "/score", data=b'{"shape": [1, 2]}', headers={"Content-Type": "x"})
+        with pytest.raises(urllib.error.HTTPError, match="400"):
+            urllib.request.urlopen(bad, timeout=5)
 
 
 class _Scripted(BaseHTTPRequestHandler):

@@ -203,3 +203,22 @@ def test_reward_server_trains_then_a_killed_server_stops_the_run_with_its_checkp
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=30)
+
+
+def test_prompt_metadata_reaches_a_verifiable_reward_in_training(run_args, tmp_path, capsys):
+    # free wording the oracle cannot parse: it can only verify these images through each row's GenEval-style fields
+    rows = [{"prompt": "a picture of one crimson disc", "tag": "colour",
+             "include": [{"class": "circle", "color": "red", "count": 1}]},
+            {"prompt": "a pair of blue boxes", "tag": "counting",
+             "include": [{"class": "square", "color": "blue", "count": 2}]}]
+    prompts = tmp_path / "verifiable.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    args = [*run_args, "--output_dir", str(out), "--train_prompts", str(prompts)]
+    assert train_sd3_adrpo.main([*args, "--reward", _flow({"tinyworld.scorers:Oracle": {"partial": True}})]) == 0
+    assert all(0 <= r["reward_oracle_accuracy_mean"] <= 1 for r in _rows(out))
+    # the same prompts without their metadata (a .txt file) are outside the grammar: the start-up check says so
+    (tmp_path / "plain.txt").write_text("\n".join(r["prompt"] for r in rows) + "\n")
+    assert train_sd3_adrpo.main([*args[:-1], str(tmp_path / "plain.txt"), "--output_dir", str(tmp_path / "plain"),
+                                 "--reward", "tinyworld.scorers:Oracle"]) == 2
+    assert "judges only prompts of its grammar" in capsys.readouterr().err
