@@ -222,3 +222,16 @@ def test_prompt_metadata_reaches_a_verifiable_reward_in_training(run_args, tmp_p
     assert train_sd3_adrpo.main([*args[:-1], str(tmp_path / "plain.txt"), "--output_dir", str(tmp_path / "plain"),
                                  "--reward", "tinyworld.scorers:Oracle"]) == 2
     assert "judges only prompts of its grammar" in capsys.readouterr().err
+
+
+def test_a_reward_server_down_at_start_up_exits_2_before_the_first_rollout(run_args, tmp_path, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    code = train_sd3_adrpo.main([*run_args, "--output_dir", str(tmp_path / "run"), "--reward",
+                                 _flow({url: {"retries": 1, "backoff": 0.01, "timeout": 2}})])
+    err = capsys.readouterr().err
+    assert code == 2 and f"reward server {url} did not answer" in err and "python -m sd3_adrpo.reward_server" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
