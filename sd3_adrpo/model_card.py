@@ -226,3 +226,21 @@ def push_to_hub(directory: str | os.PathLike, cfg: TrainConfig, summary: Optiona
         write_model_card(staged, cfg, lora=repo_id, summary=summary)
         api.upload_folder(repo_id=repo_id, folder_path=str(staged), commit_message=f"{cfg.method} LoRA (sd3-adrpo)")
     return repo_id
+
+
+def publish(final: Path, cfg: TrainConfig, out: Path) -> None:
+    """The end of a run: ``final/``'s card again with the before/after summary (``out/summary.json``, when there is
+    one), then, with ``push_to_hub``, the upload. A failed upload does not lose the run: it says how to finish it."""
+    import sys
+
+    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else None
+    if summary is not None:
+        write_model_card(final, cfg, lora=str(final), summary=summary)
+    if cfg.push_to_hub:
+        try:
+            repo = push_to_hub(final, cfg, summary)
+            print(f"pushed {final} to https://huggingface.co/{repo}")
+        except Exception as e:  # network, login, permissions: many kinds, all reported the same way
+            print(f"error: could not push {final} to the hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
+                  f"The LoRA and its card are in {final}: log in (`hf auth login`) and upload it with `hf upload "
+                  f"{cfg.hub_model_id or '<org/name>'} {final}`", file=sys.stderr)

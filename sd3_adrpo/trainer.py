@@ -10,7 +10,6 @@ import logging
 import os
 import shutil
 import signal
-import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -24,14 +23,14 @@ from tqdm.auto import tqdm
 from sd3_adrpo.advantages import group_advantages
 from sd3_adrpo.checkpoint import list_checkpoints, load_checkpoint, restore, save_checkpoint, snapshot, truncate_metrics
 from sd3_adrpo.config import ConfigError, TrainConfig
-from sd3_adrpo.io import append_jsonl, atomic_write_bytes, captioned_grid, save_png, side_by_side
+from sd3_adrpo.grids import comparison_grid, sample_grid, select_grid_prompts
+from sd3_adrpo.io import append_jsonl, atomic_write_bytes, save_png
 from sd3_adrpo.guards import NonFiniteError, RewardUnavailable, StopOnSignal, TrainingInterrupted, check_in_sync
 from sd3_adrpo.methods import coefficients, dpo_pairs
-from sd3_adrpo.model_card import push_to_hub, write_model_card
+from sd3_adrpo.model_card import publish, write_model_card
 from sd3_adrpo.models import DTYPES, add_lora, load_pipeline, reference_mode, save_lora
 from sd3_adrpo.metrics import ClipScore, ScorerUnavailable
-from sd3_adrpo.prompts import (PromptSampler, balanced_subset, load_prompt_records, load_prompts, prompt_metadata,
-                               seeded_subset)
+from sd3_adrpo.prompts import PromptSampler, load_prompt_records, load_prompts, prompt_metadata, seeded_subset
 from sd3_adrpo.resume import RunLock, RunStart, apply_optimizer_settings, open_run, record_changes
 from sd3_adrpo.rewards import WeightedReward, build_reward, held_out_rewards, probe_reward
 from sd3_adrpo.rollout import Rollout, SD3Sampler, make_generator
@@ -100,80 +99,11 @@ def advantage_stats(rewards: torch.Tensor, group_ids: torch.Tensor, valid: torch
     return adv, stats
 
 
-def sample_grid(sampler: SD3Sampler, reward_fn, prompts: list[str], cfg: TrainConfig, path: Optional[Path],
-                base: Optional[tuple] = None, title: str = "Base") -> tuple[dict, np.ndarray, tuple]:
-    """Held-out prompts x fixed seeds (the same noise every time, so grids are comparable over training), each tile
-    captioned with its prompt and reward; with ``base`` (the base's (images, prompts, rewards) from the same noise) the
-    base's grid and this one side by side in one image. Written to ``path`` (if given); returns the logged stats, the
-    image and this grid's (images, prompts, rewards)."""
-    rollout = sampler.sample(prompts, cfg.sample_images_per_prompt, cfg.resolution,
-                             make_generator(cfg.seed, 0, GRID_NOISE))
-    rewards = held_out_rewards(reward_fn, rollout.images, rollout.prompts, "sample grid")
-    this = (rollout.images.numpy(), rollout.prompts, rewards)
-    image = side_by_side({"Base": _captioned(*base, cfg), title: _captioned(*this, cfg)}) if base else side_by_side(
-        {title: _captioned(*this, cfg)})
-    if path is not None:
-        save_png(path, image)
-    return {"eval_reward_mean": float(np.nanmean(rewards))}, image, this
-
-
-def _captioned(images: np.ndarray, prompts: list[str], scores, cfg: TrainConfig, score_name: Optional[str] = None,
-               k: Optional[int] = None) -> np.ndarray:
-    name = score_name or "reward"
-    return captioned_grid(images, [f"{p}\n{name} {s:.2f}" for p, s in zip(prompts, scores)],
-                          k or cfg.sample_images_per_prompt)
-
-
-def _grid_prompts(cfg: TrainConfig) -> list[str]:
-    """The periodic grids' prompts: ``num_sample_prompts`` of eval_prompts, balanced over the prompt categories that a
-    judge reports (the tiny world's oracle: colour, counting, position, binding), else a seeded random subset."""
-    if not (cfg.eval_prompts and cfg.sample_every):
-        return []
-    prompts = load_prompts(cfg.eval_prompts)
-    return balanced_subset(prompts, _categories(cfg.judges, prompts), cfg.num_sample_prompts, cfg.seed)
-
-
-def _categories(judge_specs: list[str], prompts: list[str]) -> Optional[list[str]]:
-    """Prompt categories from the first judge that sorts prompts into any and needs no weights for it (categories
-    are asked of a judge built without weights only where its class defines them, so no model is loaded)."""
-    from sd3_adrpo.metrics import Metric, metric_class, parse_metric_spec
-
-    for spec in judge_specs:
-        cls = metric_class(parse_metric_spec(spec)[0])
-        if cls.categories is Metric.categories:
-            continue
-        try:
-            categories = cls().categories(prompts)
-        except (TypeError, ValueError):  # needs weights, or prompts outside its categories
-            continue
-        if categories is not None:
-            return categories
-    return None
-
-
 def export_policy(transformer, run_cfg: TrainConfig, directory: Path) -> None:
     """The policy as a user loads it: the LoRA in diffusers format and the run's config.yaml (from which
     eval/table1.py takes the sampler the run was trained with). ``final/`` and every checkpoint hold one."""
     save_lora(transformer, directory)
     atomic_write_bytes(directory / "config.yaml", yaml.safe_dump(dataclasses.asdict(run_cfg), sort_keys=False).encode())
-
-
-def _publish(final: Path, run_cfg: TrainConfig, out: Path) -> None:
-    """The final card with the before/after summary (when there is one), then, with push_to_hub, the upload. A failed
-    upload does not lose the run: it says how to upload the folder by hand."""
-    import json
-
-    summary = json.loads((out / "summary.json").read_text()) if (out / "summary.json").is_file() else None
-    if summary is not None:
-        write_model_card(final, run_cfg, lora=str(final), summary=summary)
-    if run_cfg.push_to_hub:
-        try:
-            repo = push_to_hub(final, run_cfg, summary)
-            print(f"pushed {final} to https://huggingface.co/{repo}")
-        except Exception as e:  # network, login, permissions: many kinds, all reported the same way
-            print(f"error: could not push {final} to the hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}). "
-                  f"The LoRA and its card are in {final}: log in (`hf auth login`) and upload it with `hf upload "
-                  f"{run_cfg.hub_model_id or '<org/name>'} {final}`", file=sys.stderr)
 
 
 def _load_pipeline(cfg: TrainConfig):
@@ -223,13 +153,7 @@ def final_evaluation(cfg: TrainConfig, prompts: list[str], sampler: SD3Sampler, 
         return None
     summary = write_results(out, base, trained, k, extra={"prompts_file": cfg.final_eval_prompts,
                                                           "clip_model": cfg.eval_clip_model})
-    # one picture: base and trained side by side on up to 8 prompts balanced over categories, each tile scored
-    unique = base.prompts[::k]
-    shown = set(balanced_subset(unique, None if base.category is None else base.category[::k], 8, cfg.seed))
-    idx = [i for i, p in enumerate(base.prompts) if p in shown]
-    grid = side_by_side({label: _captioned(ev.images[idx], [ev.prompts[i] for i in idx], ev.clip_score[idx], cfg,
-                                           "ClipScore", k)
-                         for label, ev in (("Base", base), ("Trained", trained))})
+    grid = comparison_grid(base, trained, k, cfg.seed)  # one picture: base and trained, each tile scored
     save_png(out / "samples" / "eval_base_vs_trained.png", grid)
     log_images(accelerator, {"final_eval/base_vs_trained": grid}, step=cfg.num_iterations)
     print((out / "summary.md").read_text())
@@ -285,7 +209,7 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
 
     train_records = load_prompt_records(cfg.train_prompts)
     train_prompts, metadata = [r["prompt"] for r in train_records], prompt_metadata(train_records, cfg.train_prompts)
-    grid_prompts = _grid_prompts(cfg)
+    grid_prompts = select_grid_prompts(cfg)
     final_prompts = _subset(cfg.final_eval_prompts, cfg.final_eval_num_prompts, cfg.seed)
     traj_prompts = _subset(cfg.eval_prompts, cfg.eval_num_prompts, cfg.seed) if cfg.eval_every else []
     resume = run_start.checkpoint
@@ -385,6 +309,7 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
     if grid_prompts and accelerator.is_main_process:
         with reference_mode(base_transformer):
             _, image, grid_base = sample_grid(sampler, reward_fn, grid_prompts, cfg,
+                                              make_generator(cfg.seed, 0, GRID_NOISE),
                                               out / "samples" / "iter_000000.png" if start == 0 else None)
         if start == 0:
             log_images(accelerator, {"samples": image}, step=0)
@@ -459,9 +384,9 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
             if accelerator.is_main_process:
                 pictures = {}
                 if grid_prompts and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.num_iterations):
-                    stats, pictures["samples"], _ = sample_grid(sampler, reward_fn, grid_prompts, cfg,
-                                                                out / "samples" / f"iter_{done:06d}.png", grid_base,
-                                                                f"Trained (iteration {done})")
+                    stats, pictures["samples"], _ = sample_grid(
+                        sampler, reward_fn, grid_prompts, cfg, make_generator(cfg.seed, 0, GRID_NOISE),
+                        out / "samples" / f"iter_{done:06d}.png", grid_base, f"Trained (iteration {done})")
                     row.update(stats)
                 if traj_prompts and (done % cfg.eval_every == 0 or done == cfg.num_iterations):
                     point = trajectory_point(cfg, traj_prompts, sampler, eval_clip, reward_fn, judges)
@@ -525,7 +450,7 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
         if final_prompts:
             final_evaluation(cfg, final_prompts, sampler, base_transformer, eval_clip, judges, out, accelerator)
         if accelerator.is_main_process:
-            _publish(final, run_cfg, out)
+            publish(final, run_cfg, out)
         accelerator.end_training()
     if stop.signum is not None:
         raise TrainingInterrupted(stop.signum, f"{signal.Signals(stop.signum).name} arrived during the final phase, "

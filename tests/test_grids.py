@@ -55,13 +55,13 @@ def test_balanced_subset_shows_every_category():
 
 def test_the_periodic_grid_prompts_cover_the_tiny_worlds_categories(monkeypatch):
     from sd3_adrpo.config import parse_args
-    from sd3_adrpo.trainer import _grid_prompts
+    from sd3_adrpo.grids import select_grid_prompts
     from tinyworld.scorers import Oracle
 
     monkeypatch.chdir(ROOT)
     cfg = parse_args(["--config", "configs/tiny.yaml"])  # judged by the oracle, 4 grid prompts of the held-out set
-    prompts = _grid_prompts(cfg)
+    prompts = select_grid_prompts(cfg)
     assert len(prompts) == 4 and set(prompts) <= set(Path(cfg.eval_prompts).read_text().splitlines())
     assert len(set(Oracle().categories(prompts))) == 4  # the first four held-out prompts were all of one category
     cfg.judges = []
-    assert _grid_prompts(cfg) == seeded_subset(Path(cfg.eval_prompts).read_text().splitlines(), 4, cfg.seed)
+    assert select_grid_prompts(cfg) == seeded_subset(Path(cfg.eval_prompts).read_text().splitlines(), 4, cfg.seed)
