@@ -2,6 +2,7 @@
 answered at once (exit 2, before torch loads) without leaving anything in output_dir."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -108,8 +109,6 @@ def test_bad_input_exits_2_saying_what_to_do_and_writes_nothing(run_args, tmp_pa
         args += ["--pretrained_model", "no-such-org/no-such-model"]
     for attempt in range(2):  # the same rerun gets the same answer (nothing left behind makes it "not empty")
         assert train_sd3_adrpo.main(args) == 2
-        import re
-
         assert re.search(message, capsys.readouterr().err), case
     if case == "output_file":
         assert out.read_text() == "not a folder"

@@ -1,7 +1,10 @@
 """What a finished run leaves a user: tensorboard events with scalars and pictures, a model card beside the LoRA whose
 usage snippet works on the tiny world, and the folder as it goes to the hub (the upload call replaced)."""
 
+import io
+import json
 import re
+from contextlib import redirect_stdout
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +49,6 @@ def finished_run(tiny_models, tmp_path_factory):
             "--num_inference_steps", "3", "--checkpoint_every", "1", "--sample_every", "1", "--num_sample_prompts", "2",
             "--sample_images_per_prompt", "2", "--learning_rate", "5e-2", "--report_to", "tensorboard",
             "--push_to_hub", "--output_dir", str(out)]
-    import io
-    from contextlib import redirect_stdout
-
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
         mp.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
@@ -74,7 +74,7 @@ def test_tensorboard_events_hold_the_scalars_and_the_pictures(finished_run):
     tags = events.Tags()
     for key in ("reward_mean", "loss", "w2", "adv_frac_clipped", "eval_clip_score", "eval_w2_divergence"):
         assert key in tags["scalars"], key
-    rows = [__import__("json").loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     logged = events.Scalars("reward_mean")
     assert [e.step for e in logged] == [0, 1]  # one point per iteration, the same numbers as metrics.jsonl
     assert [e.value for e in logged] == pytest.approx([r["reward_mean"] for r in rows])
@@ -84,10 +84,10 @@ def test_tensorboard_events_hold_the_scalars_and_the_pictures(finished_run):
 
     for tag in ("samples", "tradeoff", "final_eval/base_vs_trained"):
         event = events.Images(tag)[-1]
-        image = Image.open(__import__("io").BytesIO(event.encoded_image_string))
+        image = Image.open(io.BytesIO(event.encoded_image_string))
         assert (image.width, image.height) == (event.width, event.height) and image.width > 200, tag
     # the logged grid is the PNG written to samples/
-    last = np.asarray(Image.open(__import__("io").BytesIO(events.Images("samples")[-1].encoded_image_string)).convert("RGB"))
+    last = np.asarray(Image.open(io.BytesIO(events.Images("samples")[-1].encoded_image_string)).convert("RGB"))
     assert np.array_equal(last, np.asarray(Image.open(out / "samples" / "iter_000002.png").convert("RGB")))
 
 
