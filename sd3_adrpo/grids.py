@@ -70,12 +70,12 @@ def prompt_categories(judge_specs: list[str], prompts: list[str]) -> Optional[li
     from sd3_adrpo.metrics import Metric, metric_class, parse_metric_spec
 
     for spec in judge_specs:
-        cls = metric_class(parse_metric_spec(spec)[0])
-        if cls.categories is Metric.categories:
-            continue
         try:
+            cls = metric_class(parse_metric_spec(spec)[0])
+            if cls.categories is Metric.categories:
+                continue
             categories = cls().categories(prompts)
-        except (TypeError, ValueError):  # needs weights, or prompts outside its categories
+        except (TypeError, ValueError, AttributeError):  # a spec of another form, needs weights, or other prompts
             continue
         if categories is not None:
             return categories
