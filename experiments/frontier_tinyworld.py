@@ -339,9 +339,9 @@ def main(argv=None) -> None:
     ap.add_argument("--orw_alphas", type=float, nargs="*", default=[0.0, 0.25, 1.0, 4.0],
                     help="ORW-CFM-W2's W2 coefficient (0: no regulariser)")
     ap.add_argument("--dpo_betas", type=float, nargs="*", default=[125.0, 500.0, 2000.0])
-    ap.add_argument("--perturb", type=float, default=0.5,
+    ap.add_argument("--perturb", type=lambda v: None if v == "none" else float(v), default=0.5,
                     help=f"the ADRPO beta0 whose learning-rate x {PERTURB_LR} twin measures the noise floor "
-                         "(must be in --strengths)")
+                         "(must be in --strengths; 'none': no twin)")
     ap.add_argument("--budgets", type=int, nargs="+", default=[60, 120, 240],
                     help="iterations at which each run is evaluated; the last is its length")
     ap.add_argument("--eval_prompts", default=HELDOUT, help="held-out prompts the balanced set is drawn from")

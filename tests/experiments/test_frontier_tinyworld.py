@@ -78,18 +78,45 @@ def test_matched_comparison_reads_both_frontiers_at_the_same_divergence_not_the_
     assert not np.allclose(at_strength, 1.0)
 
 
+def test_the_default_design_trains_every_method_over_its_strength_at_equal_compute(monkeypatch, tmp_path):
+    """The planned runs of the default command: names, the strength knob and clip of each, the noise-floor twin, the
+    tuned settings kept but the strength, DPO's equal-compute epochs, and checkpoints at the earlier budgets."""
+    from sd3_adrpo.config import parse_args
+
+    captured = {}
+    monkeypatch.setattr(F, "report_check", lambda problems, n, out: captured.update(n=n))
+    real_plan = F.plan
+    monkeypatch.setattr(F, "plan", lambda args, cfg: captured.setdefault("plan", real_plan(args, cfg)))
+    F.main(["--check", "--out", str(tmp_path / "frontier")])
+    tasks, points = captured["plan"]
+    base = parse_args(["--config", str(ROOT / "configs/tiny.yaml")])
+    assert len(tasks) == captured["n"] == 3 * (1 + 2 * 5 + 1 + 4 + 3 + 2 * 2)  # base, grids, twin, ORW, DPO, poster
+    adrpo = tasks["adrpo_b0.125_s1"].overrides
+    assert adrpo["beta0"] == 0.125 and adrpo["adv_clip_min"] == -0.125 and adrpo["adv_clip_max"] == 0.125
+    assert adrpo["checkpoint_every"] == 60 and adrpo["checkpoints_total_limit"] == 3 and adrpo["seed"] == 1
+    assert tasks["adrpo_b0.125_s1"].budgets == (60, 120)
+    poster = tasks["fixed_beta_b0.25_clip2_s0"].overrides
+    assert poster["method"] == "fixed_beta" and poster["adv_clip_max"] == 0.5
+    assert tasks["adrpo_b0.5_perturbed_s0"].overrides["learning_rate"] == pytest.approx(base.learning_rate * 1.0001)
+    orw = tasks["orw_cfm_w2_a0_s2"].overrides
+    assert orw["orw_alpha"] == 0.0 and orw["orw_tau"] == 0.5  # the tuned tau kept, the tuned alpha is the axis
+    dpo = tasks["dpo_b125_s0"].overrides
+    assert dpo["dpo_beta"] == 125.0 and dpo["inner_epochs"] == base.inner_epochs * base.samples_per_prompt // 2
+    assert [points[n]["strength"] for n in points if points[n]["method"] == "fixed_beta" and points[n]["clip"] == 1] \
+        == [0.125, 0.25, 0.5, 1.0, 4.0]
+
+
 def test_frontier_driver_at_reduced_size_evaluates_each_budget_and_resumes_from_its_record(tmp_path):
     out = tmp_path / "frontier"
     args = [sys.executable, str(ROOT / "experiments/frontier_tinyworld.py"), "--seeds", "0", "--strengths", "0.5",
-            "2", "--poster_strengths", "--orw_alphas", "0", "--dpo_betas", "--perturb", "0.5", "--budgets", "1", "2",
+            "--poster_strengths", "--orw_alphas", "--dpo_betas", "--perturb", "none", "--budgets", "1", "2",
             "--per_category", "1", "--images_per_prompt", "2", "--jobs", "2", "--threads", "1", "--out", str(out),
             "--", "--prompts_per_iteration", "2", "--samples_per_prompt", "2", "--train_batch_size", "2",
             "--num_inference_steps", "2"]
     result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     tasks = json.loads((out / "tasks.json").read_text())
-    assert set(tasks) == {"base_s0", "adrpo_b0.5_s0", "adrpo_b2_s0", "fixed_beta_b0.5_s0", "fixed_beta_b2_s0",
-                          "adrpo_b0.5_perturbed_s0", "orw_cfm_w2_a0_s0"}
+    assert set(tasks) == {"base_s0", "adrpo_b0.5_s0", "fixed_beta_b0.5_s0"}
     records = json.loads((out / "run_records.json").read_text())
     # each trained run is evaluated at iteration 1 from its checkpoint's LoRA and at 2 from final/
     for name, record in records.items():
@@ -101,24 +128,36 @@ def test_frontier_driver_at_reduced_size_evaluates_each_budget_and_resumes_from_
         assert set(tasks[name]["budgets"]) == {"1"} and "w2_divergence" in tasks[name]["budgets"]["1"]
         settings = record["settings"]
         assert settings["num_iterations"] == 2 and settings["checkpoint_every"] == 1
-        if settings["method"] in ("adrpo", "fixed_beta"):  # clipped at +-strength, the primary setting
-            assert settings["adv_clip_max"] == settings["beta0"] == -settings["adv_clip_min"]
-    assert records["adrpo_b0.5_perturbed_s0"]["settings"]["learning_rate"] == pytest.approx(1e-3 * 1.0001)
-    assert records["orw_cfm_w2_a0_s0"]["settings"]["orw_alpha"] == 0.0
+        assert settings["adv_clip_max"] == settings["beta0"] == -settings["adv_clip_min"] == 0.5
     # the same balanced prompts for every evaluation: one per category of the held-out file
     balanced = (out / "heldout_balanced.txt").read_text().splitlines()
     assert len(balanced) == 4 and all(str(out / "heldout_balanced.txt") in r["eval"]["command"] for r in records.values())
     # the report: every point at each budget, paired with the base at its seed
     table = (out / "frontier.md").read_text()
     base = tasks["base_s0"]["metrics"]["clip_score"]
-    gain = tasks["adrpo_b2_s0"]["budgets"]["1"]["clip_score"] - base
-    assert f"| adrpo_b2 | 1 | {gain:+.2f} |" in table
-    assert (out / "frontier.png").is_file() and "Noise floor" in (out / "comparison.md").read_text()
+    gain = tasks["fixed_beta_b0.5_s0"]["budgets"]["1"]["clip_score"] - base
+    assert f"| fixed_beta_b0.5 | 1 | {gain:+.2f} |" in table
+    assert (out / "frontier.png").is_file() and "ADRPO vs fixed beta" in (out / "comparison.md").read_text()
     # a fresh clone (no runs/, eval/, logs/) reuses every finished run from the record, training nothing
     for d in ("runs", "eval", "logs"):
         (out / d).rename(tmp_path / d)
     check = subprocess.run([*args[:2], "--check", *args[2:]], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert check.returncode == 0 and "all 7 run(s)" in check.stdout, check.stderr[-2000:]
+    assert check.returncode == 0 and "all 3 run(s)" in check.stdout, check.stderr[-2000:]
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "7 of 7 task(s) are recorded as done" in again.stdout, again.stderr[-2000:]
+    assert again.returncode == 0 and "3 of 3 task(s) are recorded as done" in again.stdout, again.stderr[-2000:]
     assert not (out / "runs").exists() and (out / "frontier.md").read_text() == table
+
+
+def test_the_noise_floor_is_the_perturbed_twins_distance_from_its_original_per_seed():
+    seeds = [0, 1]
+    done = {f"base_s{s}": _result(60.0) for s in seeds}
+    points = {}
+    for name, perturbed, clip in ((F.point_name("adrpo", 0.5), False, [61.0, 62.0]),
+                                  (F.point_name("adrpo", 0.5, perturbed=True), True, [61.5, 61.0])):
+        points[name] = {"method": "adrpo", "strength": 0.5, "clip": 1.0, "perturbed": perturbed,
+                        "tasks": [f"{name}_s{s}" for s in seeds]}
+        for s, c in zip(seeds, clip):
+            done[f"{name}_s{s}"] = _result(c, 1e-3)
+    lines = F.noise_floor(done, points, [1, 2], 0.5)
+    assert "- clip_score: 0.5, 1" in lines
+    assert F.noise_floor(done, points, [1, 2], None) == []
