@@ -111,7 +111,7 @@ def optimise(accelerator, transformer, optimizer, lr_scheduler, cfg: TrainConfig
                 accelerator.backward(loss)  # always: with several processes, a skipped backward would hang the rest
                 if accelerator.sync_gradients:
                     norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-                    norm = torch.tensor(float("nan") if norm is None else float(norm))  # DeepSpeed clips itself
+                    norm = torch.as_tensor(float(norm))
                     any_bad = accelerator.reduce(torch.tensor(float(not window_ok), device=device), "sum") > 0
                     if accelerator.scaler is not None:
                         # fp16: the GradScaler decides. Its step skips a window whose (unscaled) gradients are not
@@ -122,7 +122,7 @@ def optimise(accelerator, transformer, optimizer, lr_scheduler, cfg: TrainConfig
                         else:
                             lr_scheduler.step()
                             grad_norms.append(float(norm))
-                    elif not any_bad and (torch.isfinite(norm) or accelerator.distributed_type == "DEEPSPEED"):
+                    elif not any_bad and torch.isfinite(norm):
                         optimizer.step()
                         lr_scheduler.step()
                         grad_norms.append(float(norm))
