@@ -15,7 +15,7 @@ from sd3_adrpo.config import ConfigError, parse_args
 def main(argv=None) -> int:
     try:
         cfg = parse_args(argv).validate()  # before torch and diffusers are imported: a bad input answers at once
-        from sd3_adrpo.guards import NonFiniteError, TrainingInterrupted, restore_signal_handlers
+        from sd3_adrpo.guards import AlarmStop, NonFiniteError, TrainingInterrupted, restore_signal_handlers
         from sd3_adrpo.trainer import train
 
         try:
@@ -28,6 +28,9 @@ def main(argv=None) -> int:
         except NonFiniteError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
+        except AlarmStop as e:
+            print(f"stopped by an alarm: {e}", file=sys.stderr)
+            return e.exit_code
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise

@@ -134,7 +134,8 @@ class TrainConfig:
     sample_images_per_prompt: int = _f(4, "images per prompt in each grid (columns, fixed seeds)")
     eval_every: int = _f(0, "iterations between held-out evaluations of reward, ClipDiversity and W2 divergence "
                             "(eval_metrics.jsonl, the data of the trade-off plot); 0 disables")
-    eval_num_prompts: int = _f(16, "prompts (a seeded subset of eval_prompts) in each periodic evaluation")
+    eval_num_prompts: int = _f(16, "prompts of eval_prompts in each periodic evaluation, balanced over the prompt "
+                                   "categories a judge reports (else a seeded subset); 0: all")
     eval_images_per_prompt: int = _f(4, "images per prompt in each periodic evaluation (>= 2)")
     final_eval_prompts: Optional[str] = _f(None, "held-out prompts for the before/after evaluation at the end "
                                                  "(summary.json/.md in output_dir); null to skip")
@@ -146,6 +147,12 @@ class TrainConfig:
                           "evaluation (a column each, plus one per prompt category where a judge sorts prompts into "
                           "categories): a metric name or package.module:Class, optionally @WEIGHTS, e.g. "
                           "tinyworld.scorers:Oracle")
+    alarms: list = _f([], "checked at every periodic evaluation (eval_every): 'SIGNAL < THRESHOLD [warn|stop]' or "
+                          "'SIGNAL > THRESHOLD [...]', SIGNAL an eval_metrics.jsonl key, e.g. clip_diversity_rel_change "
+                          "< -0.15 stop; stop checkpoints, then exits 3 (docs/monitor.md)")
+    keep_best: Optional[str] = _f(None, "export the best policy so far by this periodic-evaluation signal as best/ "
+                                        "(a diffusers LoRA beside final/), e.g. oracle_accuracy; a leading '-' means "
+                                        "lower is better")
     report_to: str = _f("none", "experiment trackers (through accelerate) that get the metrics rows, the sample grids "
                                 "and the trade-off plot: none, tensorboard (event files in logging_dir), wandb "
                                 "(WANDB_MODE=offline works without network) or all; the JSONL files are always written",
@@ -273,10 +280,19 @@ class TrainConfig:
         if self.eval_every:
             if self.eval_prompts is None:
                 raise ConfigError("eval_every needs eval_prompts (held-out prompts to evaluate on)")
-            if self.eval_images_per_prompt < 2 or self.eval_num_prompts < 1:
-                raise ConfigError("eval_images_per_prompt must be >= 2 and eval_num_prompts >= 1")
+            if self.eval_images_per_prompt < 2 or self.eval_num_prompts < 0:
+                raise ConfigError("eval_images_per_prompt must be >= 2 and eval_num_prompts >= 0 (0: all)")
             if self.eval_clip_model is None:
                 raise ConfigError("eval_every needs a CLIP for ClipDiversity: set final_eval_clip_model")
+        if (self.alarms or self.keep_best) and not self.eval_every:
+            raise ConfigError("alarms and keep_best act on the periodic evaluation: set eval_every (e.g. 10)")
+        from sd3_adrpo.monitor import parse_alarm  # numpy only
+
+        for spec in self.alarms:
+            try:
+                parse_alarm(spec)
+            except ValueError as e:
+                raise ConfigError(f"alarms: {e}") from None
         if self.final_eval_prompts is not None:
             if self.final_eval_images_per_prompt < 2:
                 raise ConfigError("final_eval_images_per_prompt must be >= 2: ClipDiversity compares images of a prompt")

@@ -28,6 +28,13 @@ class RewardUnavailable(NonFiniteError):
     ``NonFiniteError``."""
 
 
+class AlarmStop(Exception):
+    """A monitor alarm with action 'stop' fired (``sd3_adrpo.monitor``); a checkpoint was saved. Its message names the
+    signal, its value and its threshold."""
+
+    exit_code = 3  # sd3_adrpo.monitor.ALARM_EXIT_CODE
+
+
 class StopOnSignal:
     """Turns the first SIGINT/SIGTERM into a request to stop at the next safe point; a second one stops at once, as
     a ``TrainingInterrupted`` whose exit code is 128 + that signal and whose message says what was not saved

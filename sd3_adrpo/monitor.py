@@ -169,6 +169,18 @@ class Monitor:
                     self.best, improved = (iteration, value), True
         return point, firings, improved
 
+    def resume(self, rows: list[dict]) -> None:
+        """Pick the base and the best up again from a resumed run's eval_metrics.jsonl rows (those up to the
+        iteration it resumes from)."""
+        rows = sorted(rows, key=lambda r: r["iteration"])
+        if rows and rows[0]["iteration"] == 0:
+            self.base = {k: v for k, v in rows[0].items() if not k.endswith(("_change", "_rel_change"))}
+        for row in rows[1:] if self.keep_best else []:
+            value = row.get(self.keep_best)
+            if value is not None and math.isfinite(value) and (self.best is None or (
+                    value < self.best[1] if self.lower_is_better else value > self.best[1])):
+                self.best = (row["iteration"], value)
+
     def state_dict(self) -> dict:
         return {"base": self.base, "best": list(self.best) if self.best else None}
 

@@ -141,3 +141,42 @@ def _bases(manifests: dict[str, dict]) -> set[str]:
     sources = {m["settings"]["source"] for m in manifests.values() if m["settings"].get("lora")}
     return {k for k, m in manifests.items() if not m["settings"].get("lora") and (not sources or
                                                                                   m["settings"]["source"] in sources)}
+
+
+MONITOR_SIGNALS = ("reward", "clip_score", "clip_diversity", "w2_divergence", "colour_entropy", "brightness",
+                   "saturation", "edge_density")
+
+
+def plot_monitor(rows: list[dict], alarms: list = (), out: str | os.PathLike = "monitor",
+                 extra: tuple = ()) -> Path:
+    """The monitor's signals against iteration (eval_metrics.jsonl rows), one panel each: every alarm's signal with
+    its threshold drawn (red, dashed), then the standard signals and ``extra`` ones (the judges' scores) that are
+    present; writes ``out``.png."""
+    plt = _pyplot()
+    present = {k for r in rows for k in r}
+    signals = list(dict.fromkeys([a.signal for a in alarms] + [s for s in (*MONITOR_SIGNALS, *extra)
+                                                               if s in present]))
+    cols = min(4, max(1, len(signals)))
+    rows_n = -(-len(signals) // cols) or 1
+    fig, axes = plt.subplots(rows_n, cols, figsize=(3.2 * cols, 2.4 * rows_n), squeeze=False)
+    for ax, signal in zip(axes.flat, signals):
+        points = sorted((r["iteration"], r[signal]) for r in rows if r.get(signal) is not None)
+        if points:
+            ax.plot(*zip(*points), marker="o", ms=3)
+        for alarm in alarms:
+            if alarm.signal == signal:
+                ax.axhline(alarm.threshold, color="red", ls="--", lw=1, label=f"{alarm.op} {alarm.threshold:g} "
+                                                                            f"({alarm.action})")
+                ax.legend(fontsize=7)
+        ax.set_title(signal, fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(signals):]:
+        ax.axis("off")
+    fig.tight_layout()
+    out = Path(out).with_suffix(".png")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    atomic_write_bytes(out, buffer.getvalue())
+    plt.close(fig)
+    return out

@@ -23,7 +23,7 @@ FREE_ON_RESUME = {"output_dir", "overwrite_output_dir", "resume_from", "allow_co
                   "sample_images_per_prompt", "eval_every", "eval_num_prompts", "eval_images_per_prompt",
                   "final_eval_prompts", "final_eval_num_prompts", "final_eval_images_per_prompt",
                   "final_eval_clip_model", "judges", "report_to", "wandb_project", "logging_dir", "push_to_hub",
-                  "hub_model_id", "cpu", "max_bad_iterations",
+                  "hub_model_id", "cpu", "max_bad_iterations", "alarms", "keep_best",
                   "rollout_batch_size", "vae_batch_size"}
 # The LoRA's shape is in the checkpoint's tensors: it cannot change, even when asked.
 FIXED = {"lora_rank", "lora_alpha", "lora_targets"}

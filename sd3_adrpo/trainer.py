@@ -23,14 +23,17 @@ from tqdm.auto import tqdm
 from sd3_adrpo.advantages import group_advantages
 from sd3_adrpo.checkpoint import list_checkpoints, load_checkpoint, restore, save_checkpoint, snapshot, truncate_metrics
 from sd3_adrpo.config import ConfigError, TrainConfig
-from sd3_adrpo.grids import comparison_grid, sample_grid, select_grid_prompts
-from sd3_adrpo.io import append_jsonl, atomic_write_bytes, save_png
-from sd3_adrpo.guards import NonFiniteError, RewardUnavailable, StopOnSignal, TrainingInterrupted, check_in_sync
+from sd3_adrpo.grids import comparison_grid, prompt_categories, sample_grid, select_grid_prompts
+from sd3_adrpo.io import append_jsonl, atomic_write_bytes, atomic_write_json, read_jsonl, save_png
+from sd3_adrpo.guards import (AlarmStop, NonFiniteError, RewardUnavailable, StopOnSignal, TrainingInterrupted,
+                              check_in_sync)
 from sd3_adrpo.methods import coefficients, dpo_pairs
 from sd3_adrpo.model_card import publish, write_model_card
 from sd3_adrpo.models import DTYPES, add_lora, load_pipeline, reference_mode, save_lora
 from sd3_adrpo.metrics import ClipScore, ScorerUnavailable
-from sd3_adrpo.prompts import PromptSampler, load_prompt_records, load_prompts, prompt_metadata, seeded_subset
+from sd3_adrpo.monitor import Monitor, image_statistics, parse_alarm
+from sd3_adrpo.prompts import (PromptSampler, balanced_subset, load_prompt_records, load_prompts, prompt_metadata,
+                               seeded_subset)
 from sd3_adrpo.resume import RunLock, RunStart, apply_optimizer_settings, open_run, record_changes
 from sd3_adrpo.rewards import WeightedReward, build_reward, held_out_rewards, probe_reward
 from sd3_adrpo.rollout import Rollout, SD3Sampler, make_generator
@@ -161,7 +164,8 @@ def final_evaluation(cfg: TrainConfig, prompts: list[str], sampler: SD3Sampler, 
 
 
 def trajectory_point(cfg: TrainConfig, prompts: list[str], sampler: SD3Sampler, clip, reward_fn, judges: dict) -> dict:
-    """One point of the reward / diversity / divergence trade-off (the paper's Figure 3) on held-out prompts."""
+    """One point of the reward / diversity / divergence trade-off (the paper's Figure 3) on held-out prompts, with the
+    judges' scores and the image statistics the monitor's alarms watch (``sd3_adrpo.monitor``)."""
     from sd3_adrpo.evaluation import DIVERSITY_DEFAULT, evaluate_policy
 
     ev = evaluate_policy(sampler, clip, prompts, cfg.eval_images_per_prompt, cfg.resolution, cfg.seed, with_w2=True,
@@ -172,7 +176,26 @@ def trajectory_point(cfg: TrainConfig, prompts: list[str], sampler: SD3Sampler, 
              **{name: float(values.mean()) for name, values in ev.w2.items()}}
     point.update({f"clip_diversity_{k}": float(v.mean()) for k, v in ev.diversity.items()})
     point.update({key: float(values.mean()) for key, values in ev.judged.items()})
+    point.update(image_statistics(ev.images))
     return point
+
+
+def monitor_prompts(cfg: TrainConfig) -> list[str]:
+    """The periodic evaluation's fixed prompt set: eval_num_prompts of eval_prompts, balanced over the prompt
+    categories a judge reports (the tiny world's oracle), else a seeded subset; all of them for 0."""
+    if not cfg.eval_every:
+        return []
+    prompts = load_prompts(cfg.eval_prompts)
+    if cfg.eval_num_prompts == 0 or cfg.eval_num_prompts >= len(prompts):
+        return prompts
+    return balanced_subset(prompts, prompt_categories(cfg.judges, prompts), cfg.eval_num_prompts, cfg.seed)
+
+
+def _plot_monitor(out: Path, monitor: Monitor, judges: dict) -> None:
+    from sd3_adrpo.plots import plot_monitor
+
+    plot_monitor(read_jsonl(out / "eval_metrics.jsonl"), monitor.alarms, out / "monitor",
+                 extra=tuple(judges) + ((monitor.keep_best,) if monitor.keep_best else ()))
 
 
 def _subset(path: Optional[str], n: int, seed: int) -> list[str]:
@@ -211,7 +234,7 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
     train_prompts, metadata = [r["prompt"] for r in train_records], prompt_metadata(train_records, cfg.train_prompts)
     grid_prompts = select_grid_prompts(cfg)
     final_prompts = _subset(cfg.final_eval_prompts, cfg.final_eval_num_prompts, cfg.seed)
-    traj_prompts = _subset(cfg.eval_prompts, cfg.eval_num_prompts, cfg.seed) if cfg.eval_every else []
+    traj_prompts = monitor_prompts(cfg)
     resume = run_start.checkpoint
 
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cfg.cpu,
@@ -269,6 +292,8 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
 
         eval_clip = reward_fn.clip_scorer(cfg.eval_clip_model) or ClipScore(cfg.eval_clip_model, device=device)
         judges = build_judges(cfg.judges, device)
+    best_key = cfg.keep_best.lstrip("-") if cfg.keep_best else None
+    monitor = Monitor([parse_alarm(a) for a in cfg.alarms], best_key, bool(cfg.keep_best and cfg.keep_best[0] == "-"))
 
     start = 0
     if resume is not None:
@@ -283,6 +308,8 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
         if accelerator.is_main_process:
             truncate_metrics(out / "metrics.jsonl", start)
             truncate_metrics(out / "eval_metrics.jsonl", start + 1)
+            if (out / "eval_metrics.jsonl").is_file():  # the monitor's base (iteration 0) and best so far
+                monitor.resume(read_jsonl(out / "eval_metrics.jsonl"))
         print(f"resumed from {resume} at iteration {start}")
     elif run_start.start_over and accelerator.is_main_process:  # a requeued run with no checkpoint yet: from scratch
         truncate_metrics(out / "metrics.jsonl", 0)
@@ -297,6 +324,17 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
         export_policy(base_transformer, run_cfg, folder)
         write_model_card(folder, run_cfg, lora=str(folder.with_name(folder.name.removeprefix(".tmp-"))),
                          title=f"{run_cfg.method} LoRA for {run_cfg.pretrained_model}, iteration {done}", iteration=done)
+
+    def export_best(done: int, value: float) -> None:  # best/: the best policy so far by keep_best
+        best, tmp = out / "best", out / ".tmp-best"
+        shutil.rmtree(tmp, ignore_errors=True)
+        export_policy(base_transformer, run_cfg, tmp)
+        write_model_card(tmp, run_cfg, lora=str(best), iteration=done,
+                         title=f"{run_cfg.method} LoRA for {run_cfg.pretrained_model}, best by {cfg.keep_best} "
+                               f"(iteration {done})")
+        atomic_write_json(tmp / "best.json", {"iteration": done, "signal": cfg.keep_best, "value": value})
+        shutil.rmtree(best, ignore_errors=True)
+        tmp.rename(best)
 
     def checkpoint(done: int) -> Path:
         return save_checkpoint(out / "checkpoints", done, base_transformer, optimizer, lr_scheduler,
@@ -315,8 +353,8 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
             log_images(accelerator, {"samples": image}, step=0)
     if start == 0 and accelerator.is_main_process:
         if traj_prompts:
-            append_jsonl(out / "eval_metrics.jsonl",
-                         {"iteration": 0, **trajectory_point(cfg, traj_prompts, sampler, eval_clip, reward_fn, judges)})
+            point, _, _ = monitor.observe(0, trajectory_point(cfg, traj_prompts, sampler, eval_clip, reward_fn, judges))
+            append_jsonl(out / "eval_metrics.jsonl", {"iteration": 0, **point})
     bad_streak, last_good = 0, None
     rank, world, n_prompts = accelerator.process_index, accelerator.num_processes, cfg.prompts_per_iteration
     local = slice(rank * cfg.samples_per_iteration, (rank + 1) * cfg.samples_per_iteration)  # this process's samples
@@ -381,6 +419,7 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
                        images_per_s=len(rollout.prompts) * world / (t1 - t0), time_sample=t1 - t0, time_score=t2 - t1,
                        time_update=t3 - t2)
             bad_streak = bad_streak + 1 if row.get("optimizer_steps", 0) == 0 else 0
+            alarm = None  # the message of a stop alarm that fired at this iteration's evaluation
             if accelerator.is_main_process:
                 pictures = {}
                 if grid_prompts and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.num_iterations):
@@ -389,9 +428,17 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
                         out / "samples" / f"iter_{done:06d}.png", grid_base, f"Trained (iteration {done})")
                     row.update(stats)
                 if traj_prompts and (done % cfg.eval_every == 0 or done == cfg.num_iterations):
-                    point = trajectory_point(cfg, traj_prompts, sampler, eval_clip, reward_fn, judges)
+                    point, firings, improved = monitor.observe(
+                        done, trajectory_point(cfg, traj_prompts, sampler, eval_clip, reward_fn, judges))
                     append_jsonl(out / "eval_metrics.jsonl", {"iteration": done, **point})
                     row.update({f"eval_{k}": v for k, v in point.items()})
+                    for firing in firings:
+                        print(f"warning: {firing.message}" if firing.alarm.action == "warn" else firing.message)
+                        row[f"alarm_{firing.alarm.signal}"] = firing.value
+                    if improved:
+                        export_best(done, monitor.best[1])
+                    stops = [f for f in firings if f.alarm.action == "stop"]
+                    alarm = "; ".join(f"{f.alarm.describe(point)} (iteration {done})" for f in stops) or None
                     if accelerator.trackers:  # the trade-off plot so far (rendered only for a tracker)
                         from sd3_adrpo.plots import figure_array, load_trajectory, tradeoff_figure
 
@@ -425,6 +472,20 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
                     f"stopped after iteration {iteration} (last: {stage}). {kept}. Check the reward model, lower "
                     "learning_rate or beta0, or use bf16 instead of fp16, then continue with --resume_from latest "
                     "--allow_config_change true")
+            # a stop alarm (the main process evaluates) stops every process after this iteration, with a checkpoint
+            stop_alarm = alarm is not None
+            if world > 1:
+                stop_alarm = bool(accelerator.reduce(torch.tensor(float(stop_alarm), device=device), "max") > 0)
+            if stop_alarm and done < cfg.num_iterations:
+                path = checkpoint(done) if accelerator.is_main_process else None
+                if accelerator.is_main_process:
+                    _plot_monitor(out, monitor, judges)
+                accelerator.wait_for_everyone()
+                kept = f"; best/ holds the best policy by {cfg.keep_best} (iteration {monitor.best[0]})" if (
+                    monitor.best) else ""
+                raise AlarmStop(f"{alarm or 'an alarm fired (see the main process)'}. Checkpoint saved to "
+                                f"{path or out / 'checkpoints'}{kept}; the signals are in eval_metrics.jsonl and "
+                                f"monitor.png. Continue with --resume_from latest (alarms can change on resume)")
             # a signal that reached any process stops them all after this iteration, with one checkpoint
             signum = int(accelerator.reduce(torch.tensor(stop.signum or 0, device=device), "max")) if world > 1 else (
                 stop.signum or 0)
@@ -450,6 +511,8 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
         if final_prompts:
             final_evaluation(cfg, final_prompts, sampler, base_transformer, eval_clip, judges, out, accelerator)
         if accelerator.is_main_process:
+            if traj_prompts:
+                _plot_monitor(out, monitor, judges)
             publish(final, run_cfg, out)
         accelerator.end_training()
     if stop.signum is not None:

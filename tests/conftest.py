@@ -26,6 +26,19 @@ def tiny_pipe(tiny_models):
     return load_pipeline(str(tiny_models["sd3"]), drop_t5=True)
 
 
+@pytest.fixture
+def tiny_run_args(tiny_models, tmp_path):
+    """train_sd3_adrpo.py arguments for a 2-iteration run on the tiny random stand-ins (3 prompts, checkpoints and
+    grids every iteration); add --output_dir."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\na green triangle\n")
+    return ["--config", "configs/tiny_random.yaml", "--pretrained_model", str(tiny_models["sd3"]),
+            "--reward_model", str(tiny_models["clip"]), "--train_prompts", str(prompts), "--eval_prompts", str(prompts),
+            "--num_iterations", "2", "--prompts_per_iteration", "2", "--samples_per_prompt", "2",
+            "--train_batch_size", "2", "--num_inference_steps", "3", "--checkpoint_every", "1", "--sample_every", "1",
+            "--num_sample_prompts", "2", "--sample_images_per_prompt", "2"]
+
+
 @pytest.fixture(scope="session")
 def tiny_open_clip(tmp_path_factory):
     """A tiny open_clip architecture registered as 'TinyTestCLIP', and a random model of it (seed 0)."""

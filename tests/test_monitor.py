@@ -108,3 +108,60 @@ def test_monitor_reports_firings_against_the_first_point_and_keeps_the_best():
     resumed.load_state_dict(monitor.state_dict())
     point, firings, improved = resumed.observe(100, {"oracle_accuracy": 0.31, "clip_diversity": 30.0})
     assert point["oracle_accuracy_change"] == pytest.approx(0.11) and not firings and improved
+
+
+def test_a_stop_alarm_checkpoints_exits_3_and_keeps_the_best_policy(tiny_run_args, tmp_path, capsys):
+    """A threshold set to trip at the first periodic evaluation after the base: the run stops there with a
+    checkpoint, exit code 3 and a message naming the signal, its value and its threshold; best/ holds the policy of
+    that evaluation (a diffusers LoRA with its card); the monitor's signals, with their changes from the base, are in
+    eval_metrics.jsonl and monitor.png. Resumed with the alarm removed (allowed), the run finishes."""
+    import json
+
+    from safetensors.torch import load_file
+
+    import train_sd3_adrpo
+
+    out = tmp_path / "run"
+    args = [*tiny_run_args, "--output_dir", str(out), "--num_iterations", "3", "--eval_every", "1",
+            "--eval_num_prompts", "2", "--eval_images_per_prompt", "2", "--sample_every", "0",
+            "--keep_best", "clip_score", "--alarms", "w2_divergence > 1e9 warn,brightness_change > -2 stop"]
+    assert train_sd3_adrpo.main(args) == 3
+    err = capsys.readouterr().err
+    assert "brightness_change = " in err and "> -2" in err and "(iteration 1)" in err and "checkpoint-000001" in err
+    rows = [json.loads(line) for line in (out / "eval_metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1]
+    for key in ("colour_entropy", "brightness", "saturation", "edge_density", "clip_diversity", "w2_divergence"):
+        assert key in rows[1] and rows[0][f"{key}_change"] == 0.0
+        assert rows[1][f"{key}_change"] == pytest.approx(rows[1][key] - rows[0][key])
+    assert (out / "checkpoints" / "checkpoint-000001").is_dir() and not (out / "final").exists()
+    best = json.loads((out / "best" / "best.json").read_text())
+    assert best == {"iteration": 1, "signal": "clip_score", "value": pytest.approx(rows[1]["clip_score"])}
+    exported = load_file(out / "best" / "pytorch_lora_weights.safetensors")
+    at_stop = load_file(out / "checkpoints" / "checkpoint-000001" / "pytorch_lora_weights.safetensors")
+    assert exported.keys() == at_stop.keys() and all((exported[k] == at_stop[k]).all() for k in exported)
+    assert (out / "best" / "README.md").is_file() and (out / "monitor.png").stat().st_size > 0
+
+    # resumed without the stop alarm (alarms may change on resume): it continues to the end, warning only
+    resumed = list(args)
+    resumed[resumed.index("--alarms") + 1] = "w2_divergence > -1 warn"
+    assert train_sd3_adrpo.main([*resumed, "--resume_from", "latest"]) == 0
+    assert "warning: alarm at iteration 3: w2_divergence" in capsys.readouterr().out
+    assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+    rows = [json.loads(line) for line in (out / "eval_metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [0, 1, 2, 3]
+    assert rows[3]["brightness_change"] == pytest.approx(rows[3]["brightness"] - rows[0]["brightness"])  # same base
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert "alarm_w2_divergence" in metrics[-1]
+    best = json.loads((out / "best" / "best.json").read_text())
+    assert best["value"] == pytest.approx(max(r["clip_score"] for r in rows[1:]))
+
+
+def test_alarm_settings_are_checked_before_anything_loads(tiny_run_args, tmp_path, capsys):
+    import train_sd3_adrpo
+
+    out = tmp_path / "run"
+    assert train_sd3_adrpo.main([*tiny_run_args, "--output_dir", str(out), "--eval_every", "1",
+                                 "--alarms", "clip_diversity falls 3"]) == 2
+    assert "alarms: alarm 'clip_diversity falls 3' is not" in capsys.readouterr().err
+    assert train_sd3_adrpo.main([*tiny_run_args, "--output_dir", str(out), "--keep_best", "clip_score"]) == 2
+    assert "set eval_every" in capsys.readouterr().err and not out.exists()

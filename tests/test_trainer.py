@@ -106,17 +106,6 @@ def test_saved_lora_reproduces_the_policy_in_a_stock_pipeline(tiny_models, tmp_p
     assert torch.allclose(loaded, ours, atol=1e-5)
 
 
-@pytest.fixture
-def tiny_run_args(tiny_models, tmp_path):
-    prompts = tmp_path / "p.txt"
-    prompts.write_text("a red circle\na blue square\na green triangle\n")
-    return ["--config", "configs/tiny_random.yaml", "--pretrained_model", str(tiny_models["sd3"]),
-            "--reward_model", str(tiny_models["clip"]), "--train_prompts", str(prompts), "--eval_prompts", str(prompts),
-            "--num_iterations", "2", "--prompts_per_iteration", "2", "--samples_per_prompt", "2",
-            "--train_batch_size", "2", "--num_inference_steps", "3", "--checkpoint_every", "1", "--sample_every", "1",
-            "--num_sample_prompts", "2", "--sample_images_per_prompt", "2"]
-
-
 def test_cli_end_to_end_outputs_and_resume(tiny_run_args, tmp_path, capsys):
     out = tmp_path / "run"
     assert train_sd3_adrpo.main([*tiny_run_args, "--output_dir", str(out)]) == 0
