@@ -117,7 +117,8 @@ class RunStart:
 def open_run(cfg: TrainConfig, is_main: bool) -> RunStart:
     """Everything about the run folder that can fail, checked before any model loads: the checkpoint a resume
     continues (or starting over when a requeued job finds none yet), its settings against the run's own, and that
-    no live run holds the folder. With ``overwrite_output_dir`` the main process then deletes the old folder."""
+    no live run holds the folder. (With ``overwrite_output_dir`` the old contents are deleted only once the models have
+    loaded: ``clear_run_folder``.)"""
     from sd3_adrpo.checkpoint import find_resume_checkpoint
 
     out = Path(cfg.output_dir)
@@ -139,12 +140,20 @@ def open_run(cfg: TrainConfig, is_main: bool) -> RunStart:
         import yaml
 
         start.changes = check_resume_config(yaml.safe_load(saved.read_text()) or {}, cfg)
-    if cfg.overwrite_output_dir and out.exists() and is_main:
-        print(f"overwrite_output_dir is set: deleting the existing {out}")
-        import shutil
-
-        shutil.rmtree(out)
     return start
+
+
+def clear_run_folder(out: Path) -> None:
+    """Delete what an earlier run left in ``out`` (``overwrite_output_dir``), all but this run's lock. Called once the
+    models have loaded, so that a start that fails (a hub id that does not resolve, a reward that does not load)
+    leaves the earlier run as it was."""
+    import shutil
+
+    old = [p for p in out.iterdir() if p.name != LOCK] if out.is_dir() else []
+    if old:
+        print(f"overwrite_output_dir is set: deleting the existing contents of {out}")
+    for p in old:
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def config_changes(saved: dict, cfg: TrainConfig) -> dict[str, tuple]:

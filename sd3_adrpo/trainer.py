@@ -34,7 +34,8 @@ from sd3_adrpo.metrics import ClipScore, ScorerUnavailable
 from sd3_adrpo.monitor import Monitor, image_statistics, parse_alarm
 from sd3_adrpo.prompts import (PromptSampler, balanced_subset, load_prompt_records, load_prompts, prompt_metadata,
                                seeded_subset)
-from sd3_adrpo.resume import RunLock, RunStart, apply_optimizer_settings, open_run, record_changes
+from sd3_adrpo.resume import (RunLock, RunStart, apply_optimizer_settings, clear_run_folder, open_run,
+                              record_changes)
 from sd3_adrpo.rewards import WeightedReward, build_reward, held_out_rewards, probe_reward
 from sd3_adrpo.rollout import Rollout, SD3Sampler, make_generator
 from sd3_adrpo.tracking import accelerator_kwargs, banner, log_images, tracker_config
@@ -131,6 +132,8 @@ def _load_pipeline(cfg: TrainConfig):
 def _prepare_output_dir(cfg: TrainConfig) -> Path:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite_output_dir:
+        clear_run_folder(out)
     atomic_write_bytes(out / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False).encode())
     return out
 

@@ -182,3 +182,28 @@ def test_files_are_written_with_the_mode_an_ordinary_open_gives(tmp_path):
         os.umask(old)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
+
+
+def test_overwrite_output_dir_deletes_the_old_run_only_once_the_models_have_loaded(tiny_run_args, tmp_path, capsys):
+    """--overwrite_output_dir with a base model that does not load (a hub id that does not resolve offline) exits 2
+    and leaves the earlier run as it was; once the models load, the earlier run's files are gone."""
+    import yaml
+
+    import train_sd3_adrpo
+
+    out = tmp_path / "run"
+    assert train_sd3_adrpo.main([*tiny_run_args, "--output_dir", str(out)]) == 0
+    lora = (out / "final" / "pytorch_lora_weights.safetensors").read_bytes()
+    assert (out / "checkpoints" / "checkpoint-000001").is_dir()
+    failed = [*tiny_run_args, "--output_dir", str(out), "--overwrite_output_dir", "true"]
+    failed[failed.index("--pretrained_model") + 1] = "sd3-adrpo-tests/no-such-model"
+    assert train_sd3_adrpo.main(failed) == 2
+    assert "could not be loaded" in capsys.readouterr().err
+    assert (out / "final" / "pytorch_lora_weights.safetensors").read_bytes() == lora  # the earlier run is intact
+    assert (out / "checkpoints" / "checkpoint-000001").is_dir()
+    again = [*tiny_run_args, "--output_dir", str(out), "--overwrite_output_dir", "true", "--num_iterations", "1",
+             "--checkpoint_every", "0"]
+    assert train_sd3_adrpo.main(again) == 0
+    assert not (out / "checkpoints").exists()  # the earlier run's checkpoints went with it
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+    assert yaml.safe_load((out / "config.yaml").read_text())["num_iterations"] == 1
