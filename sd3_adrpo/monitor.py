@@ -152,6 +152,13 @@ class Monitor:
         self.alarms, self.keep_best, self.lower_is_better = list(alarms), keep_best, lower_is_better
         self.base: Optional[dict] = None
         self.best: Optional[tuple[int, float]] = None  # (iteration, value)
+        self._checked = False  # whether the signals' names were checked against an evaluation's
+
+    def unknown_signals(self, point: dict) -> list[str]:
+        """The signals of the alarms and keep_best that ``point`` (an evaluation with its changes) does not report:
+        a misspelt name, a judge that is not configured, or a ``_rel_change`` of a signal whose base is 0."""
+        wanted = [a.signal for a in self.alarms] + ([self.keep_best] if self.keep_best else [])
+        return [s for s in dict.fromkeys(wanted) if s not in point]
 
     def observe(self, iteration: int, point: dict) -> tuple[dict, list[Firing], bool]:
         """(the point with its changes from the base, the alarms that fired, whether this point is the new best).
@@ -159,6 +166,11 @@ class Monitor:
         if self.base is None:
             self.base = dict(point)
         point = with_changes(point, self.base)
+        if not self._checked:  # an alarm on a signal that is never reported would never fire: say so at once
+            self._checked = True
+            for name in self.unknown_signals(point):
+                print(f"warning: alarms/keep_best watch {name!r}, which the periodic evaluation does not report, so "
+                      f"it can never act (a typo? signals: {', '.join(sorted(point))})", flush=True)
         firings = [Firing(a, iteration, point[a.signal]) for a in self.alarms if a.fired(point)]
         improved = False
         if self.keep_best is not None and iteration > 0:  # the base is not a policy worth exporting as best/

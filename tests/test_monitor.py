@@ -165,3 +165,17 @@ def test_alarm_settings_are_checked_before_anything_loads(tiny_run_args, tmp_pat
     assert "alarms: alarm 'clip_diversity falls 3' is not" in capsys.readouterr().err
     assert train_sd3_adrpo.main([*tiny_run_args, "--output_dir", str(out), "--keep_best", "clip_score"]) == 2
     assert "set eval_every" in capsys.readouterr().err and not out.exists()
+
+
+def test_an_alarm_on_a_signal_never_reported_is_said_at_the_first_evaluation(capsys):
+    # a misspelt signal, and a relative change of W2 (whose base is 0, so it has none): neither could ever fire
+    monitor = Monitor([parse_alarm("clip_diversty_rel_change < -0.15 stop"),
+                       parse_alarm("w2_divergence_rel_change > 10 stop"),
+                       parse_alarm("clip_diversity_rel_change < -0.15 stop")], keep_best="oracle_acc")
+    monitor.observe(0, {"clip_diversity": 30.0, "w2_divergence": 0.0, "oracle_accuracy": 0.2})
+    out = capsys.readouterr().out
+    for name in ("clip_diversty_rel_change", "w2_divergence_rel_change", "oracle_acc"):
+        assert f"warning: alarms/keep_best watch {name!r}" in out
+    assert "watch 'clip_diversity_rel_change'" not in out
+    monitor.observe(10, {"clip_diversity": 20.0, "w2_divergence": 0.1, "oracle_accuracy": 0.2})
+    assert capsys.readouterr().out == ""  # said once
