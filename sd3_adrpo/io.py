@@ -11,6 +11,16 @@ import numpy as np
 
 
 def _umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux: /proc/self/status): setting
+    it to 0 and back, even briefly, would give files, folders and subprocesses that other threads create meanwhile
+    (the experiment drivers write and launch from worker threads) a umask of 0, i.e. world-writable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

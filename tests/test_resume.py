@@ -184,6 +184,22 @@ def test_files_are_written_with_the_mode_an_ordinary_open_gives(tmp_path):
     assert (tmp_path / "b.json").stat().st_mode & 0o777 == 0o600
 
 
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the umask from /proc")
+def test_writing_a_file_never_changes_the_process_umask(tmp_path, monkeypatch):
+    # (setting it to 0 and back would let a thread's files, or a subprocess started meanwhile, be world-writable)
+    def no_umask(mask):
+        raise AssertionError(f"os.umask({mask:o}) called")
+
+    old = os.umask(0o027)
+    try:
+        monkeypatch.setattr(os, "umask", no_umask)
+        atomic_write_bytes(tmp_path / "c.json", b"{}")
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert (tmp_path / "c.json").stat().st_mode & 0o777 == 0o640
+
+
 def test_overwrite_output_dir_deletes_the_old_run_only_once_the_models_have_loaded(tiny_run_args, tmp_path, capsys):
     """--overwrite_output_dir with a base model that does not load (a hub id that does not resolve offline) exits 2
     and leaves the earlier run as it was; once the models load, the earlier run's files are gone."""
