@@ -222,6 +222,21 @@ class TrainConfig:
             raise ConfigError(f"split_batches over {num_processes} processes: {e}") from None
         return local
 
+    def _check_family(self) -> None:
+        """A local pipeline folder must be of a family this trainer trains (``sd3_adrpo.families``), with settings
+        that apply to it (a hub id is checked when it loads)."""
+        from sd3_adrpo.families import FAMILIES, FluxFamily, pipeline_class_name, unsupported_message
+
+        if not looks_like_path(self.pretrained_model):
+            return
+        name = pipeline_class_name(self.pretrained_model)
+        if name not in FAMILIES:
+            raise ConfigError(unsupported_message(name or "pipeline without a _class_name",
+                                                  f"pretrained_model {self.pretrained_model!r}"))
+        if FAMILIES[name] is FluxFamily and self.drop_t5:
+            raise ConfigError("drop_t5 does not apply to FLUX: its text sequence is T5's (text_encoder_2). Save memory "
+                              "with free_text_encoders (prompts encoded once, then the encoders freed) or t5_8bit")
+
     def _check_batch_sizes(self) -> None:
         if self.method == "dpo" and self.train_batch_size % 2:
             raise ConfigError(f"dpo trains on (winner, loser) pairs: train_batch_size must be even, got {self.train_batch_size}")
@@ -270,6 +285,7 @@ class TrainConfig:
         if self.timestep_shift <= 0:
             raise ConfigError(f"timestep_shift must be > 0, got {self.timestep_shift}")
         _check_model_source(self.pretrained_model, "pretrained_model", need="model_index.json")
+        self._check_family()
         try:
             terms = parse_reward(self.reward, self.reward_model, self.reward_pretrained)
         except ValueError as e:

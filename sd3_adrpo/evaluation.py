@@ -123,7 +123,7 @@ def w2_divergence(transformer, rollout, generator: torch.Generator, first: int =
     noise = torch.randn((total, *latents.shape[1:]), generator=generator)[first : first + n].to(latents)
     sigmas = torch.rand(total, generator=generator)[first : first + n].to(latents.device)
     x_t, _ = noised(latents, noise, sigmas)
-    args = (x_t, sigmas, rollout.prompt_embeds, rollout.pooled_embeds, rollout.uncond_embeds)
+    args = (x_t, sigmas, rollout.prompt_embeds, rollout.pooled_embeds, rollout.uncond_embeds, rollout.family)
     theta = velocity_fields(transformer, *args)
     with reference_mode(transformer):
         ref = velocity_fields(transformer, *args)

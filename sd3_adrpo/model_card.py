@@ -93,8 +93,17 @@ def base_license(base: str) -> tuple[Optional[str], Optional[str], Optional[str]
     return KNOWN_LICENSES.get(base, (None, None, None))
 
 
+def _pipeline_class(cfg: TrainConfig) -> str:
+    """The diffusers pipeline class of the base (its family's, ``sd3_adrpo.families``)."""
+    from sd3_adrpo.families import family_for_source
+
+    return family_for_source(cfg.pretrained_model, cfg.revision).pipeline_class
+
+
 def _no_t5(cfg: TrainConfig) -> bool:
-    """True when the base is used without T5: dropped, or a folder saved without one."""
+    """True when an SD3 base is used without T5: dropped, or a folder saved without one (FLUX always has T5)."""
+    if _pipeline_class(cfg) != "StableDiffusion3Pipeline":
+        return False
     if cfg.drop_t5:
         return True
     index = Path(cfg.pretrained_model).expanduser() / "model_index.json"
@@ -117,11 +126,12 @@ def usage_snippet(cfg: TrainConfig, lora: str, prompt: str) -> str:
         call.append(f"max_sequence_length={cfg.t5_length}")
     device = "cpu" if cfg.cpu else "cuda"
     call.append(f"generator=torch.Generator({device!r}).manual_seed(0)")
+    pipeline = _pipeline_class(cfg)
     return "\n".join([
         "import torch",
-        "from diffusers import StableDiffusion3Pipeline",
+        f"from diffusers import {pipeline}",
         "",
-        f"pipe = StableDiffusion3Pipeline.from_pretrained({', '.join(load_args)})",
+        f"pipe = {pipeline}.from_pretrained({', '.join(load_args)})",
         f"pipe.load_lora_weights({lora!r})",
         f"pipe.to({device!r})",
         f"image = pipe({', '.join(call)}).images[0]",
@@ -162,7 +172,9 @@ def model_card(cfg: TrainConfig, lora: str, summary: Optional[dict] = None, titl
     license_id, license_name, license_link = base_license(base)
     data = ModelCardData(base_model=base if hub_base else None, library_name="diffusers", license=license_id,
                          license_name=license_name, license_link=license_link, pipeline_tag="text-to-image",
-                         tags=["text-to-image", "diffusers", "lora", "sd3", "reinforcement-learning", cfg.method,
+                         tags=["text-to-image", "diffusers", "lora",
+                               "flux" if _pipeline_class(cfg) == "FluxPipeline" else "sd3", "reinforcement-learning",
+                               cfg.method,
                                "sd3-adrpo"])
     clip = cfg.clip_range
     settings = [
@@ -175,7 +187,10 @@ def model_card(cfg: TrainConfig, lora: str, summary: Optional[dict] = None, titl
                       f"{cfg.train_batch_size} x {cfg.gradient_accumulation_steps}, inner epochs {cfg.inner_epochs}"),
         ("LoRA", f"rank {cfg.lora_rank}, alpha {cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank:g}, "
                  f"on {', '.join(cfg.lora_targets)}"),
-        ("rollout sampler", f"{cfg.num_inference_steps} Euler steps, CFG {cfg.guidance_scale:g}, {cfg.resolution} px"),
+        ("rollout sampler", f"{cfg.num_inference_steps} Euler steps, "
+                            + (f"CFG {cfg.guidance_scale:g}" if _pipeline_class(cfg) != "FluxPipeline" else
+                               f"guidance input {cfg.guidance_scale:g} (FLUX.1-dev's distilled guidance, one pass; "
+                               "none on FLUX.1-schnell)") + f", {cfg.resolution} px"),
         ("loss", f"{cfg.loss_guidance} field, sigma density {cfg.timestep_density} (shift {cfg.timestep_shift:g})"),
         ("precision, seed", f"{cfg.mixed_precision}, {cfg.seed}"),
     ]

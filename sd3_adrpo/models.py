@@ -1,4 +1,5 @@
-"""Loading the SD3 pipeline (hub id or local folder, with or without T5), its LoRA, and the reference velocity.
+"""Loading a pipeline (SD3/SD3.5 or FLUX.1, hub id or local folder; ``sd3_adrpo.families``), its LoRA, and the
+reference velocity.
 
 The reference policy v_ref is the same transformer with its LoRA adapter disabled: no second copy of the weights.
 """
@@ -15,23 +16,13 @@ DTYPES = {"no": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16, "f
 
 def load_pipeline(pretrained_model: str, *, drop_t5: bool = False, dtype: torch.dtype = torch.float32,
                   revision: str | None = None, t5_8bit: bool = False):
-    """``StableDiffusion3Pipeline.from_pretrained`` with all weights frozen; ``drop_t5`` skips T5 (text_encoder_3),
-    ``t5_8bit`` loads it in 8 bit through bitsandbytes (CUDA only)."""
-    from diffusers import StableDiffusion3Pipeline
+    """The pipeline of ``pretrained_model``'s family (``families.family_for_source``: SD3/SD3.5, FLUX.1) with all
+    weights frozen; ``drop_t5`` skips SD3's T5 (text_encoder_3), ``t5_8bit`` loads T5 in 8 bit through
+    bitsandbytes (CUDA only)."""
+    from sd3_adrpo.families import family_for_source
 
-    kwargs = {"text_encoder_3": None, "tokenizer_3": None} if drop_t5 else {}
-    if t5_8bit:
-        from transformers import BitsAndBytesConfig, T5EncoderModel
-
-        kwargs["text_encoder_3"] = T5EncoderModel.from_pretrained(
-            pretrained_model, subfolder="text_encoder_3", revision=revision,
-            quantization_config=BitsAndBytesConfig(load_in_8bit=True))
-    pipe = StableDiffusion3Pipeline.from_pretrained(pretrained_model, dtype=dtype, revision=revision, **kwargs)
-    for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-        if module is not None:
-            module.requires_grad_(False).eval()
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return family_for_source(pretrained_model, revision).load(pretrained_model, dtype=dtype, revision=revision,
+                                                              drop_t5=drop_t5, t5_8bit=t5_8bit)
 
 
 def add_lora(transformer, rank: int, alpha: float | None = None, targets: list[str] | None = None) -> list[torch.nn.Parameter]:
@@ -49,24 +40,27 @@ def add_lora(transformer, rank: int, alpha: float | None = None, targets: list[s
 
 
 def velocity(transformer, x_t: torch.Tensor, sigmas: torch.Tensor, prompt_embeds: torch.Tensor,
-             pooled: torch.Tensor) -> torch.Tensor:
-    """v(x_t, t, c) in fp32, with SD3's timestep convention t = 1000 * sigma. Only the transformer's input is cast
-    to its dtype (the prompt embeddings'): x_t, and whatever the caller computes from the result, stay fp32."""
-    return transformer(hidden_states=x_t.to(prompt_embeds.dtype), timestep=sigmas * 1000,
-                       encoder_hidden_states=prompt_embeds, pooled_projections=pooled, return_dict=False)[0].float()
+             pooled: torch.Tensor, family=None) -> torch.Tensor:
+    """v(x_t, t, c) in fp32 through ``family`` (default SD3, whose timestep convention is t = 1000 * sigma). Only the
+    transformer's input is cast to its dtype (the prompt embeddings'): x_t, and whatever the caller computes from the
+    result, stay fp32."""
+    from sd3_adrpo.families import SD3
+
+    return (family or SD3).velocity(transformer, x_t, sigmas, prompt_embeds, pooled)
 
 
 def velocity_fields(transformer, x_t: torch.Tensor, sigmas: torch.Tensor, prompt_embeds: torch.Tensor,
-                    pooled: torch.Tensor, uncond: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                    pooled: torch.Tensor, uncond: Optional[tuple[torch.Tensor, torch.Tensor]] = None, family=None
                     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(v_c, v_u): the conditional field and, where ``uncond`` (the empty prompt's (embeds (L, D), pooled (D,)))
-    is given, the unconditional one, both from one batched transformer call as the CFG sampler makes it."""
+    is given, the unconditional one, both from one batched transformer call as the CFG sampler makes it; through
+    ``family`` (default SD3; a rollout's is ``rollout.family``)."""
     if uncond is None:
-        return velocity(transformer, x_t, sigmas, prompt_embeds, pooled), None
+        return velocity(transformer, x_t, sigmas, prompt_embeds, pooled, family), None
     n = len(x_t)
     v = velocity(transformer, torch.cat([x_t, x_t]), torch.cat([sigmas, sigmas]),
                  torch.cat([uncond[0].expand_as(prompt_embeds), prompt_embeds]),
-                 torch.cat([uncond[1].expand_as(pooled), pooled]))
+                 torch.cat([uncond[1].expand_as(pooled), pooled]), family)
     return v[n:], v[:n]
 
 
@@ -93,8 +87,10 @@ def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
 
 
 def save_lora(transformer, directory) -> None:
-    """Write the LoRA in diffusers format, loadable by ``StableDiffusion3Pipeline.load_lora_weights(directory)``."""
-    from diffusers import StableDiffusion3Pipeline
+    """Write the LoRA in the diffusers format of the transformer's pipeline, loadable by its ``load_lora_weights``
+    (``StableDiffusion3Pipeline``, ``FluxPipeline``, ...; ``families.family_for_transformer``)."""
+    from sd3_adrpo.families import family_for_transformer
 
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in lora_state_dict(transformer).items()}
-    StableDiffusion3Pipeline.save_lora_weights(directory, transformer_lora_layers=state, safe_serialization=True)
+    family_for_transformer(transformer).pipeline_type().save_lora_weights(directory, transformer_lora_layers=state,
+                                                                          safe_serialization=True)

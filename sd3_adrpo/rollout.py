@@ -1,6 +1,8 @@
 """Rollouts from the current policy: cached prompt embeddings, an Euler ODE sampler with CFG, VAE decoding.
 
-It runs the same arithmetic as ``StableDiffusion3Pipeline.__call__`` (tests check latents match) but encodes each
+One sampler for every model family (``sd3_adrpo.families``: SD3/SD3.5, FLUX.1): the family supplies the prompt
+encoding, the velocity, the latent shape and the scheduler's sigmas. It runs the same arithmetic as the family's
+stock pipeline (``StableDiffusion3Pipeline.__call__``, ``FluxPipeline.__call__``; tests check latents match) but encodes each
 prompt once and reuses it across samples and iterations, and keeps the clean latents x1 that the update trains on
 next to the uint8 images that the reward scores: the same samples, never regenerated.
 """
@@ -9,10 +11,13 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from dataclasses import field
 from typing import Optional
 
 import numpy as np
 import torch
+
+from sd3_adrpo.families import SD3, ModelFamily, family_for_pipeline
 
 
 def make_generator(*keys: int) -> torch.Generator:
@@ -34,10 +39,14 @@ class Rollout:
     guidance_scale: float = 1.0  # the CFG scale the samples were drawn with
     # the sampler's empty-prompt embedding ((L, D), (D,)), the unconditional branch of CFG; None without CFG
     uncond_embeds: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+    # how the embeddings condition the transformer (and, for FLUX.1-dev, the guidance input the samples were drawn with)
+    family: ModelFamily = field(default_factory=lambda: SD3)
 
 
 class SD3Sampler:
-    """Samples from an SD3 pipeline's transformer (the policy: whatever adapters are enabled)."""
+    """Samples from a pipeline's transformer (the policy: whatever adapters are enabled), of any family
+    (``families.family_for_pipeline``; the name is historical: SD3 was the first). ``guidance_scale`` is CFG's scale
+    for a family with true CFG (SD3), FLUX.1-dev's distilled guidance input otherwise (one pass a step)."""
 
     def __init__(self, pipe, device: torch.device, *, num_inference_steps: int, guidance_scale: float,
                  max_sequence_length: int, batch_size: int, vae_batch_size: int | None = None):
@@ -47,11 +56,12 @@ class SD3Sampler:
         self.vae_batch_size = vae_batch_size or batch_size
         self.text_encoders_freed = False
         self.dtype = pipe.transformer.dtype
+        self.family = family_for_pipeline(pipe, guidance_scale)
         self._cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def do_cfg(self) -> bool:
-        return self.guidance_scale > 1.0
+        return self.family.true_cfg and self.guidance_scale > 1.0
 
     # -- prompts --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -68,9 +78,7 @@ class SD3Sampler:
             if p not in self._cache:
                 if self.text_encoders_freed:
                     raise KeyError(f"prompt {p!r} was not encoded before the text encoders were freed")
-                emb, _, pooled, _ = self.pipe.encode_prompt(
-                    prompt=[p], prompt_2=None, prompt_3=None, device=self.device, do_classifier_free_guidance=False,
-                    max_sequence_length=self.max_sequence_length)
+                emb, pooled = self.family.encode(self.pipe, p, self.device, self.max_sequence_length)
                 self._cache[p] = tuple(self._to_cache(e[0].to(self.dtype)) for e in (emb, pooled))
         return tuple(torch.stack([self._cache[p][i] for p in prompts]).to(self.device, non_blocking=True)
                      for i in (0, 1))
@@ -83,7 +91,8 @@ class SD3Sampler:
         """Drop the text encoders (after every prompt the run needs has been embedded) to save memory."""
         import gc
 
-        self.pipe.text_encoder = self.pipe.text_encoder_2 = self.pipe.text_encoder_3 = None
+        for name in self.family.text_encoders:
+            setattr(self.pipe, name, None)
         self.text_encoders_freed = True
         gc.collect()
         if torch.cuda.is_available():
@@ -91,28 +100,17 @@ class SD3Sampler:
 
     # -- sampling -------------------------------------------------------------------------------------------
     def latent_shape(self, resolution: int) -> tuple[int, int, int]:
-        size = resolution // self.pipe.vae_scale_factor
-        return (self.pipe.transformer.config.in_channels, size, size)
+        return self.family.latent_shape(self.pipe, resolution)
 
-    def sigmas(self, image_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def sigmas(self, latent_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """(timesteps, sigmas) of the pipeline's scheduler for ``steps``, from a copy (the shared one is untouched)."""
-        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
-
-        sched = copy.deepcopy(self.pipe.scheduler)
-        kwargs = {}
-        if sched.config.get("use_dynamic_shifting", False):
-            c = sched.config
-            kwargs["mu"] = calculate_shift(image_tokens, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
-                                           c.get("base_shift", 0.5), c.get("max_shift", 1.16))
-        sched.set_timesteps(self.steps, device=self.device, **kwargs)
-        return sched.timesteps, sched.sigmas.to(self.device)
+        return self.family.schedule(self.pipe, self.steps, latent_shape, self.device)
 
     @torch.no_grad()
     def denoise(self, noise: torch.Tensor, prompt_embeds: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         """Integrate the policy's ODE from ``noise`` (sigma = 1) to clean latents x1, in chunks of batch_size."""
         transformer = self.pipe.transformer
-        patch = transformer.config.patch_size
-        timesteps, sigmas = self.sigmas((noise.shape[-2] // patch) * (noise.shape[-1] // patch))
+        timesteps, sigmas = self.sigmas(tuple(noise.shape[1:]))
         if self.do_cfg:
             neg_e, neg_p = self.embed([""])
         out = []
@@ -124,8 +122,7 @@ class SD3Sampler:
                 p = torch.cat([neg_p.expand_as(p), p])
             for i, t in enumerate(timesteps):
                 inp = (torch.cat([x, x]) if self.do_cfg else x).to(self.dtype)  # only the input is cast
-                v = transformer(hidden_states=inp, timestep=t.expand(inp.shape[0]), encoder_hidden_states=e,
-                                pooled_projections=p, return_dict=False)[0]
+                v = self.family.forward(transformer, inp, t.expand(inp.shape[0]), e, p)
                 if self.do_cfg:
                     v_uncond, v_text = v.chunk(2)
                     v = v_uncond + self.guidance_scale * (v_text - v_uncond)
@@ -171,4 +168,4 @@ class SD3Sampler:
         uncond = tuple(e[0] for e in self.embed([""])) if self.do_cfg else None
         return Rollout(prompts=expanded, group_ids=group_ids, latents=latents, images=self.decode(latents),
                        prompt_embeds=emb, pooled_embeds=pooled, guidance_scale=self.guidance_scale,
-                       uncond_embeds=uncond)
+                       uncond_embeds=uncond, family=self.family)

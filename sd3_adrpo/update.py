@@ -14,7 +14,8 @@ from sd3_adrpo.models import guide, reference_mode, velocity_fields
 from sd3_adrpo.rollout import Rollout, make_generator
 
 
-def policy_and_reference(transformer, base_transformer, x_t, sigmas, prompt_embeds, pooled, guidance=None):
+def policy_and_reference(transformer, base_transformer, x_t, sigmas, prompt_embeds, pooled, guidance=None,
+                         family=None):
     """(v_theta, v_ref, terms) at the same (x_t, sigma, c): the fields the loss compares. v_ref is the same
     transformer with its adapter disabled (``reference_mode`` on the unwrapped module), run through the wrapper,
     which may shard the weights, under no_grad.
@@ -22,11 +23,13 @@ def policy_and_reference(transformer, base_transformer, x_t, sigmas, prompt_embe
     ``guidance=None`` (loss_guidance: conditional): both are the conditional field v_c. ``guidance=(uncond,
     scale)`` (guided): both are the guided field v_u + scale (v_c - v_u) the sampler integrates, v_u from the same
     empty-prompt embedding; the policy's gradient flows through both passes. ``terms`` then holds the per-sample W2
-    of each branch (``w2_conditional``, ``w2_unconditional``), for logging."""
+    of each branch (``w2_conditional``, ``w2_unconditional``), for logging. ``family``: the rollout's
+    (``rollout.family``, default SD3), how the embeddings condition the transformer; FLUX.1-dev's carries its
+    distilled guidance input, so there the conditional field already is the guided one."""
     uncond, scale = guidance if guidance is not None else (None, 1.0)
     with torch.no_grad(), reference_mode(base_transformer):
-        ref_c, ref_u = velocity_fields(transformer, x_t, sigmas, prompt_embeds, pooled, uncond)
-    theta_c, theta_u = velocity_fields(transformer, x_t, sigmas, prompt_embeds, pooled, uncond)
+        ref_c, ref_u = velocity_fields(transformer, x_t, sigmas, prompt_embeds, pooled, uncond, family)
+    theta_c, theta_u = velocity_fields(transformer, x_t, sigmas, prompt_embeds, pooled, uncond, family)
     terms = {}
     if theta_u is not None:
         terms = {"w2_conditional": per_sample_mse(theta_c, ref_c).detach(),
@@ -35,26 +38,27 @@ def policy_and_reference(transformer, base_transformer, x_t, sigmas, prompt_embe
 
 
 def fm_batch_loss(transformer, base_transformer, x1, noise, sigmas, prompt_embeds, pooled, c_cfm, c_w2,
-                  guidance=None):
+                  guidance=None, family=None):
     """c_cfm * CFM + c_w2 * W2 (``losses.adrpo_loss``) on a minibatch of rollout samples, each with its own
     (sigma, noise) draw (ADRPO: c = (A, beta0 - A)), on the fields of ``policy_and_reference``. x1, the noise and the
     target stay fp32; only the transformer's inputs are cast. Returns (loss, per-sample terms: cfm, w2, ...)."""
     x_t, target = noised(x1.float(), noise.float(), sigmas.float())
     v_theta, v_ref, terms = policy_and_reference(transformer, base_transformer, x_t, sigmas, prompt_embeds, pooled,
-                                                 guidance)
+                                                 guidance, family)
     loss, cfm, w2 = adrpo_loss(v_theta, v_ref, target, c_cfm, c_w2, return_terms=True)
     return loss, {"cfm": cfm, "w2": w2, **terms}
 
 
 def dpo_batch_loss(transformer, base_transformer, x_w, x_l, noise, sigmas, emb_w, emb_l, pooled_w, pooled_l,
-                   beta: float, weights, guidance=None):
+                   beta: float, weights, guidance=None, family=None):
     """Diffusion-DPO on (winner, loser) pairs, each pair sharing its (sigma, noise), with the errors of the fields of
     ``policy_and_reference``. Returns (loss, per-item terms: cfm = the policy's error, w2 = its W2 to the reference,
     ...)."""
     x_t, target = noised(torch.cat([x_w, x_l]).float(), torch.cat([noise, noise]).float(),
                          torch.cat([sigmas, sigmas]).float())
     v_theta, v_ref, terms = policy_and_reference(transformer, base_transformer, x_t, torch.cat([sigmas, sigmas]),
-                                                 torch.cat([emb_w, emb_l]), torch.cat([pooled_w, pooled_l]), guidance)
+                                                 torch.cat([emb_w, emb_l]), torch.cat([pooled_w, pooled_l]), guidance,
+                                                 family)
     e, e_ref = per_sample_mse(v_theta, target), per_sample_mse(v_ref, target)
     (e_w, e_l), (e_w_ref, e_l_ref) = e.chunk(2), e_ref.chunk(2)
     loss = dpo_fm_loss(e_w, e_w_ref, e_l, e_l_ref, beta, weights)
@@ -63,7 +67,8 @@ def dpo_batch_loss(transformer, base_transformer, x_w, x_l, noise, sigmas, emb_w
 
 def loss_guidance(cfg: TrainConfig, rollout: Rollout):
     """What ``policy_and_reference`` takes as ``guidance`` under ``cfg.loss_guidance``: None (conditional, or a
-    rollout sampled without CFG), else (the rollout's empty-prompt embedding, its guidance scale)."""
+    rollout sampled without CFG, as FLUX.1's always are: their guidance is an input of the one pass), else (the
+    rollout's empty-prompt embedding, its guidance scale)."""
     if cfg.loss_guidance == "conditional" or rollout.uncond_embeds is None:
         return None
     return rollout.uncond_embeds, rollout.guidance_scale
@@ -151,7 +156,7 @@ def update(accelerator, transformer, base_transformer, optimizer, lr_scheduler, 
 
     def batch_loss(idx, noise, sigmas):
         return fm_batch_loss(transformer, base_transformer, r.latents[idx], noise, sigmas,
-                             r.prompt_embeds[idx], r.pooled_embeds[idx], c_cfm[idx], c_w2[idx], guidance)
+                             r.prompt_embeds[idx], r.pooled_embeds[idx], c_cfm[idx], c_w2[idx], guidance, r.family)
 
     return optimise(accelerator, transformer, optimizer, lr_scheduler, cfg, len(r.prompts),
                     tuple(r.latents.shape[1:]), key, first_index, batch_loss)
@@ -168,7 +173,7 @@ def update_dpo(accelerator, transformer, base_transformer, optimizer, lr_schedul
         w, l = winners[idx], losers[idx]
         return dpo_batch_loss(transformer, base_transformer, r.latents[w], r.latents[l], noise, sigmas,
                               r.prompt_embeds[w], r.prompt_embeds[l], r.pooled_embeds[w], r.pooled_embeds[l],
-                              cfg.dpo_beta, weights[idx], guidance)
+                              cfg.dpo_beta, weights[idx], guidance, r.family)
 
     return optimise(accelerator, transformer, optimizer, lr_scheduler, cfg, len(winners),
                     tuple(r.latents.shape[1:]), key, first_index, batch_loss)

@@ -87,6 +87,60 @@ def build_tiny_sd35(out: str | os.PathLike, seed: int = 0, text_len: int = 16) -
     return build_tiny_sd3(out, seed, text_len, num_layers=3, dual_attention_layers=(0, 1), qk_norm="rms_norm")
 
 
+def t5_tokenizer(words: tuple[str, ...] = ()) -> "T5Tokenizer":
+    """A small T5 tokenizer (``transformers.T5Tokenizer``, a Unigram model laid out as T5's: <pad>, </s>, <unk>, then
+    pieces): the letters and digits, each with and without the word-start marker, and whole ``words``; any other
+    character is <unk>. Built offline, saved and loaded as the real T5 tokenizer is."""
+    from transformers import T5Tokenizer
+
+    chars = "abcdefghijklmnopqrstuvwxyz0123456789"
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + w, -1.0) for w in dict.fromkeys(words)]
+    pieces += [(c, -5.0) for c in chars] + [("\u2581" + c, -5.5) for c in chars]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+TINY_WORDS = ("a", "an", "the", "of", "and", "red", "green", "blue", "yellow", "purple", "orange", "white", "black",
+              "circle", "circles", "square", "squares", "triangle", "triangles", "one", "two", "three", "left", "right",
+              "top", "bottom", "above", "below", "photo", "cat", "dog")
+
+
+def build_tiny_flux(out: str | os.PathLike, seed: int = 0, guidance_embeds: bool = True, text_len: int = 16) -> Path:
+    """Write a complete, random, tiny ``FluxPipeline`` folder and return its path: ``FluxTransformer2DModel``
+    (1 double-stream and 1 single-stream block; with ``guidance_embeds`` the FLUX.1-dev layout, which takes the
+    distilled guidance as an input, without it FLUX.1-schnell's), a 16-channel ``AutoencoderKL`` (4x down, as
+    ``build_tiny_sd3``'s), ``CLIPTextModel`` (its pooled output conditions) and ``T5EncoderModel`` (the sequence)
+    with their tokenizers, and FLUX's dynamically shifted ``FlowMatchEulerDiscreteScheduler``.
+
+    64 px images -> 16x16x16 latents, packed into 64 tokens of 2x2x16 = 64 channels, as FLUX packs its latents."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=77, hidden_act="gelu"))
+    tokenizer_2 = t5_tokenizer(TINY_WORDS)
+    text_encoder_2 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=16, d_ff=64,
+                                             num_layers=1, num_heads=2, relative_attention_num_buckets=8))
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 6, 6))
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(8, 16, 16), use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=0.1159, scaling_factor=0.3611, sample_size=64)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder,
+                        tokenizer=clip_tokenizer(text_len), text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+    out = Path(out)
+    pipe.save_pretrained(out)
+    return out
+
+
 def build_tiny_clip(out: str | os.PathLike, seed: int = 0, image_size: int = 64) -> Path:
     """Write a random tiny ``CLIPModel`` + ``CLIPProcessor`` folder, loadable like openai/clip-vit-large-patch14."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
