@@ -311,7 +311,7 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
         if accelerator.is_main_process:
             truncate_metrics(out / "metrics.jsonl", start)
             truncate_metrics(out / "eval_metrics.jsonl", start + 1)
-            if (out / "eval_metrics.jsonl").is_file():  # the monitor's base (iteration 0) and best so far
+            if (out / "eval_metrics.jsonl").is_file():  # the monitor's best so far (and base, replaced below)
                 monitor.resume(read_jsonl(out / "eval_metrics.jsonl"))
         print(f"resumed from {resume} at iteration {start}")
     elif run_start.start_over and accelerator.is_main_process:  # a requeued run with no checkpoint yet: from scratch
@@ -358,8 +358,18 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
         if traj_prompts:
             point, _, _ = monitor.observe(0, trajectory_point(cfg, traj_prompts, sampler, eval_clip, reward_fn, judges))
             append_jsonl(out / "eval_metrics.jsonl", {"iteration": 0, **point})
+    elif traj_prompts and (cfg.alarms or cfg.keep_best) and accelerator.is_main_process:
+        # a resumed run's alarms compare with the base evaluated as this run evaluates (the prompt set, images per
+        # prompt and judges may have changed on resume): the same seeds give the same numbers when nothing did
+        with reference_mode(base_transformer):
+            monitor.base = trajectory_point(cfg, traj_prompts, sampler, eval_clip, reward_fn, judges)
     bad_streak, last_good = 0, None
+    final_alarm = None  # a stop alarm at the last evaluation: the run ends as usual, then exits 3
     rank, world, n_prompts = accelerator.process_index, accelerator.num_processes, cfg.prompts_per_iteration
+
+    def any_process(flag: bool) -> bool:  # every process must call it at the same point (a collective)
+        return bool(accelerator.reduce(torch.tensor(float(flag), device=device), "max") > 0) if world > 1 else flag
+
     local = slice(rank * cfg.samples_per_iteration, (rank + 1) * cfg.samples_per_iteration)  # this process's samples
     with StopOnSignal() as stop:
         for iteration in bar:
@@ -378,8 +388,7 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
                 unavailable = None
             except ScorerUnavailable as e:  # never a made-up reward: stop, keeping this iteration's start
                 unavailable = str(e)
-            if (unavailable is not None or world > 1 and bool(accelerator.reduce(
-                    torch.tensor(float(unavailable is not None), device=device), "max") > 0)):
+            if any_process(unavailable is not None):  # on every process, so that a failure on one stops all
                 prompt_sampler.load_state_dict(candidate["trainer"]["prompt_sampler"])  # nothing of it was used
                 path = checkpoint(iteration) if accelerator.is_main_process else None
                 accelerator.wait_for_everyone()
@@ -476,10 +485,10 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
                     "learning_rate or beta0, or use bf16 instead of fp16, then continue with --resume_from latest "
                     "--allow_config_change true")
             # a stop alarm (the main process evaluates) stops every process after this iteration, with a checkpoint
-            stop_alarm = alarm is not None
-            if world > 1:
-                stop_alarm = bool(accelerator.reduce(torch.tensor(float(stop_alarm), device=device), "max") > 0)
-            if stop_alarm and done < cfg.num_iterations:
+            stop_alarm = any_process(alarm is not None)
+            if stop_alarm and done == cfg.num_iterations:  # at the last evaluation: final/ is written, then exit 3
+                final_alarm = alarm or "an alarm fired (see the main process)"
+            elif stop_alarm:
                 path = checkpoint(done) if accelerator.is_main_process else None
                 if accelerator.is_main_process:
                     _plot_monitor(out, monitor, judges)
@@ -516,9 +525,13 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
         if accelerator.is_main_process:
             if traj_prompts:
                 _plot_monitor(out, monitor, judges)
-            publish(final, run_cfg, out)
+            if final_alarm is None:  # a policy a stop alarm fired on is not uploaded
+                publish(final, run_cfg, out)
         accelerator.end_training()
     if stop.signum is not None:
         raise TrainingInterrupted(stop.signum, f"{signal.Signals(stop.signum).name} arrived during the final phase, "
                                   f"which finished: {final} and the summary are written")
+    if final_alarm is not None:
+        raise AlarmStop(f"{final_alarm}, at the last evaluation: {final} and the summary are written (not uploaded); "
+                        "the signals are in eval_metrics.jsonl and monitor.png")
     return final

@@ -93,6 +93,47 @@ def test_a_sigterm_to_one_worker_stops_every_process_at_the_same_iteration_with_
     assert "stopped by SIGTERM" in err
 
 
+FLAKY_REWARD = """
+import os
+
+import numpy as np
+
+from sd3_adrpo.metrics import Metric, ScorerUnavailable
+
+
+class Flaky(Metric):
+    calls = 0
+
+    def __call__(self, images, prompts):
+        Flaky.calls += 1  # the start-up probe, then one call per iteration
+        if os.environ.get("RANK") == "1" and Flaky.calls == 3:
+            raise ScorerUnavailable("reward server http://127.0.0.1:1 did not answer (rank 1 only)")
+        return np.arange(len(prompts), dtype=float)
+"""
+
+
+def test_a_reward_that_fails_on_one_process_stops_every_process_with_a_checkpoint(tiny_models, tmp_path):
+    """The reward fails at the second iteration on rank 1 only (its request to a reward server timed out): every
+    process stops there, with the state at that iteration's start checkpointed, exit 1; it used to hang (rank 1 went
+    to the checkpoint's barrier while rank 0 waited in the collective that should have told it)."""
+    plugin = tmp_path / "flaky.py"
+    plugin.write_text(FLAKY_REWARD)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\na green triangle\na yellow square\n")
+    out = tmp_path / "run"
+    args = ["--config", str(ROOT / "configs/tiny_random.yaml"), "--pretrained_model", str(tiny_models["sd3"]),
+            "--reward_model", str(tiny_models["clip"]), "--train_prompts", str(prompts), "--eval_prompts", "null",
+            "--num_iterations", "4", "--samples_per_prompt", "2", "--num_inference_steps", "2",
+            "--checkpoint_every", "0", "--prompts_per_iteration", "2", "--train_batch_size", "4",
+            "--split_batches", "true", "--output_dir", str(out), "--reward", f"{plugin}:Flaky"]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29523", str(ROOT / "train_sd3_adrpo.py"), *args], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "No reward was made up" in result.stderr, result.stderr[-3000:]
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["checkpoint-000001"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1 and not (out / "final").exists()
+
+
 def _lora_b(folder: Path) -> torch.Tensor:
     lora = load_file(folder / "final" / "pytorch_lora_weights.safetensors")
     return torch.cat([lora[k].flatten() for k in sorted(lora) if "lora_B" in k])  # B starts at 0: the update

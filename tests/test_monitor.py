@@ -179,3 +179,39 @@ def test_an_alarm_on_a_signal_never_reported_is_said_at_the_first_evaluation(cap
     assert "watch 'clip_diversity_rel_change'" not in out
     monitor.observe(10, {"clip_diversity": 20.0, "w2_divergence": 0.1, "oracle_accuracy": 0.2})
     assert capsys.readouterr().out == ""  # said once
+
+
+def test_a_stop_alarm_at_the_last_evaluation_writes_final_then_exits_3(tiny_run_args, tmp_path, capsys):
+    import train_sd3_adrpo
+
+    out = tmp_path / "run"
+    args = [*tiny_run_args, "--output_dir", str(out), "--num_iterations", "1", "--eval_every", "1",
+            "--eval_images_per_prompt", "2", "--sample_every", "0", "--alarms", "brightness_change > -2 stop"]
+    assert train_sd3_adrpo.main(args) == 3
+    err = capsys.readouterr().err
+    assert "brightness_change = " in err and "at the last evaluation" in err and "not uploaded" in err
+    assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_a_resumed_run_compares_with_the_base_evaluated_as_it_now_evaluates(tiny_run_args, tmp_path):
+    """Resumed with another periodic-evaluation prompt set, the changes are against the base on that set (what a
+    fresh run with it reports at iteration 0), not against the first run's row 0."""
+    import json
+
+    import train_sd3_adrpo
+
+    def rows(d):
+        return [json.loads(line) for line in (d / "eval_metrics.jsonl").read_text().splitlines()]
+
+    common = [*tiny_run_args, "--eval_every", "1", "--eval_images_per_prompt", "2", "--sample_every", "0"]
+    out, fresh = tmp_path / "run", tmp_path / "fresh"
+    assert train_sd3_adrpo.main([*common, "--output_dir", str(out), "--eval_num_prompts", "1",
+                                 "--alarms", "brightness_change > -2 stop"]) == 3  # stops at iteration 1
+    assert train_sd3_adrpo.main([*common, "--output_dir", str(out), "--eval_num_prompts", "3", "--resume_from",
+                                 "latest", "--alarms", "w2_divergence > 1e9"]) == 0
+    assert train_sd3_adrpo.main([*common, "--output_dir", str(fresh), "--eval_num_prompts", "3",
+                                 "--num_iterations", "1"]) == 0
+    base_on_3 = rows(fresh)[0]
+    resumed = rows(out)[-1]
+    assert resumed["iteration"] == 2 and rows(out)[0]["brightness"] != pytest.approx(base_on_3["brightness"])
+    assert resumed["brightness_change"] == pytest.approx(resumed["brightness"] - base_on_3["brightness"])
