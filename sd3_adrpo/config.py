@@ -225,7 +225,7 @@ class TrainConfig:
     def _check_family(self) -> None:
         """A local pipeline folder must be of a family this trainer trains (``sd3_adrpo.families``), with settings
         that apply to it (a hub id is checked when it loads)."""
-        from sd3_adrpo.families import FAMILIES, FluxFamily, pipeline_class_name, unsupported_message
+        from sd3_adrpo.families import FAMILIES, FluxFamily, SanaFamily, pipeline_class_name, unsupported_message
 
         if not looks_like_path(self.pretrained_model):
             return
@@ -236,6 +236,9 @@ class TrainConfig:
         if FAMILIES[name] is FluxFamily and self.drop_t5:
             raise ConfigError("drop_t5 does not apply to FLUX: its text sequence is T5's (text_encoder_2). Save memory "
                               "with free_text_encoders (prompts encoded once, then the encoders freed) or t5_8bit")
+        if FAMILIES[name] is SanaFamily and (self.drop_t5 or self.t5_8bit):
+            raise ConfigError("drop_t5 and t5_8bit do not apply to SANA: it has no T5 (its text encoder is Gemma-2). "
+                              "Save memory with free_text_encoders (prompts encoded once, then the encoder freed)")
 
     def _check_batch_sizes(self) -> None:
         if self.method == "dpo" and self.train_batch_size % 2:

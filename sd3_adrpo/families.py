@@ -1,6 +1,6 @@
 """Model families: what the loop, the rollout, the update and the exports need to know about one kind of diffusers
-flow-matching pipeline, and nothing else. SD3/SD3.5 (``StableDiffusion3Pipeline``) and FLUX.1
-(``FluxPipeline``) implement it; the family is chosen from the pipeline folder's ``model_index.json``
+flow-matching pipeline, and nothing else. SD3/SD3.5 (``StableDiffusion3Pipeline``), FLUX.1 (``FluxPipeline``) and
+SANA (``SanaPipeline``) implement it; the family is chosen from the pipeline folder's ``model_index.json``
 ``_class_name`` (``family_for_source``), or from a loaded pipeline or transformer.
 
 A family answers, for its pipeline:
@@ -9,7 +9,9 @@ A family answers, for its pipeline:
 - ``forward`` / ``velocity``: v(x_t, sigma, c) on latents in the VAE's (C, h, w) layout (a family that packs its
   latents, as FLUX does, packs and unpacks inside, so rollouts, noise and losses keep one shape);
 - ``latent_shape``, ``schedule``: the sampler's latent shape and its scheduler's (timesteps, sigmas) as the stock
-  pipeline sets them; ``true_cfg``: whether guidance_scale means two-pass classifier-free guidance;
+  pipeline sets them; ``euler``: whether the sampler's Euler step is the scheduler's (else it steps a fresh copy
+  of the pipeline's scheduler, ``scheduler``); ``to_vae``: latents to the VAE's space; ``true_cfg``: whether
+  guidance_scale means two-pass classifier-free guidance;
 - ``pipeline_class``: whose ``save_lora_weights`` / ``load_lora_weights`` the exported LoRA is for.
 The reference is the same transformer with its adapter off (``models.reference_mode``) for every family.
 """
@@ -34,6 +36,7 @@ class ModelFamily:
     transformer_class = "SD3Transformer2DModel"
     text_encoders: tuple[str, ...] = ("text_encoder", "text_encoder_2", "text_encoder_3")
     true_cfg = True  # guidance_scale > 1: v_u + w (v_c - v_u) from the empty prompt's branch
+    euler = True  # the sampler's own Euler step on ``schedule``'s sigmas; else a fresh copy of the pipeline's scheduler
 
     def pipeline_type(self):
         import diffusers
@@ -89,6 +92,16 @@ class ModelFamily:
                                            c.get("max_shift", 1.16))
         sched.set_timesteps(steps, device=device, **kwargs)
         return sched.timesteps, sched.sigmas.to(device)
+
+    def scheduler(self, pipe, steps: int, device):
+        """A fresh copy of the pipeline's scheduler set for ``steps`` (for a family whose sampler steps with it)."""
+        sched = copy.deepcopy(pipe.scheduler)
+        sched.set_timesteps(steps, device=device)
+        return sched
+
+    def to_vae(self, vae, latents):
+        """The transformer's latents in the VAE's space (undo the scaling and shift)."""
+        return latents / vae.config.scaling_factor + vae.config.shift_factor
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -184,6 +197,52 @@ class FluxFamily(ModelFamily):
         return f"FluxFamily(guidance={self.guidance})"
 
 
+class SanaFamily(ModelFamily):
+    """SANA / SANA-1.5: a Gemma-2 sequence with its attention mask (the mask takes the place of a pooled embedding:
+    the rollout's second conditioning tensor), the prompt prefixed with the pipeline's default complex human
+    instruction as ``SanaPipeline.__call__`` does (the empty prompt of CFG without it, as there), the timestep times
+    the transformer's ``timestep_scale``, a DC-AE decoded without a shift factor, and sampling with a fresh copy of the
+    pipeline's own scheduler (DPM-Solver++ with flow prediction for SANA), not an Euler step."""
+
+    name = "sana"
+    pipeline_class = "SanaPipeline"
+    transformer_class = "SanaTransformer2DModel"
+    text_encoders = ("text_encoder",)
+    euler = False
+
+    def load(self, pretrained_model: str, *, dtype=None, revision=None, drop_t5=False, t5_8bit=False):
+        if drop_t5 or t5_8bit:
+            raise ValueError("SANA has no T5 (its text encoder is Gemma-2): drop_t5 and t5_8bit do not apply")
+        return self._freeze(self.pipeline_type().from_pretrained(pretrained_model, dtype=_dtype(dtype),
+                                                                 revision=revision))
+
+    @staticmethod
+    def instruction(pipe) -> list[str]:
+        import inspect
+
+        return inspect.signature(type(pipe).__call__).parameters["complex_human_instruction"].default
+
+    def encode(self, pipe, prompt, device, max_sequence_length):
+        emb, mask, _, _ = pipe.encode_prompt(prompt=[prompt], do_classifier_free_guidance=False, device=device,
+                                             max_sequence_length=max_sequence_length,
+                                             complex_human_instruction=self.instruction(pipe) if prompt else False)
+        return emb, mask
+
+    def forward(self, transformer, x, timestep, embeds, mask):
+        v = transformer(x, encoder_hidden_states=embeds, encoder_attention_mask=mask,
+                        timestep=timestep * transformer.config.timestep_scale, return_dict=False)[0]
+        if transformer.config.out_channels // 2 == transformer.config.in_channels:  # a learned sigma: drop it
+            v = v.chunk(2, dim=1)[0]
+        return v
+
+    def schedule(self, pipe, steps, latent_shape, device):
+        sched = self.scheduler(pipe, steps, device)
+        return sched.timesteps, sched.sigmas.to(device)
+
+    def to_vae(self, vae, latents):
+        return latents / vae.config.scaling_factor
+
+
 def _dtype(dtype):
     import torch
 
@@ -198,7 +257,8 @@ def _t5_8bit(pretrained_model: str, subfolder: str, revision):
                                           quantization_config=BitsAndBytesConfig(load_in_8bit=True))
 
 
-FAMILIES: dict[str, type[ModelFamily]] = {"StableDiffusion3Pipeline": SD3Family, "FluxPipeline": FluxFamily}
+FAMILIES: dict[str, type[ModelFamily]] = {"StableDiffusion3Pipeline": SD3Family, "FluxPipeline": FluxFamily,
+                                           "SanaPipeline": SanaFamily}
 SD3 = SD3Family()
 
 

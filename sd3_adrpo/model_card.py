@@ -122,7 +122,8 @@ def usage_snippet(cfg: TrainConfig, lora: str, prompt: str) -> str:
         load_args.append(f"torch_dtype={dtype}")
     call = [repr(prompt), f"num_inference_steps={cfg.num_inference_steps}", f"guidance_scale={cfg.guidance_scale:g}",
             f"height={cfg.resolution}", f"width={cfg.resolution}"]
-    if _no_t5(cfg) or cfg.max_sequence_length is not None:
+    if _no_t5(cfg) or cfg.max_sequence_length is not None or _pipeline_class(cfg) != "StableDiffusion3Pipeline":
+        # FLUX's and SANA's pipelines default to other lengths (512, 300) than the run's 256
         call.append(f"max_sequence_length={cfg.t5_length}")
     device = "cpu" if cfg.cpu else "cuda"
     call.append(f"generator=torch.Generator({device!r}).manual_seed(0)")
@@ -173,7 +174,7 @@ def model_card(cfg: TrainConfig, lora: str, summary: Optional[dict] = None, titl
     data = ModelCardData(base_model=base if hub_base else None, library_name="diffusers", license=license_id,
                          license_name=license_name, license_link=license_link, pipeline_tag="text-to-image",
                          tags=["text-to-image", "diffusers", "lora",
-                               "flux" if _pipeline_class(cfg) == "FluxPipeline" else "sd3", "reinforcement-learning",
+                               {"FluxPipeline": "flux", "SanaPipeline": "sana"}.get(_pipeline_class(cfg), "sd3"), "reinforcement-learning",
                                cfg.method,
                                "sd3-adrpo"])
     clip = cfg.clip_range

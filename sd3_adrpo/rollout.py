@@ -1,8 +1,9 @@
 """Rollouts from the current policy: cached prompt embeddings, an Euler ODE sampler with CFG, VAE decoding.
 
-One sampler for every model family (``sd3_adrpo.families``: SD3/SD3.5, FLUX.1): the family supplies the prompt
-encoding, the velocity, the latent shape and the scheduler's sigmas. It runs the same arithmetic as the family's
-stock pipeline (``StableDiffusion3Pipeline.__call__``, ``FluxPipeline.__call__``; tests check latents match) but encodes each
+One sampler for every model family (``sd3_adrpo.families``: SD3/SD3.5, FLUX.1, SANA): the family supplies the
+prompt encoding, the velocity, the latent shape and the scheduler's sigmas (or, for SANA, its scheduler's steps). It
+runs the same arithmetic as the family's stock pipeline (``StableDiffusion3Pipeline.__call__``,
+``FluxPipeline.__call__``, ``SanaPipeline.__call__``; tests check latents match) but encodes each
 prompt once and reuses it across samples and iterations, and keeps the clean latents x1 that the update trains on
 next to the uint8 images that the reward scores: the same samples, never regenerated.
 """
@@ -116,6 +117,7 @@ class SD3Sampler:
         out = []
         for s in range(0, noise.shape[0], self.batch_size):
             x = noise[s : s + self.batch_size].to(self.device, torch.float32)  # the state stays fp32
+            sched = None if self.family.euler else self.family.scheduler(self.pipe, self.steps, self.device)
             e, p = prompt_embeds[s : s + self.batch_size], pooled[s : s + self.batch_size]
             if self.do_cfg:
                 e = torch.cat([neg_e.expand_as(e), e])
@@ -126,8 +128,10 @@ class SD3Sampler:
                 if self.do_cfg:
                     v_uncond, v_text = v.chunk(2)
                     v = v_uncond + self.guidance_scale * (v_text - v_uncond)
-                # Euler step in fp32, as FlowMatchEulerDiscreteScheduler.step does
-                x = x + (sigmas[i + 1] - sigmas[i]) * v.float()
+                if sched is None:  # Euler step in fp32, as FlowMatchEulerDiscreteScheduler.step does
+                    x = x + (sigmas[i + 1] - sigmas[i]) * v.float()
+                else:  # the pipeline's own (e.g. multistep) scheduler, a fresh copy for each batch
+                    x = sched.step(v.float(), t, x, return_dict=False)[0]
             out.append(x)
         return torch.cat(out)
 
@@ -137,7 +141,7 @@ class SD3Sampler:
         vae = self.pipe.vae
         images = []
         for s in range(0, latents.shape[0], self.vae_batch_size):
-            z = latents[s : s + self.vae_batch_size] / vae.config.scaling_factor + vae.config.shift_factor
+            z = self.family.to_vae(vae, latents[s : s + self.vae_batch_size])
             x = vae.decode(z.to(vae.dtype), return_dict=False)[0]
             x = ((x.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
             images.append(x.permute(0, 2, 3, 1).cpu())

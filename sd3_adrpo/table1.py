@@ -1,8 +1,9 @@
 """Table 1 end to end: generate images for each method (saved with a manifest, never regenerated), score them with
 every metric whose weights are given, and write per-image JSONL, per-run JSON and the table (Markdown, CSV, LaTeX).
 
-Rows: the base SD3 pipeline, the base + each LoRA run, and other text-to-image pipelines (any diffusers folder or
-hub id, e.g. FLUX.1-dev or SANA) as extra rows. Command line: ``python eval/table1.py --help``.
+Rows: the base pipeline (SD3/SD3.5, FLUX.1 or SANA: a trainable family, ``sd3_adrpo.families``), the base + each
+LoRA run, and other text-to-image pipelines (any diffusers folder or hub id) as extra rows. Command line:
+``python eval/table1.py --help``.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def _image_path(root: Path, label: str, seed: int, p: int, j: int) -> Path:
 
 def generate(out: Path, label: str, settings: Settings, *, pipe=None, drop_t5: bool = False, dtype=torch.float32,
              device="cpu", max_sequence_length: int = 256, batch_size: int = 16) -> dict:
-    """Generate (or reuse) the images of one row; returns its manifest. ``pipe`` is the loaded base SD3 pipeline for
+    """Generate (or reuse) the images of one row; returns its manifest. ``pipe`` is the loaded base pipeline for
     the base and LoRA rows, None for another pipeline (loaded here from ``settings.source``)."""
     manifest_path = out / "images" / label / "manifest.json"
     if manifest_path.is_file():
@@ -61,7 +62,7 @@ def generate(out: Path, label: str, settings: Settings, *, pipe=None, drop_t5: b
                 (out / f["file"]).is_file() for f in manifest["files"]):
             return manifest
     files = []
-    if pipe is not None:  # the base SD3 pipeline, with or without a LoRA: our sampler (same output as the stock call)
+    if pipe is not None:  # the base pipeline, with or without a LoRA: our sampler (same output as the stock call)
         if settings.lora:
             pipe.load_lora_weights(settings.lora, adapter_name=label)
         sampler = SD3Sampler(pipe.to(device), device, num_inference_steps=settings.steps,
@@ -283,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      "eval_prompts), sampler settings, drop_t5, T5 length, evaluation CLIP and judges "
                                      "become the defaults of --base, --prompts, --steps, ..., --clip, --judge (flags "
                                      "still win); default: the config.yaml the first --run was trained with")
-    ap.add_argument("--base", help="SD3 pipeline (hub id or folder): the 'Base' row and the LoRAs' base")
+    ap.add_argument("--base", help="SD3/SD3.5, FLUX.1 or SANA pipeline (hub id or folder): the 'Base' row and the "
+                                   "LoRAs' base, sampled by the trainer's sampler")
     ap.add_argument("--base_label", default="Base")
     ap.add_argument("--skip_base", action="store_true", help="no row for the base pipeline itself")
     ap.add_argument("--run", action="append", default=[], metavar="LABEL=RUN",

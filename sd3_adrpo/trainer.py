@@ -207,7 +207,9 @@ def _subset(path: Optional[str], n: int, seed: int) -> list[str]:
 
 
 def _warn_long_prompts(pipe, prompts: list[str]) -> None:
-    limit = pipe.tokenizer_max_length
+    limit = getattr(pipe, "tokenizer_max_length", None)  # the CLIP context (SD3, FLUX); SANA's Gemma has none
+    if limit is None:
+        return
     long = [p for p in prompts if len(pipe.tokenizer(p).input_ids) > limit]
     if long:
         print(f"warning: {len(long)} of {len(prompts)} prompts exceed the CLIP context of {limit} tokens and will be "

@@ -156,3 +156,28 @@ def test_bad_flux_settings_and_unsupported_pipelines_exit_2_before_loading(tiny_
     assert train_sd3_adrpo.main([*args, "--output_dir", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
     assert "KandinskyV22Pipeline" in err and "FluxPipeline" in err and not (tmp_path / "b" / "config.yaml").exists()
+
+
+def test_table1_takes_a_flux_base_and_its_lora(tiny_flux, tiny_models, tmp_path):
+    """eval/table1.py with a FLUX base: the base and LoRA rows come from our sampler (FLUX's family), W2 is measured
+    on the LoRA's samples and is 0 on the base's, and the LoRA changes the images."""
+    from sd3_adrpo import table1
+    from sd3_adrpo.models import add_lora, load_pipeline, save_lora
+
+    pipe = load_pipeline(str(tiny_flux["dev"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in add_lora(pipe.transformer, rank=4):
+            p.add_(torch.randn_like(p) * 0.3)
+    save_lora(pipe.transformer, tmp_path / "lora")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    out = tmp_path / "eval"
+    table = table1.main(["--base", str(tiny_flux["dev"]), "--run", f"LoRA={tmp_path / 'lora'}", "--prompts",
+                         str(prompts), "--seeds", "0", "--images_per_prompt", "2", "--steps", "2",
+                         "--guidance_scale", "3.5", "--resolution", "64", "--max_sequence_length", "8",
+                         "--clip", str(tiny_models["clip"]), "--out", str(out)])
+    assert list(table.rows) == ["Base", "LoRA"]
+    runs = {label: json.loads((out / "runs" / f"{label}.json").read_text())["metrics"] for label in table.rows}
+    assert runs["Base"]["w2_divergence"]["mean"] == 0 and runs["LoRA"]["w2_divergence"]["mean"] > 0
+    assert runs["Base"]["clip_score"]["mean"] != runs["LoRA"]["clip_score"]["mean"]

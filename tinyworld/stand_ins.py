@@ -141,6 +141,50 @@ def build_tiny_flux(out: str | os.PathLike, seed: int = 0, guidance_embeds: bool
     return out
 
 
+def gemma_tokenizer() -> "GemmaTokenizer":
+    """A character-level Gemma tokenizer (``transformers.GemmaTokenizer``: Gemma's specials, then one token per
+    letter, digit, punctuation mark and the word-start marker, no merges), built offline, saved and loaded as the
+    real one is. Characters outside it are <unk>."""
+    from transformers import GemmaTokenizer
+
+    chars = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,:;!?'\"()-_/\n\u2581"
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", *dict.fromkeys(chars)]
+    return GemmaTokenizer(vocab={t: i for i, t in enumerate(tokens)}, merges=[])
+
+
+def build_tiny_sana(out: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a complete, random, tiny ``SanaPipeline`` folder and return its path: ``SanaTransformer2DModel`` (2
+    blocks of linear self-attention and cross-attention), a ``Gemma2Model`` text encoder with a character-level
+    Gemma tokenizer, an 8-channel ``AutoencoderDC`` (4x down; SANA's is 32x) and SANA's scheduler,
+    ``DPMSolverMultistepScheduler`` with flow prediction and flow sigmas (shift 3).
+
+    64 px images -> 8x16x16 latents -> 256 tokens of patch 1."""
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    torch.manual_seed(seed)
+    tokenizer = gemma_tokenizer()
+    text_encoder = Gemma2Model(Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=16, sliding_window=64, max_position_embeddings=4096))
+    blocks = ("ResBlock", "ResBlock", "EfficientViTBlock")
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=8, attention_head_dim=8, encoder_block_types=blocks, decoder_block_types=blocks,
+        encoder_block_out_channels=(8, 16, 16), decoder_block_out_channels=(8, 16, 16), encoder_layers_per_block=(1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1), encoder_qkv_multiscales=((), (), (5,)), decoder_qkv_multiscales=((), (), (5,)),
+        scaling_factor=0.41)
+    transformer = SanaTransformer2DModel(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+        num_cross_attention_heads=2, cross_attention_head_dim=16, cross_attention_dim=32, caption_channels=32,
+        sample_size=16, patch_size=1)
+    scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                        scheduler=scheduler)
+    out = Path(out)
+    pipe.save_pretrained(out)
+    return out
+
+
 def build_tiny_clip(out: str | os.PathLike, seed: int = 0, image_size: int = 64) -> Path:
     """Write a random tiny ``CLIPModel`` + ``CLIPProcessor`` folder, loadable like openai/clip-vit-large-patch14."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
