@@ -296,17 +296,21 @@ def family_for_source(pretrained_model: str, revision: Optional[str] = None) -> 
 def family_for_pipeline(pipe, guidance_scale: float = 1.0) -> ModelFamily:
     """The family of a loaded pipeline; FLUX.1-dev's takes ``guidance_scale`` as its distilled guidance input."""
     name = type(pipe).__name__
-    if name not in FAMILIES:
-        raise ValueError(unsupported_message(name, "the pipeline"))
+    if name not in FAMILIES:  # a pipeline-like object (e.g. a benchmark's namespace): its transformer decides
+        family = family_for_transformer(pipe.transformer, default=None)
+        if family is None:
+            raise ValueError(unsupported_message(name, "the pipeline"))
+        name = family.pipeline_class
     if FAMILIES[name] is FluxFamily:
         return FluxFamily(guidance_scale if pipe.transformer.config.get("guidance_embeds", False) else None)
     return FAMILIES[name]()
 
 
-def family_for_transformer(transformer) -> ModelFamily:
-    """The family whose pipeline holds this transformer class (what a LoRA export is saved for)."""
+def family_for_transformer(transformer, default: Optional[ModelFamily] = SD3) -> Optional[ModelFamily]:
+    """The family whose pipeline holds this transformer class (what a LoRA export is saved for); ``default`` for
+    another class."""
     name = type(transformer).__name__
     for family in FAMILIES.values():
         if family.transformer_class == name:
             return family()
-    return SD3Family()
+    return default
