@@ -1,4 +1,4 @@
-"""A tiny, randomly initialised SD3 pipeline and CLIP model, built offline in seconds.
+"""A tiny, randomly initialised SD3 pipeline and CLIP model (and FLUX.1 and SANA pipelines), built offline in seconds.
 
 They use exactly the classes of the real models (``StableDiffusion3Pipeline`` with ``SD3Transformer2DModel``,
 a 16-channel ``AutoencoderKL``, two ``CLIPTextModelWithProjection`` encoders, ``CLIPModel`` for the reward), so
@@ -6,7 +6,7 @@ the loading, LoRA, rollout, reward and checkpoint code paths are the ones that r
 random: images are noise-like and the CLIP reward is a fixed random function of (image, text). They stand in
 until the trained tiny world ships (it replaces them as the quick-start default).
 
-    python -m tinyworld.stand_ins --out assets/tiny-random [--sd35]
+    python -m tinyworld.stand_ins --out assets/tiny-random [--sd35] [--flux] [--sana]
 """
 
 from __future__ import annotations
@@ -209,12 +209,19 @@ def build_tiny_clip(out: str | os.PathLike, seed: int = 0, image_size: int = 64)
     return out
 
 
-def build_all(out: str | os.PathLike, seed: int = 0, sd35: bool = False) -> dict[str, Path]:
-    """Build both tiny models under ``out`` (``sd3/`` and ``clip/``; with ``sd35`` also ``sd3.5/``)."""
+def build_all(out: str | os.PathLike, seed: int = 0, sd35: bool = False, flux: bool = False,
+              sana: bool = False) -> dict[str, Path]:
+    """Build both tiny models under ``out`` (``sd3/`` and ``clip/``; with ``sd35`` also ``sd3.5/``, with ``flux``
+    ``flux.1-dev/`` and ``flux.1-schnell/``, with ``sana`` ``sana/``)."""
     out = Path(out)
     built = {"sd3": build_tiny_sd3(out / "sd3", seed), "clip": build_tiny_clip(out / "clip", seed)}
     if sd35:
         built["sd3.5"] = build_tiny_sd35(out / "sd3.5", seed)
+    if flux:
+        built["flux.1-dev"] = build_tiny_flux(out / "flux.1-dev", seed)
+        built["flux.1-schnell"] = build_tiny_flux(out / "flux.1-schnell", seed, guidance_embeds=False)
+    if sana:
+        built["sana"] = build_tiny_sana(out / "sana", seed)
     return built
 
 
@@ -223,8 +230,10 @@ def main() -> None:
     parser.add_argument("--out", default="assets/tiny-random", help="folder to write sd3/ and clip/ into")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sd35", action="store_true", help="also write sd3.5/, a tiny random SD3.5-like pipeline")
+    parser.add_argument("--flux", action="store_true", help="also write flux.1-dev/ and flux.1-schnell/ (FluxPipeline)")
+    parser.add_argument("--sana", action="store_true", help="also write sana/ (SanaPipeline)")
     args = parser.parse_args()
-    for name, path in build_all(args.out, args.seed, args.sd35).items():
+    for name, path in build_all(args.out, args.seed, args.sd35, args.flux, args.sana).items():
         print(f"wrote tiny random {name} to {path}")
 
 
