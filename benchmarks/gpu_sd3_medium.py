@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""GPU benchmark on the full-size SD3-medium and SD3.5-medium architectures with random weights (no download needed).
+"""GPU benchmark on the full-size SD3-medium, SD3.5-medium and FLUX.1-dev architectures with random weights (no
+download needed).
 
 Builds the public SD3-medium configuration (MMDiT: 24 blocks, width 1536, 16 latent channels, patch 2; the 16-channel
 VAE; CLIP-L, CLIP-G and T5-XXL text encoders) in bf16, then SD3.5-medium's transformer (the same, plus RMS q/k norm
@@ -13,9 +14,12 @@ and a second, image-only attention in blocks 0-12), and measures, with the proje
   configs/sd35_medium.yaml and it with the 24 GB profile's memory knobs): a rollout and a training step with the
   profile's batch sizes, gradient checkpointing and optimizer, plus the text encoders' weights where the profile
   keeps them resident (the start-up peak of encoding every prompt is reported apart);
-- MFU: FLOPs counted by torch.utils.flop_counter on one transformer forward, against the card's dense bf16 peak.
+- MFU: FLOPs counted by torch.utils.flop_counter on one transformer forward, against the card's dense bf16 peak;
+- FLUX.1-dev (19 double- and 38 single-stream blocks, width 3072, the guidance embedding; the same 16-channel VAE):
+  rollouts at 10 steps (one pass a step: its guidance is an input) and an ADRPO step with configs/flux1_dev.yaml
+  (gradient checkpointing, prompts pre-encoded), through the same sampler and loss via its model family.
 
-    python benchmarks/gpu_sd3_medium.py --out benchmarks/out/gpu_sd3_medium.json        # one H100: ~5-8 min
+    python benchmarks/gpu_sd3_medium.py --out benchmarks/out/gpu_sd3_medium.json        # one H100: ~5-8 min + FLUX
     python benchmarks/gpu_sd3_medium.py --tiny                                          # CPU smoke test (CI)
 """
 
@@ -38,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sd3_adrpo.config import parse_args  # noqa: E402
+from sd3_adrpo.families import family_for_pipeline  # noqa: E402
 from sd3_adrpo.models import add_lora  # noqa: E402
 from sd3_adrpo.rollout import SD3Sampler  # noqa: E402
 from sd3_adrpo.update import fm_batch_loss, loss_noise  # noqa: E402
@@ -53,25 +58,56 @@ TINY = dict(layers=2, heads=2, head_dim=16, joint_dim=64, pooled=64, vae=(8, 16,
 ARCHS = {"SD3-medium": lambda shapes: dict(pos_embed_max_size=192),
          "SD3.5-medium": lambda shapes: dict(pos_embed_max_size=384, qk_norm="rms_norm",
                                              dual_attention_layers=tuple(range(shapes["dual"])))}
+# Public FLUX.1-dev shapes (FluxTransformer2DModel); context: T5 tokens only (CLIP-L gives the pooled vector)
+FLUX_FULL = dict(double=19, single=38, heads=24, head_dim=128, rope=(16, 56, 56), joint_dim=4096, pooled=768,
+                 vae=(128, 256, 512, 512), vae_layers=2, ctx=256)
+FLUX_TINY = dict(double=1, single=1, heads=2, head_dim=16, rope=(4, 6, 6), joint_dim=64, pooled=64,
+                 vae=(8, 16, 16, 16), vae_layers=1, ctx=8)
 DENSE_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40S": 362.0, "4090": 165.0}
 
 
-def build(shapes: dict, device, dtype, arch: str = "SD3-medium"):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+def _vae(shapes: dict, dtype, shift_factor: float, scaling_factor: float):
+    from diffusers import AutoencoderKL
 
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=shapes["vae"],
+        layers_per_block=shapes["vae_layers"], down_block_types=("DownEncoderBlock2D",) * len(shapes["vae"]),
+        up_block_types=("UpDecoderBlock2D",) * len(shapes["vae"]), norm_num_groups=min(32, shapes["vae"][0]),
+        use_quant_conv=False, use_post_quant_conv=False, shift_factor=shift_factor,
+        scaling_factor=scaling_factor).to(dtype).requires_grad_(False).eval()
+
+
+def build_flux(shapes: dict, device, dtype):
+    """FLUX.1-dev's transformer, VAE and dynamically shifted scheduler as a pipeline-like namespace (its family, FLUX,
+    comes from the transformer's class)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    with torch.device(device):
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=64, num_layers=shapes["double"], num_single_layers=shapes["single"],
+            attention_head_dim=shapes["head_dim"], num_attention_heads=shapes["heads"],
+            joint_attention_dim=shapes["joint_dim"], pooled_projection_dim=shapes["pooled"], guidance_embeds=True,
+            axes_dims_rope=shapes["rope"]).to(dtype)
+        vae = _vae(shapes, dtype, 0.1159, 0.3611)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return SimpleNamespace(transformer=transformer.requires_grad_(False).eval(), vae=vae, scheduler=scheduler,
+                           vae_scale_factor=2 ** (len(shapes["vae"]) - 1))
+
+
+def build(shapes: dict, device, dtype, arch: str = "SD3-medium"):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    if arch == "FLUX.1-dev":
+        return build_flux(shapes, device, dtype)
     with torch.device(device):
         transformer = SD3Transformer2DModel(
             sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=shapes["layers"],
             attention_head_dim=shapes["head_dim"], num_attention_heads=shapes["heads"],
             joint_attention_dim=shapes["joint_dim"], caption_projection_dim=shapes["heads"] * shapes["head_dim"],
             pooled_projection_dim=shapes["pooled"], **ARCHS[arch](shapes)).to(dtype)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=16, block_out_channels=shapes["vae"],
-            layers_per_block=shapes["vae_layers"], down_block_types=("DownEncoderBlock2D",) * len(shapes["vae"]),
-            up_block_types=("UpDecoderBlock2D",) * len(shapes["vae"]), norm_num_groups=min(32, shapes["vae"][0]),
-            use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305).to(dtype)
+        vae = _vae(shapes, dtype, 0.0609, 1.5305)
     transformer.requires_grad_(False).eval()
-    vae.requires_grad_(False).eval()
     pipe = SimpleNamespace(transformer=transformer, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                            vae_scale_factor=2 ** (len(shapes["vae"]) - 1))
     return pipe
@@ -108,7 +144,8 @@ def timed(fn, device, repeats=2):
 
 
 def embeds(shapes, n, device, dtype, g):
-    ctx = torch.randn(n, 2 * shapes["clip_len"] + shapes["t5_len"], shapes["joint_dim"], generator=g).to(device, dtype)
+    length = shapes.get("ctx") or 2 * shapes["clip_len"] + shapes["t5_len"]  # FLUX: T5 only; SD3: CLIP-L, -G, T5
+    ctx = torch.randn(n, length, shapes["joint_dim"], generator=g).to(device, dtype)
     return ctx, torch.randn(n, shapes["pooled"], generator=g).to(device, dtype)
 
 
@@ -123,15 +160,15 @@ def rollout_speed(pipe, shapes, device, dtype, resolution, steps, cfg_scale, bat
     return batch / seconds
 
 
-def flops_per_forward(transformer, shapes, device, dtype, resolution) -> float:
+def flops_per_forward(pipe, shapes, device, dtype, resolution) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     g = torch.Generator().manual_seed(0)
     emb, pooled = embeds(shapes, 1, device, dtype, g)
     x = torch.randn(1, 16, resolution // 8, resolution // 8, generator=g).to(device, dtype)
+    family = family_for_pipeline(pipe, 3.5)  # FLUX.1-dev: its guidance input; SD3: no effect
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        transformer(hidden_states=x, timestep=torch.tensor([500.0], device=device), encoder_hidden_states=emb,
-                    pooled_projections=pooled, return_dict=False)
+        family.forward(pipe.transformer, x, torch.tensor([500.0], device=device), emb, pooled)
     return float(counter.get_total_flops())
 
 
@@ -155,11 +192,12 @@ def train_step_speed(pipe, shapes, device, dtype, resolution, batch, profile, gu
     adv = torch.randn(batch, generator=g).clamp(-1, 1).to(device)
     noise, sigmas = loss_noise(cfg, tuple(x1.shape[1:]), (0,), range(batch))
     guidance = ((emb[0], pooled[0]), profile.guidance_scale) if guided else None  # a stand-in empty prompt
+    family = family_for_pipeline(pipe, profile.guidance_scale)
 
     def step():
         transformer.train()
         loss, _ = fm_batch_loss(transformer, transformer, x1, noise.to(device), sigmas.to(device), emb, pooled,
-                                adv, cfg.beta0 - adv, guidance)  # ADRPO's coefficients
+                                adv, cfg.beta0 - adv, guidance, family)  # ADRPO's coefficients
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -189,6 +227,7 @@ def measure(arch: str, profiles: dict, shapes: dict, device, dtype, res, steps, 
     info = result.setdefault("models", {}).setdefault(arch, {})
     info["transformer_params"] = sum(p.numel() for p in pipe.transformer.parameters())
     full_grid = arch == "SD3-medium"
+    true_cfg = family_for_pipeline(pipe).true_cfg  # FLUX.1-dev: one pass a step, its guidance an input
 
     # rollout throughput, eager then compiled
     for compiled in ((False,) if args.no_compile or args.tiny or not full_grid else (False, True)):
@@ -196,15 +235,16 @@ def measure(arch: str, profiles: dict, shapes: dict, device, dtype, res, steps, 
             pipe.transformer = torch.compile(pipe.transformer)
         for r in res[:1] if compiled else res:  # compiled: 512 px, 10 steps only (each new shape recompiles)
             for s in steps[:1] if compiled or not full_grid else steps:
-                for cfg_scale in (4.5, 1.0):
+                for cfg_scale in (4.5, 1.0) if true_cfg else (3.5,):
                     batch = 8 if r == res[0] else 4
                     ips = rollout_speed(pipe, shapes, device, dtype, r, s, cfg_scale, batch)
-                    rows.append({"model": arch, "what": "rollout", "resolution": r, "steps": s, "cfg": cfg_scale > 1,
+                    rows.append({"model": arch, "what": "rollout", "resolution": r, "steps": s,
+                                 "cfg": cfg_scale > 1 and true_cfg,
                                  "compile": compiled, "batch": batch, "images_per_s": ips})
         if compiled:
             pipe.transformer = pipe.transformer._orig_mod
             torch._dynamo.reset()  # compiled graphs hold the weights: free them with the model
-    flops = {r: flops_per_forward(pipe.transformer, shapes, device, dtype, r) for r in res}
+    flops = {r: flops_per_forward(pipe, shapes, device, dtype, r) for r in res}
     info["tflop_per_forward"] = {r: f / 1e12 for r, f in flops.items()}
     for row in rows:
         forwards = row["steps"] * (2 if row["cfg"] else 1)
@@ -220,7 +260,7 @@ def measure(arch: str, profiles: dict, shapes: dict, device, dtype, res, steps, 
         # the profile's rollout (its batch sizes, CFG) and then its training step, under one peak-memory window
         rollout_speed(pipe, shapes, device, dtype, r, steps[0], profile.guidance_scale, profile.rollout_batch_size,
                       profile.vae_batch_size)
-        for guided in (False, True):
+        for guided in (False, True) if true_cfg else (False,):  # FLUX: guided is the conditional field
             sps, peak = train_step_speed(pipe, shapes, device, dtype, r, profile.train_batch_size, profile, guided)
             if not profile.free_text_encoders:  # this profile keeps CLIP-L, CLIP-G and T5 resident all run long
                 peak += result["text_encoders_gib"]
@@ -255,7 +295,8 @@ def main() -> None:
                                for p in ("80gb", "24gb")},
                 "SD3.5-medium": {"80gb": parse_args(["--config", str(ROOT / "configs/sd35_medium.yaml")]),
                                  "24gb": parse_args(["--config", str(ROOT / "configs/sd35_medium.yaml"),
-                                                     *memory_knobs(ROOT / "configs/sd3_medium_24gb.yaml")])}}
+                                                     *memory_knobs(ROOT / "configs/sd3_medium_24gb.yaml")])},
+                "FLUX.1-dev": {"80gb": parse_args(["--config", str(ROOT / "configs/flux1_dev.yaml")])}}
     rows, result = [], {"device": name, "dense_bf16_tflops": peak_tflops, "tiny": args.tiny, "torch": torch.__version__,
                         "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                                  text=True, cwd=ROOT).stdout.strip()}
@@ -275,12 +316,14 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     for arch, arch_profiles in profiles.items():
-        rows += measure(arch, arch_profiles, shapes, device, dtype, res, steps, peak_tflops, result, args)
+        arch_shapes = shapes if arch != "FLUX.1-dev" else (FLUX_TINY if args.tiny else FLUX_FULL)
+        rows += measure(arch, arch_profiles, arch_shapes, device, dtype, res, steps, peak_tflops, result, args)
         if device.type == "cuda":
             torch.cuda.empty_cache()  # the next architecture's peaks start from its own weights only
     result["rows"], result["seconds"] = rows, time.perf_counter() - t0
 
-    print(f"SD3-medium and SD3.5-medium architectures{' (TINY shapes)' if args.tiny else ''}, random weights, {dtype}, "
+    print(f"SD3-medium, SD3.5-medium and FLUX.1-dev architectures{' (TINY shapes)' if args.tiny else ''}, random "
+          f"weights, {dtype}, "
           f"{name}, commit {result['commit']}")
     print(f"text encoders {result['text_encoders_gib']:.1f} GiB (encoding peak {result['encode_peak_gib']:.1f} GiB)")
     for arch, info in result["models"].items():

@@ -1,4 +1,4 @@
-"""The SD3-medium / SD3.5-medium GPU benchmark's tiny mode (its numbers mean nothing on CPU; the script must keep
+"""The SD3-medium / SD3.5-medium / FLUX.1-dev GPU benchmark's tiny mode (its numbers mean nothing on CPU; the script must keep
 working, through every row it produces on a GPU but the torch.compile ones)."""
 
 import json
@@ -16,7 +16,7 @@ def test_gpu_benchmark_tiny_mode(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     data = json.loads(out.read_text())
-    assert "SD3-medium and SD3.5-medium architectures (TINY shapes)" in result.stdout
+    assert "SD3-medium, SD3.5-medium and FLUX.1-dev architectures (TINY shapes)" in result.stdout
     rollouts = {m: [r for r in data["rows"] if r["what"] == "rollout" and r["model"] == m]
                 for m in ("SD3-medium", "SD3.5-medium")}
     assert {(r["resolution"], r["steps"], r["cfg"]) for r in rollouts["SD3-medium"]} == {
@@ -25,6 +25,8 @@ def test_gpu_benchmark_tiny_mode(tmp_path):
         (res, 2, c) for res in (64, 128) for c in (True, False)}
     assert all(r["images_per_s"] > 0 for rows in rollouts.values() for r in rows)
     models = data["models"]
+    flux = {m: v for m, v in models.items() if m == "FLUX.1-dev"}
+    models = {m: v for m, v in models.items() if m != "FLUX.1-dev"}
     # SD3.5's extra attention (and q/k norms) make it the larger model, at more FLOPs per forward
     assert models["SD3.5-medium"]["transformer_params"] > models["SD3-medium"]["transformer_params"]
     for m in models.values():
@@ -39,3 +41,12 @@ def test_gpu_benchmark_tiny_mode(tmp_path):
         assert not big["gradient_checkpointing"] and big["optimizer"] == "adamw"
         assert big["batch"] > small["batch"]
         assert all(r["samples_per_s"] > 0 and "peak_gib" in r for r in trains.values())
+
+    # FLUX.1-dev through its model family: one pass a step (no CFG rows), its one 80 GB profile's knobs, no guided row
+    flux_rollouts = [r for r in data["rows"] if r["what"] == "rollout" and r["model"] == "FLUX.1-dev"]
+    assert {(r["resolution"], r["steps"], r["cfg"]) for r in flux_rollouts} == {(64, 2, False), (128, 2, False)}
+    assert all(r["images_per_s"] > 0 for r in flux_rollouts)
+    assert flux["FLUX.1-dev"]["tflop_per_forward"]["128"] > flux["FLUX.1-dev"]["tflop_per_forward"]["64"] > 0
+    trains = [r for r in data["rows"] if r["what"].startswith("train") and r["model"] == "FLUX.1-dev"]
+    assert [r["what"] for r in trains] == ["train step (80gb)"]
+    assert trains[0]["gradient_checkpointing"] and trains[0]["samples_per_s"] > 0
