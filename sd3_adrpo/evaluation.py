@@ -76,14 +76,37 @@ def build_judges(specs: list[str], device: torch.device | str = "cpu") -> dict[s
     return judges
 
 
-def judge_images(judges: dict, images: np.ndarray, prompts: list[str]) -> tuple[dict[str, np.ndarray], Optional[list[str]]]:
-    """Each judge's per-image scores, and the per-image categories of the first judge that sorts prompts into any."""
-    scores = {key: call_scorer(judge, images, prompts) for key, judge in judges.items()}
+def prompt_categories_of(judge, prompts: list[str], rows: Optional[list[dict]] = None) -> Optional[list[str]]:
+    """``judge.categories(prompts)``, with ``metadata=rows`` for a judge whose categories take them (a GenEval-style
+    row's tag)."""
+    import inspect
+
+    if rows is not None and "metadata" in inspect.signature(judge.categories).parameters:
+        return judge.categories(prompts, metadata=rows)
+    return judge.categories(prompts)
+
+
+def judge_images(judges: dict, images: np.ndarray, prompts: list[str],
+                 metadata: Optional[dict] = None) -> tuple[dict[str, np.ndarray], Optional[list[str]]]:
+    """Each judge's per-image scores, and the per-image categories of the first judge that sorts prompts into any.
+    ``metadata``: {prompt: the other fields of its row}, for judges that take them (GenEval-style rows). A judge that
+    is unavailable (its reward server down) scores NaN, with a warning: an evaluation is never what stops a run."""
+    from sd3_adrpo.metrics import ScorerUnavailable
+
+    rows = [metadata.get(p, {}) for p in prompts] if metadata else None
+    scores = {}
+    for key, judge in judges.items():
+        try:
+            scores[key] = call_scorer(judge, images, prompts, rows)
+        except ScorerUnavailable as e:
+            print(f"warning: judge {key!r} is unavailable ({e}); its scores are NaN", flush=True)
+            scores[key] = np.full(len(prompts), np.nan)
     for key, values in scores.items():
         if values.shape != (len(prompts),):
             raise ValueError(f"judge {key!r} returned shape {values.shape} for {len(prompts)} images; a judge must "
                              "return one number per image")
-    category = next((c for c in (j.categories(prompts) for j in judges.values()) if c is not None), None)
+    category = next((c for c in (prompt_categories_of(j, prompts, rows) for j in judges.values()) if c is not None),
+                    None)
     return scores, category
 
 
@@ -147,7 +170,7 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
 def evaluate_policy(sampler: SD3Sampler, clip: "ClipScore", prompts: list[str], images_per_prompt: int,
                     resolution: int, seed: int, with_w2: bool = False, shard: tuple[int, int] = (0, 1),
                     judges: Optional[dict] = None, chunk_prompts: Optional[int] = None,
-                    progress: Optional[str] = None) -> PolicyEval:
+                    progress: Optional[str] = None, metadata: Optional[dict] = None) -> PolicyEval:
     """Sample ``images_per_prompt`` images per prompt from the sampler's current policy (fixed noise) and score them
     with the CLIP and every judge (``build_judges``); ``with_w2`` also measures the W2 divergence to the reference on
     those samples. ``shard=(rank, world)`` evaluates only process ``rank``'s share of the prompts, each with the noise
@@ -156,7 +179,8 @@ def evaluate_policy(sampler: SD3Sampler, clip: "ClipScore", prompts: list[str], 
     Prompts are sampled and scored ``chunk_prompts`` at a time (default: as many as fill one batch of the sampler,
     so the sampler's batches are those of a single call), so the latents and embeddings held at once do not grow
     with the prompt set; only the uint8 images and the scores are kept. ``progress``: a progress bar's title (None:
-    no bar; the caller passes one on the main process only)."""
+    no bar; the caller passes one on the main process only). ``metadata``: {prompt: its row's other fields}, for the
+    judges that take them."""
     k, n_all = images_per_prompt, len(prompts) * images_per_prompt
     start, stop = shard_bounds(len(prompts), *shard)
     noise = torch.randn((len(prompts) * k, *sampler.latent_shape(resolution)),
@@ -175,7 +199,7 @@ def evaluate_policy(sampler: SD3Sampler, clip: "ClipScore", prompts: list[str], 
         img = torch.cat([clip.embed_images(rollout.images[s : s + 64]) for s in range(0, len(rollout.prompts), 64)])
         txt_unique = clip.embed_texts(prompts[c : c + chunk])
         txt = txt_unique[rollout.group_ids.to(txt_unique.device)]
-        judged, category = judge_images(judges or {}, rollout.images.numpy(), rollout.prompts)
+        judged, category = judge_images(judges or {}, rollout.images.numpy(), rollout.prompts, metadata)
         w2 = (w2_divergence(sampler.pipe.transformer, rollout, make_generator(seed, 0, W2_NOISE), (start + c) * k,
                             n_all) if with_w2 else None)
         parts.append(PolicyEval(prompts=rollout.prompts, images=rollout.images.numpy(),

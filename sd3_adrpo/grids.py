@@ -25,15 +25,15 @@ def captioned(images: np.ndarray, prompts: list[str], scores, per_row: int, scor
 
 
 def sample_grid(sampler: "SD3Sampler", reward_fn, prompts: list[str], cfg: TrainConfig, generator: torch.Generator,
-                path: Optional[Path] = None, base: Optional[tuple] = None,
-                title: str = "Base") -> tuple[dict, np.ndarray, tuple]:
+                path: Optional[Path] = None, base: Optional[tuple] = None, title: str = "Base",
+                metadata: Optional[dict] = None) -> tuple[dict, np.ndarray, tuple]:
     """Held-out prompts x ``sample_images_per_prompt`` images from ``generator`` (the same noise every time, so grids
     are comparable over training), each tile captioned with its prompt and reward; with ``base`` (the base's (images,
     prompts, rewards) from the same noise) the base's grid and this one side by side in one image. Written to
     ``path`` (if given); returns the logged stats, the image and this grid's (images, prompts, rewards)."""
     k = cfg.sample_images_per_prompt
     rollout = sampler.sample(prompts, k, cfg.resolution, generator)
-    rewards = held_out_rewards(reward_fn, rollout.images, rollout.prompts, "sample grid")
+    rewards = held_out_rewards(reward_fn, rollout.images, rollout.prompts, "sample grid", metadata)
     this = (rollout.images.numpy(), rollout.prompts, rewards)
     panels = {"Base": captioned(*base, k)} if base else {}
     image = side_by_side({**panels, title: captioned(*this, k)})

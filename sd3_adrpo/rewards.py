@@ -161,11 +161,14 @@ def build_reward(reward: Any = "clip", reward_model: Optional[str] = None, devic
     return WeightedReward(terms, scorers)
 
 
-def held_out_rewards(reward: WeightedReward, images, prompts: list[str], what: str) -> np.ndarray:
+def held_out_rewards(reward: WeightedReward, images, prompts: list[str], what: str,
+                     metadata: Optional[dict] = None) -> np.ndarray:
     """The reward of held-out images (grids, periodic evaluations), NaN with a warning where the reward is unavailable
-    (a reward server down): what is logged then says so, and the training loop's own scoring stops the run."""
+    (a reward server down): what is logged then says so, and the training loop's own scoring stops the run.
+    ``metadata``: {prompt: the other fields of its row in the held-out file}, for scorers that take them."""
     try:
-        return np.asarray(reward(images, prompts), dtype=np.float64)
+        rows = [metadata.get(p, {}) for p in prompts] if metadata else None
+        return np.asarray(reward(images, prompts, rows), dtype=np.float64)
     except ScorerUnavailable as e:
         print(f"warning: no reward for the {what} ({e}); logged as NaN", flush=True)
         return np.full(len(prompts), np.nan)

@@ -139,7 +139,7 @@ def _prepare_output_dir(cfg: TrainConfig) -> Path:
 
 
 def final_evaluation(cfg: TrainConfig, prompts: list[str], sampler: SD3Sampler, base_transformer, clip, judges: dict,
-                     out: Path, accelerator) -> Optional[dict]:
+                     out: Path, accelerator, metadata: Optional[dict] = None) -> Optional[dict]:
     """Base (adapter off) and trained policy on the same held-out prompts and noise; writes summary.json/.md.
     Every process evaluates its share of the prompts; the main process gathers them, writes and returns the summary
     (the others return None)."""
@@ -151,8 +151,10 @@ def final_evaluation(cfg: TrainConfig, prompts: list[str], sampler: SD3Sampler, 
     bar = accelerator.is_local_main_process
     with reference_mode(base_transformer):
         base = evaluate_policy(sampler, clip, prompts, k, cfg.resolution, cfg.seed, shard=shard, judges=judges,
+                               metadata=metadata,
                                progress="final evaluation: base" if bar else None)
     trained = evaluate_policy(sampler, clip, prompts, k, cfg.resolution, cfg.seed, shard=shard, judges=judges,
+                              metadata=metadata,
                               with_w2=True, progress="final evaluation: trained" if bar else None)
     base, trained = (merge_shards(gather_object([ev])) for ev in (base, trained))
     if not accelerator.is_main_process:
@@ -166,14 +168,16 @@ def final_evaluation(cfg: TrainConfig, prompts: list[str], sampler: SD3Sampler, 
     return summary
 
 
-def trajectory_point(cfg: TrainConfig, prompts: list[str], sampler: SD3Sampler, clip, reward_fn, judges: dict) -> dict:
+def trajectory_point(cfg: TrainConfig, prompts: list[str], sampler: SD3Sampler, clip, reward_fn, judges: dict,
+                     metadata: Optional[dict] = None) -> dict:
     """One point of the reward / diversity / divergence trade-off (the paper's Figure 3) on held-out prompts, with the
     judges' scores and the image statistics the monitor's alarms watch (``sd3_adrpo.monitor``)."""
     from sd3_adrpo.evaluation import DIVERSITY_DEFAULT, evaluate_policy
 
     ev = evaluate_policy(sampler, clip, prompts, cfg.eval_images_per_prompt, cfg.resolution, cfg.seed, with_w2=True,
+                         metadata=metadata,
                          judges=judges, progress="eval_every")
-    rewards = held_out_rewards(reward_fn, ev.images, ev.prompts, "periodic evaluation")
+    rewards = held_out_rewards(reward_fn, ev.images, ev.prompts, "periodic evaluation", metadata)
     point = {"reward": float(torch.as_tensor(rewards).float().nanmean()), "clip_score": float(ev.clip_score.mean()),
              "clip_diversity": float(ev.diversity[DIVERSITY_DEFAULT].mean()),
              **{name: float(values.mean()) for name, values in ev.w2.items()}}
@@ -235,8 +239,14 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
-    train_records = load_prompt_records(cfg.train_prompts)
-    train_prompts, metadata = [r["prompt"] for r in train_records], prompt_metadata(train_records, cfg.train_prompts)
+    try:  # a prompt listed twice with different fields: exit 2, before any model loads
+        train_records = load_prompt_records(cfg.train_prompts)
+        train_prompts, metadata = [r["prompt"] for r in train_records], prompt_metadata(train_records, cfg.train_prompts)
+        held_out_metadata = {}  # the held-out files' fields, for scorers that verify images by them (GenEval-style)
+        for path in {cfg.eval_prompts, cfg.final_eval_prompts} - {None}:
+            held_out_metadata.update(prompt_metadata(load_prompt_records(path), path))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     grid_prompts = select_grid_prompts(cfg)
     final_prompts = _subset(cfg.final_eval_prompts, cfg.final_eval_num_prompts, cfg.seed)
     traj_prompts = monitor_prompts(cfg)
@@ -353,18 +363,21 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
         with reference_mode(base_transformer):
             _, image, grid_base = sample_grid(sampler, reward_fn, grid_prompts, cfg,
                                               make_generator(cfg.seed, 0, GRID_NOISE),
-                                              out / "samples" / "iter_000000.png" if start == 0 else None)
+                                              out / "samples" / "iter_000000.png" if start == 0 else None,
+                                              metadata=held_out_metadata)
         if start == 0:
             log_images(accelerator, {"samples": image}, step=0)
     if start == 0 and accelerator.is_main_process:
         if traj_prompts:
-            point, _, _ = monitor.observe(0, trajectory_point(cfg, traj_prompts, sampler, eval_clip, reward_fn, judges))
+            point, _, _ = monitor.observe(0, trajectory_point(cfg, traj_prompts, sampler, eval_clip, reward_fn, judges,
+                                                            held_out_metadata))
             append_jsonl(out / "eval_metrics.jsonl", {"iteration": 0, **point})
     elif traj_prompts and (cfg.alarms or cfg.keep_best) and accelerator.is_main_process:
         # a resumed run's alarms compare with the base evaluated as this run evaluates (the prompt set, images per
         # prompt and judges may have changed on resume): the same seeds give the same numbers when nothing did
         with reference_mode(base_transformer):
-            monitor.base = trajectory_point(cfg, traj_prompts, sampler, eval_clip, reward_fn, judges)
+            monitor.base = trajectory_point(cfg, traj_prompts, sampler, eval_clip, reward_fn, judges,
+                                            held_out_metadata)
     bad_streak, last_good = 0, None
     final_alarm = None  # a stop alarm at the last evaluation: the run ends as usual, then exits 3
     rank, world, n_prompts = accelerator.process_index, accelerator.num_processes, cfg.prompts_per_iteration
@@ -439,11 +452,13 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
                 if grid_prompts and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.num_iterations):
                     stats, pictures["samples"], _ = sample_grid(
                         sampler, reward_fn, grid_prompts, cfg, make_generator(cfg.seed, 0, GRID_NOISE),
-                        out / "samples" / f"iter_{done:06d}.png", grid_base, f"Trained (iteration {done})")
+                        out / "samples" / f"iter_{done:06d}.png", grid_base, f"Trained (iteration {done})",
+                        metadata=held_out_metadata)
                     row.update(stats)
                 if traj_prompts and (done % cfg.eval_every == 0 or done == cfg.num_iterations):
                     point, firings, improved = monitor.observe(
-                        done, trajectory_point(cfg, traj_prompts, sampler, eval_clip, reward_fn, judges))
+                        done, trajectory_point(cfg, traj_prompts, sampler, eval_clip, reward_fn, judges,
+                                               held_out_metadata))
                     append_jsonl(out / "eval_metrics.jsonl", {"iteration": done, **point})
                     row.update({f"eval_{k}": v for k, v in point.items()})
                     for firing in firings:
@@ -523,7 +538,8 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
             tmp.rename(final)
             print(f"done: LoRA saved to {final} (with its model card, README.md)")
         if final_prompts:
-            final_evaluation(cfg, final_prompts, sampler, base_transformer, eval_clip, judges, out, accelerator)
+            final_evaluation(cfg, final_prompts, sampler, base_transformer, eval_clip, judges, out, accelerator,
+                             held_out_metadata)
         if accelerator.is_main_process:
             if traj_prompts:
                 _plot_monitor(out, monitor, judges)

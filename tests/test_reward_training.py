@@ -226,6 +226,30 @@ def test_prompt_metadata_reaches_a_verifiable_reward_in_training(run_args, tmp_p
     assert "judges only prompts of its grammar" in capsys.readouterr().err
 
 
+def test_prompt_metadata_reaches_the_held_out_grids_evaluations_and_judges(run_args, tiny_models, tmp_path):
+    """Held-out prompts in free wording with GenEval-style fields: the sample grids, the periodic evaluation and the
+    final evaluation score them through their fields (the reward and the oracle as a judge), instead of stopping the
+    run at the first grid because the oracle cannot parse the wording."""
+    rows = [{"prompt": "a picture of one crimson disc", "tag": "colour",
+             "include": [{"class": "circle", "color": "red", "count": 1}]},
+            {"prompt": "a pair of blue boxes", "tag": "counting",
+             "include": [{"class": "square", "color": "blue", "count": 2}]}]
+    prompts = tmp_path / "verifiable.jsonl"
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    args = [*run_args, "--output_dir", str(out), "--train_prompts", str(prompts), "--eval_prompts", str(prompts),
+            "--final_eval_prompts", str(prompts), "--final_eval_images_per_prompt", "2", "--sample_every", "1",
+            "--num_sample_prompts", "2", "--eval_every", "1", "--eval_num_prompts", "2", "--eval_images_per_prompt",
+            "2", "--final_eval_clip_model", str(tiny_models["clip"]), "--judges", "tinyworld.scorers:Oracle",
+            "--reward", _flow({"tinyworld.scorers:Oracle": {"partial": True}})]
+    assert train_sd3_adrpo.main(args) == 0
+    evals = [json.loads(line) for line in (out / "eval_metrics.jsonl").read_text().splitlines()]
+    assert len(evals) == 3 and all(0 <= r["reward"] <= 1 and 0 <= r["oracle_accuracy"] <= 1 for r in evals)
+    assert all(0 <= r["eval_reward_mean"] <= 1 for r in _rows(out))  # the grids' rewards
+    summary = json.loads((out / "summary.json").read_text())
+    assert "oracle_accuracy" in json.dumps(summary)
+
+
 def test_a_reward_server_down_at_start_up_exits_2_before_the_first_rollout(run_args, tmp_path, capsys):
     import socket
 

@@ -79,8 +79,8 @@ class Oracle(Metric):
                                                                         else []) for r in results]
         return np.array([float(np.mean(c)) for c in checks])
 
-    def categories(self, prompts: list[str]) -> list[str]:
-        return [self.scene(p).category for p in prompts]
+    def categories(self, prompts: list[str], metadata: Optional[list[dict]] = None) -> list[str]:
+        return [self.scene(p, m).category for p, m in zip(prompts, metadata or [None] * len(prompts))]
 
 
 def write_aesthetic_stand_in(out, clip: str, seed: int = 0) -> str:
