@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from sd3_adrpo.io import atomic_write_bytes, atomic_write_json, read_jsonl
+from sd3_adrpo.io import atomic_write_bytes, atomic_write_json, read_jsonl, replace_folder
 
 PREFIX = "checkpoint-"
 REQUIRED_FILES = {"trainable.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"}
@@ -110,9 +110,7 @@ def save_checkpoint(root: str | os.PathLike, step_name: int, model, optimizer, l
         export(tmp)
     manifest = {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in sorted(tmp.iterdir())}
     atomic_write_json(tmp / "manifest.json", manifest)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    replace_folder(tmp, final)
     for old in list_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

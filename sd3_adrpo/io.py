@@ -48,6 +48,21 @@ def atomic_write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
+def replace_folder(tmp: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Put the finished folder ``tmp`` in the place of ``dest``: the old ``dest`` is renamed aside first and deleted
+    only once ``tmp`` is in place, so a kill at any moment leaves the old folder or the new one (or both), never
+    neither."""
+    import shutil
+
+    tmp, dest = Path(tmp), Path(dest)
+    old = dest.with_name(f".old-{dest.name}")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def append_jsonl(path: str | os.PathLike, row: dict) -> None:
     """Append one JSON line and flush it to disk (a crash loses at most the line being written)."""
     with open(path, "a", encoding="utf-8") as f:

@@ -24,7 +24,7 @@ from sd3_adrpo.advantages import group_advantages
 from sd3_adrpo.checkpoint import list_checkpoints, load_checkpoint, restore, save_checkpoint, snapshot, truncate_metrics
 from sd3_adrpo.config import ConfigError, TrainConfig
 from sd3_adrpo.grids import comparison_grid, prompt_categories, sample_grid, select_grid_prompts
-from sd3_adrpo.io import append_jsonl, atomic_write_bytes, atomic_write_json, read_jsonl, save_png
+from sd3_adrpo.io import append_jsonl, atomic_write_bytes, atomic_write_json, read_jsonl, replace_folder, save_png
 from sd3_adrpo.guards import (AlarmStop, NonFiniteError, RewardUnavailable, StopOnSignal, TrainingInterrupted,
                               check_in_sync)
 from sd3_adrpo.methods import coefficients, dpo_pairs
@@ -348,8 +348,7 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
                          title=f"{run_cfg.method} LoRA for {run_cfg.pretrained_model}, best by {cfg.keep_best} "
                                f"(iteration {done})")
         atomic_write_json(tmp / "best.json", {"iteration": done, "signal": cfg.keep_best, "value": value})
-        shutil.rmtree(best, ignore_errors=True)
-        tmp.rename(best)
+        replace_folder(tmp, best)
 
     def checkpoint(done: int) -> Path:
         return save_checkpoint(out / "checkpoints", done, base_transformer, optimizer, lr_scheduler,
@@ -534,8 +533,7 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
             shutil.rmtree(tmp, ignore_errors=True)
             export_policy(base_transformer, run_cfg, tmp)
             write_model_card(tmp, run_cfg, lora=str(final))
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.rename(final)
+            replace_folder(tmp, final)
             print(f"done: LoRA saved to {final} (with its model card, README.md)")
         if final_prompts:
             final_evaluation(cfg, final_prompts, sampler, base_transformer, eval_clip, judges, out, accelerator,

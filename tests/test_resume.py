@@ -223,3 +223,29 @@ def test_overwrite_output_dir_deletes_the_old_run_only_once_the_models_have_load
     assert not (out / "checkpoints").exists()  # the earlier run's checkpoints went with it
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
     assert yaml.safe_load((out / "config.yaml").read_text())["num_iterations"] == 1
+
+
+def test_replacing_a_folder_never_leaves_neither_the_old_nor_the_new_one(tmp_path, monkeypatch):
+    from sd3_adrpo import io
+
+    dest, tmp = tmp_path / "final", tmp_path / ".tmp-final"
+    dest.mkdir()
+    (dest / "old.txt").write_text("old")
+    tmp.mkdir()
+    (tmp / "new.txt").write_text("new")
+    real, calls = os.replace, []
+
+    def killed_after_the_first_rename(a, b):
+        calls.append(a)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # the process dies between moving the old folder aside and moving the new one in
+        real(a, b)
+
+    monkeypatch.setattr(io.os, "replace", killed_after_the_first_rename)
+    with pytest.raises(KeyboardInterrupt):
+        io.replace_folder(tmp, dest)
+    assert (tmp_path / ".old-final" / "old.txt").read_text() == "old" and (tmp / "new.txt").read_text() == "new"
+    monkeypatch.setattr(io.os, "replace", real)
+    io.replace_folder(tmp, dest)  # the next attempt (the aside copy of a crashed one is cleared first)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"] and (dest / "new.txt").read_text() == "new"
+    assert not (dest / "old.txt").exists()
