@@ -314,7 +314,8 @@ def report(args, argv, out: Path, points: dict, done: dict, t0: float, worked: b
         lines, _ = matched_comparison(done, points, budgets, strengths, clip)
         comparison += [f"## ADRPO vs fixed beta at matched divergence (clip ±{clip:g}β)", "",
                        "Each method's frontier over its strength, read at the same guided W2 per seed; mean over seeds "
-                       "[95% bootstrap interval over seeds]; oracle in accuracy points.", "", *lines, ""]
+                       "[95% bootstrap interval over seeds; with 3 seeds it is the range of the per-seed differences, "
+                       "so a conclusion that hinges on it needs 6]; oracle in accuracy points.", "", *lines, ""]
     comparison += noise_floor(done, points, budgets, args.perturb)
     atomic_write_bytes(out / "comparison.md", ("\n".join(comparison) + "\n").encode())
     body = [status, "", f"Evaluation: {args.eval_prompts} ({args.per_category} per category at most, seeded) x "
@@ -387,12 +388,7 @@ def main(argv=None) -> None:
                                                                              args, base_cfg, out)}
         report(args, argv, out, points, {n: results[n] for n in current}, t0, False, len(tasks))
         return
-    stale = {name: keys for name, task in tasks.items() if (keys := R.stale_settings(task, args, base_cfg, out))}
-    if stale:
-        name, keys = next(iter(stale.items()))
-        raise SystemExit(f"error: {len(stale)} existing run(s) under {out / 'runs'} were trained with other settings "
-                         f"than this command would use (e.g. {name}: {', '.join(keys)}). Delete them or pass another "
-                         "--out; runs are never overwritten.")
+    R.refuse_stale(tasks, args, base_cfg, out)
     # ADRPO and fixed beta at clip +-beta first (the question), then the noise floor, then the rest; seed by seed
     first = {n for p in points.values() if p["method"] in ("adrpo", "fixed_beta") and p["clip"] == 1.0
              for n in p["tasks"]} | {n for n in tasks if n.startswith("base_")}

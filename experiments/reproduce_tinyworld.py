@@ -152,6 +152,17 @@ def stale_settings(task: Task, args, base_cfg, out: Path) -> list[str]:
     return train_differences(saved_settings(saved_path), inputs, train_argv(task, args, base_cfg, out))
 
 
+def refuse_stale(tasks: dict[str, Task], args, base_cfg, out: Path) -> None:
+    """Exit (before anything runs) when an existing run folder under out/runs was trained with other settings than
+    this command would use: runs are never overwritten."""
+    stale = {name: keys for name, task in tasks.items() if (keys := stale_settings(task, args, base_cfg, out))}
+    if stale:
+        name, keys = next(iter(stale.items()))
+        raise SystemExit(f"error: {len(stale)} existing run(s) under {out / 'runs'} were trained with other settings "
+                         f"than this command would use (e.g. {name}: {', '.join(keys)}). Delete them or pass another "
+                         "--out; runs are never overwritten.")
+
+
 def eval_stamp(task: Task, args, base_cfg, out: Path, budget: Optional[int] = None) -> dict:
     """A task's evaluation (of its final LoRA, or of its checkpoint at ``budget``): {"command": the Table 1 CLI's
     command line, "inputs": the sha256 of the files behind the base model, the held-out prompts and the CLIP}; the
@@ -223,8 +234,9 @@ def check_records(tasks: dict[str, Task], args, base_cfg, out: Path) -> list[str
 
 
 def committed_and_current(tasks: dict[str, Task], previous: dict, records: dict, args, base_cfg, out: Path) -> set:
-    """The tasks a fresh clone need not run again: no local folder of theirs (a local run is resumed from its own
-    files), and a committed record and result that are current. This is how a reproduction longer than one session
+    """The tasks a fresh clone need not run again: no local folder of theirs (a local run folder is reused if it
+    holds a finished LoRA, and trained again from scratch if not), and a committed record and result that are
+    current. This is how a reproduction longer than one session
     resumes in the next checkout, where runs/ and eval/ are gone: every finished task's metrics and trajectory are in
     tasks.json, its settings and evaluation command in run_records.json."""
     return {name for name, task in tasks.items()
@@ -380,12 +392,7 @@ def main(argv=None) -> None:
     if args.check:
         report_check(check_records(tasks, args, base_cfg, out), len(tasks), out)
         return
-    stale = {name: keys for name, task in tasks.items() if (keys := stale_settings(task, args, base_cfg, out))}
-    if stale:
-        name, keys = next(iter(stale.items()))
-        raise SystemExit(f"error: {len(stale)} existing run(s) under {out / 'runs'} were trained with other settings "
-                         f"than this command would use (e.g. {name}: {', '.join(keys)}). Delete them or pass another "
-                         "--out; runs are never overwritten.")
+    refuse_stale(tasks, args, base_cfg, out)
     table_runs = {name for names in rows.values() for name in names}
     done, worked = run_tasks(tasks, args, base_cfg, out, first=table_runs)
 
