@@ -234,11 +234,13 @@ class TrainConfig:
             raise ConfigError(unsupported_message(name or "pipeline without a _class_name",
                                                   f"pretrained_model {self.pretrained_model!r}"))
         if FAMILIES[name] is FluxFamily and self.drop_t5:
-            raise ConfigError("drop_t5 does not apply to FLUX: its text sequence is T5's (text_encoder_2). Save memory "
-                              "with free_text_encoders (prompts encoded once, then the encoders freed) or t5_8bit")
+            raise ConfigError("drop_t5 does not apply to FLUX: its text sequence is T5's (text_encoder_2). Pass "
+                              "--no-drop_t5 (or remove it from the config); save memory with free_text_encoders "
+                              "(prompts encoded once, then the encoders freed) or t5_8bit")
         if FAMILIES[name] is SanaFamily and (self.drop_t5 or self.t5_8bit):
             raise ConfigError("drop_t5 and t5_8bit do not apply to SANA: it has no T5 (its text encoder is Gemma-2). "
-                              "Save memory with free_text_encoders (prompts encoded once, then the encoder freed)")
+                              "Pass --no-drop_t5 / --no-t5_8bit (or remove them from the config); save memory with "
+                              "free_text_encoders (prompts encoded once, then the encoder freed)")
 
     def _check_batch_sizes(self) -> None:
         if self.method == "dpo" and self.train_batch_size % 2:

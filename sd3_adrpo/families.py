@@ -229,9 +229,10 @@ class SanaFamily(ModelFamily):
         return emb, mask
 
     def forward(self, transformer, x, timestep, embeds, mask):
+        config = getattr(transformer, "module", transformer).config  # the update's transformer may be DDP-wrapped
         v = transformer(x, encoder_hidden_states=embeds, encoder_attention_mask=mask,
-                        timestep=timestep * transformer.config.timestep_scale, return_dict=False)[0]
-        if transformer.config.out_channels // 2 == transformer.config.in_channels:  # a learned sigma: drop it
+                        timestep=timestep * config.timestep_scale, return_dict=False)[0]
+        if config.out_channels // 2 == config.in_channels:  # a learned sigma: drop it
             v = v.chunk(2, dim=1)[0]
         return v
 
