@@ -61,7 +61,10 @@ def test_the_reproduction_record_covers_every_task_of_its_table():
             assert "settings" not in record and "--skip_base" not in record["eval"]["command"]
         else:
             assert record["settings"]["seed"] == seed and len(record["inputs"]) == 3
-            assert record["settings"]["method"] == name.split("_clip")[0].rsplit("_s", 1)[0]
+            stem = name.split("_clip")[0].rsplit("_s", 1)[0]  # adrpo, adrpo_guided (loss_guidance: guided), ...
+            guided = stem.endswith("_guided")
+            assert record["settings"]["method"] == stem.removesuffix("_guided")
+            assert record["settings"].get("loss_guidance", "conditional") == ("guided" if guided else "conditional")
             assert f"run=results/tinyworld/runs/{name}/final" in record["eval"]["command"]
 
 
