@@ -188,7 +188,9 @@ def model_card(cfg: TrainConfig, lora: str, summary: Optional[dict] = None, titl
                       f"{cfg.train_batch_size} x {cfg.gradient_accumulation_steps}, inner epochs {cfg.inner_epochs}"),
         ("LoRA", f"rank {cfg.lora_rank}, alpha {cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank:g}, "
                  f"on {', '.join(cfg.lora_targets)}"),
-        ("rollout sampler", f"{cfg.num_inference_steps} Euler steps, "
+        ("rollout sampler", f"{cfg.num_inference_steps} "
+                            + ("steps of the pipeline's scheduler" if _pipeline_class(cfg) == "SanaPipeline" else
+                               "Euler steps") + ", "
                             + (f"CFG {cfg.guidance_scale:g}" if _pipeline_class(cfg) != "FluxPipeline" else
                                f"guidance input {cfg.guidance_scale:g} (FLUX.1-dev's distilled guidance, one pass; "
                                "none on FLUX.1-schnell)") + f", {cfg.resolution} px"),

@@ -77,7 +77,7 @@ def test_sana_trains_two_iterations_from_the_cli_with_every_method(tiny_sana, ti
     lora = load_file(out / "final" / "pytorch_lora_weights.safetensors")
     assert any(v.abs().max() > 0 for k, v in lora.items() if "lora_B" in k)
     card = (out / "final" / "README.md").read_text()
-    assert "SanaPipeline.from_pretrained" in card and "max_sequence_length=8" in card
+    assert "SanaPipeline.from_pretrained" in card and "max_sequence_length=8" in card and "Euler" not in card
 
 
 def test_sana_resume_is_bit_for_bit_and_the_lora_loads_into_the_stock_pipeline(tiny_sana, tiny_models, tmp_path,
