@@ -22,7 +22,7 @@ from sd3_adrpo.evaluation import (DIVERSITY_DEFAULT, EVAL_NOISE, W2_NOISE, build
                                   w2_divergence)
 from sd3_adrpo.io import atomic_write_bytes, atomic_write_json, save_png
 from sd3_adrpo.models import DTYPES, load_pipeline
-from sd3_adrpo.prompts import load_prompts, seeded_subset
+from sd3_adrpo.prompts import load_prompt_records, prompt_metadata, seeded_subset
 from sd3_adrpo.rollout import SD3Sampler, make_generator
 from sd3_adrpo.tables import Table, mean_and_se
 
@@ -123,9 +123,14 @@ def _load_images(out: Path, files: list[dict]) -> np.ndarray:
     return np.stack([np.asarray(Image.open(out / f["file"]).convert("RGB")) for f in files])
 
 
-def score(out: Path, manifest: dict, clip=None, metrics: Optional[dict] = None, batch_size: int = 64) -> list[dict]:
+def score(out: Path, manifest: dict, clip=None, metrics: Optional[dict] = None, batch_size: int = 64,
+          metadata: Optional[dict] = None) -> list[dict]:
     """Per-image scores of one row: ClipScore, every given metric and judge (keyed by its column), W2, and each
-    image's ``category`` where a metric sorts prompts into categories."""
+    image's ``category`` where a metric sorts prompts into categories. ``metadata``: {prompt: the other fields of its
+    row in the prompt file}, for metrics that verify images by them (GenEval-style rows)."""
+    from sd3_adrpo.evaluation import prompt_categories_of
+    from sd3_adrpo.metrics.base import call_scorer
+
     files, metrics = manifest["files"], metrics or {}
     rows = [dict(f) for f in files]
     for s in tqdm(range(0, len(files), batch_size), desc=f"score {manifest['label']}"):
@@ -135,10 +140,11 @@ def score(out: Path, manifest: dict, clip=None, metrics: Optional[dict] = None, 
             img, txt = clip.embed_images(images), clip.embed_texts(prompts)
             for r, cs, e in zip(rows[s : s + batch_size], clip_scores(img, txt).tolist(), img.cpu().tolist()):
                 r["clip_score"], r["_embedding"] = cs, e
+        fields = [metadata.get(p, {}) for p in prompts] if metadata else None
         for name, metric in metrics.items():
-            for r, v in zip(rows[s : s + batch_size], metric(images, prompts)):
+            for r, v in zip(rows[s : s + batch_size], call_scorer(metric, images, prompts, fields)):
                 r[name] = float(v)
-            categories = metric.categories(prompts)
+            categories = prompt_categories_of(metric, prompts, fields)
             for r, c in zip(rows[s : s + batch_size], categories or ()):
                 r.setdefault("category", c)
     return rows
@@ -262,7 +268,7 @@ def _build_metrics(args, device, notes: list[str]) -> dict:
     return metrics
 
 
-def judge_columns(metrics: dict, prompts: list[str]) -> tuple[tuple[str, ...], dict]:
+def judge_columns(metrics: dict, prompts: list[str], metadata: Optional[dict] = None) -> tuple[tuple[str, ...], dict]:
     """The metrics to break down by category (those that sort ``prompts`` into categories) and the table columns
     (label, higher is better) that metrics and breakdowns report, in that order (a metric without a label of its
     own keeps the paper's column name, or its key)."""
@@ -271,7 +277,10 @@ def judge_columns(metrics: dict, prompts: list[str]) -> tuple[tuple[str, ...], d
         label = metric.label or key
         if metric.label:
             columns[key] = (label, metric.higher_is_better)
-        categories = metric.categories(list(prompts))
+        from sd3_adrpo.evaluation import prompt_categories_of
+
+        fields = [metadata.get(p, {}) for p in prompts] if metadata else None
+        categories = prompt_categories_of(metric, list(prompts), fields)
         if categories is not None:
             breakdown.append(key)
             columns.update({f"{key}_{c}": (f"{label} {c}", metric.higher_is_better) for c in sorted(set(categories))})
@@ -370,8 +379,12 @@ def main(argv: Optional[list[str]] = None) -> Table:
             raise SystemExit(f"error: --{name} is required (or give --config with a training config)")
     if args.images_per_prompt < 2:
         raise SystemExit("error: --images_per_prompt must be >= 2 (ClipDiversity compares images of a prompt)")
-    prompts = load_prompts(args.prompts)
-    prompts = seeded_subset(prompts, args.num_prompts, args.prompt_seed)
+    try:
+        records = load_prompt_records(args.prompts)
+        metadata = prompt_metadata(records, args.prompts)  # a row's other fields, for GenEval-style judges
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    prompts = seeded_subset([r["prompt"] for r in records], args.num_prompts, args.prompt_seed)
     runs = [(label, *_lora_dir(path)) for label, path in map(_spec, args.run)]
     for label, lora, _ in runs:
         if not (lora / "pytorch_lora_weights.safetensors").is_file():
@@ -399,10 +412,10 @@ def main(argv: Optional[list[str]] = None) -> Table:
     else:
         notes.append("ClipScore and ClipDiversity left out: no --clip weights given.")
     metrics = {**_build_metrics(args, device, notes), **build_judges(args.judge, device)}
-    breakdown, columns = judge_columns(metrics, prompts)
+    breakdown, columns = judge_columns(metrics, prompts, metadata)
     results, rows = {}, {}
     for label, manifest in manifests.items():
-        rows[label] = score(out, manifest, clip=clip, metrics=metrics)
+        rows[label] = score(out, manifest, clip=clip, metrics=metrics, metadata=metadata)
         results[label] = aggregate(rows[label], breakdown)
     meta = {"num_prompts": len(prompts), **{k: v for k, v in common.items() if k != "prompts"},
             "base": args.base, "prompts_file": args.prompts}
