@@ -15,15 +15,18 @@ from sd3_adrpo.config import ConfigError, parse_args
 def main(argv=None) -> int:
     try:
         cfg = parse_args(argv).validate()  # before torch and diffusers are imported: a bad input answers at once
-        from sd3_adrpo.guards import AlarmStop, NonFiniteError, TrainingInterrupted, restore_signal_handlers
+        from sd3_adrpo.guards import (AlarmStop, NonFiniteError, TrainingInterrupted, block_late_signals,
+                                      restore_signal_handlers)
         from sd3_adrpo.trainer import train
 
         try:
             train(cfg)
         except TrainingInterrupted as e:
             print(str(e), file=sys.stderr)
-            if argv is not None:  # called from Python, which goes on: its own handlers back (a script just exits,
-                restore_signal_handlers()  # ignoring late signals, so a second one cannot kill it mid-exit)
+            if argv is not None:  # called from Python, which goes on: its own handlers back
+                restore_signal_handlers()
+            else:  # a script just exits: a late signal, even during the interpreter's shutdown, cannot kill it mid-exit
+                block_late_signals()
             return e.exit_code
         except NonFiniteError as e:
             print(f"error: {e}", file=sys.stderr)

@@ -102,6 +102,14 @@ def restore_signal_handlers() -> None:
     _stopping.clear()
 
 
+def block_late_signals() -> None:
+    """For a process that is exiting after a stop: ignore SIGINT/SIGTERM at the operating-system level. Python's own
+    handlers are put back to the default while the interpreter shuts down, so a late signal then would kill the
+    process (every thread) and replace its exit code; an ignore disposition is left as it is."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def check_in_sync(accelerator, params: list[torch.nn.Parameter]) -> None:
     """With several processes, the LoRA must be identical everywhere after each update (DDP's promise; checked)."""
     if accelerator.num_processes > 1:

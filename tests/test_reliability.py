@@ -257,3 +257,18 @@ def test_divergence_is_blamed_on_the_update_and_the_diverged_weights_are_not_kep
     assert find_resume_checkpoint("latest", out).name == f"checkpoint-{good:06d}"  # the diverged ones are set aside
     assert list((out / "checkpoints").glob("diverged-checkpoint-*")) and not (out / "final").exists()
 
+
+
+def test_after_a_stop_late_signals_are_ignored_by_the_operating_system(tmp_path):
+    """A script exiting after a stop ignores SIGINT/SIGTERM at the OS level (Python resets its own handlers to the
+    default during shutdown, so a signal then used to kill the process: exit -15 instead of 143)."""
+    script = tmp_path / "late.py"
+    script.write_text("import os, signal, sys\n"
+                      "from sd3_adrpo.guards import block_late_signals\n"
+                      "block_late_signals()\n"
+                      "assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN\n"
+                      "os.kill(os.getpid(), signal.SIGTERM)\n"
+                      "os.kill(os.getpid(), signal.SIGINT)\n"
+                      "sys.exit(143)\n")
+    result = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 143, result.stderr
