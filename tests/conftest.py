@@ -41,6 +41,21 @@ def tiny_run_args(tiny_models, tmp_path):
             "--num_sample_prompts", "2", "--sample_images_per_prompt", "2"]
 
 
+@pytest.fixture
+def verifiable_prompts(tmp_path):
+    """A .jsonl prompt file in free wording the tiny world's oracle cannot parse, whose rows carry GenEval-style fields
+    (tag, include) it verifies images by; returns (its path, its rows)."""
+    import json
+
+    rows = [{"prompt": "a picture of one crimson disc", "tag": "colour",
+             "include": [{"class": "circle", "color": "red", "count": 1}]},
+            {"prompt": "a pair of blue boxes", "tag": "counting",
+             "include": [{"class": "square", "color": "blue", "count": 2}]}]
+    path = tmp_path / "verifiable.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, rows
+
+
 @pytest.fixture(scope="session")
 def tiny_open_clip(tmp_path_factory):
     """A tiny open_clip architecture registered as 'TinyTestCLIP', and a random model of it (seed 0)."""

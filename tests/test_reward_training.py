@@ -207,14 +207,9 @@ def test_reward_server_trains_then_a_killed_server_stops_the_run_with_its_checkp
                 proc.wait(timeout=30)
 
 
-def test_prompt_metadata_reaches_a_verifiable_reward_in_training(run_args, tmp_path, capsys):
+def test_prompt_metadata_reaches_a_verifiable_reward_in_training(run_args, verifiable_prompts, tmp_path, capsys):
     # free wording the oracle cannot parse: it can only verify these images through each row's GenEval-style fields
-    rows = [{"prompt": "a picture of one crimson disc", "tag": "colour",
-             "include": [{"class": "circle", "color": "red", "count": 1}]},
-            {"prompt": "a pair of blue boxes", "tag": "counting",
-             "include": [{"class": "square", "color": "blue", "count": 2}]}]
-    prompts = tmp_path / "verifiable.jsonl"
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts, rows = verifiable_prompts
     out = tmp_path / "run"
     args = [*run_args, "--output_dir", str(out), "--train_prompts", str(prompts)]
     assert train_sd3_adrpo.main([*args, "--reward", _flow({"tinyworld.scorers:Oracle": {"partial": True}})]) == 0
@@ -226,16 +221,12 @@ def test_prompt_metadata_reaches_a_verifiable_reward_in_training(run_args, tmp_p
     assert "judges only prompts of its grammar" in capsys.readouterr().err
 
 
-def test_prompt_metadata_reaches_the_held_out_grids_evaluations_and_judges(run_args, tiny_models, tmp_path):
+def test_prompt_metadata_reaches_the_held_out_grids_evaluations_and_judges(run_args, tiny_models, verifiable_prompts,
+                                                                            tmp_path):
     """Held-out prompts in free wording with GenEval-style fields: the sample grids, the periodic evaluation and the
     final evaluation score them through their fields (the reward and the oracle as a judge), instead of stopping the
     run at the first grid because the oracle cannot parse the wording."""
-    rows = [{"prompt": "a picture of one crimson disc", "tag": "colour",
-             "include": [{"class": "circle", "color": "red", "count": 1}]},
-            {"prompt": "a pair of blue boxes", "tag": "counting",
-             "include": [{"class": "square", "color": "blue", "count": 2}]}]
-    prompts = tmp_path / "verifiable.jsonl"
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts, rows = verifiable_prompts
     out = tmp_path / "run"
     args = [*run_args, "--output_dir", str(out), "--train_prompts", str(prompts), "--eval_prompts", str(prompts),
             "--final_eval_prompts", str(prompts), "--final_eval_images_per_prompt", "2", "--sample_every", "1",

@@ -92,15 +92,10 @@ def test_other_pipelines_are_extra_rows(tiny_models, lora_dir, tmp_path):
     assert "clip_score" in other and "w2_divergence" not in other  # W2 only exists for our own LoRAs
 
 
-def test_a_prompt_files_fields_reach_the_judges(tiny_models, lora_dir, tmp_path):
+def test_a_prompt_files_fields_reach_the_judges(tiny_models, lora_dir, verifiable_prompts, tmp_path):
     """Free-worded prompts the oracle cannot parse, with GenEval-style fields: the judge verifies the images through
     those fields and its per-category columns come from each row's tag (it used to stop on the wording)."""
-    rows = [{"prompt": "a picture of one crimson disc", "tag": "colour",
-             "include": [{"class": "circle", "color": "red", "count": 1}]},
-            {"prompt": "a pair of blue boxes", "tag": "counting",
-             "include": [{"class": "square", "color": "blue", "count": 2}]}]
-    prompts = tmp_path / "verifiable.jsonl"
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts, _ = verifiable_prompts
     args = _args(tiny_models, lora_dir, tmp_path, seeds=("0",))
     args[args.index("--prompts") + 1] = str(prompts)
     table = table1.main(args)
