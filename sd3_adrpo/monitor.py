@@ -175,10 +175,8 @@ class Monitor:
         improved = False
         if self.keep_best is not None and iteration > 0:  # the base is not a policy worth exporting as best/
             value = point.get(self.keep_best)
-            if value is not None and math.isfinite(value):
-                better = self.best is None or (value < self.best[1] if self.lower_is_better else value > self.best[1])
-                if better:
-                    self.best, improved = (iteration, value), True
+            if self._better(value):
+                self.best, improved = (iteration, value), True
         return point, firings, improved
 
     def resume(self, rows: list[dict]) -> None:
@@ -189,13 +187,11 @@ class Monitor:
             self.base = {k: v for k, v in rows[0].items() if not k.endswith(("_change", "_rel_change"))}
         for row in rows[1:] if self.keep_best else []:
             value = row.get(self.keep_best)
-            if value is not None and math.isfinite(value) and (self.best is None or (
-                    value < self.best[1] if self.lower_is_better else value > self.best[1])):
+            if self._better(value):
                 self.best = (row["iteration"], value)
 
-    def state_dict(self) -> dict:
-        return {"base": self.base, "best": list(self.best) if self.best else None}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.base = state.get("base")
-        self.best = tuple(state["best"]) if state.get("best") else None
+    def _better(self, value) -> bool:
+        """Whether ``value`` of the keep_best signal beats the best so far (a missing or non-finite one never does)."""
+        if value is None or not math.isfinite(value):
+            return False
+        return self.best is None or (value < self.best[1] if self.lower_is_better else value > self.best[1])

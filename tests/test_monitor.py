@@ -105,7 +105,7 @@ def test_monitor_reports_firings_against_the_first_point_and_keeps_the_best():
     assert stop.alarm.action == "stop" and "oracle_accuracy_change = -0.03" in stop.message and "-0.02" in stop.message
     # a resumed run picks the base and the best up again
     resumed = Monitor(monitor.alarms, keep_best="oracle_accuracy")
-    resumed.load_state_dict(monitor.state_dict())
+    resumed.resume([{"iteration": it, **point} for it, (point, *_) in zip((0, 20, 40, 60, 80), seen)])
     point, firings, improved = resumed.observe(100, {"oracle_accuracy": 0.31, "clip_diversity": 30.0})
     assert point["oracle_accuracy_change"] == pytest.approx(0.11) and not firings and improved
 
