@@ -68,17 +68,23 @@ class Task:
     name: str
     seed: int
     overrides: Optional[dict] = None
-    budgets: tuple[int, ...] = ()  # earlier iterations also evaluated, each from the run's checkpoint at it
+    # other LoRAs of the run also evaluated: an earlier iteration (int: its checkpoint) or a folder the trainer
+    # exported beside final/ (str, e.g. "best": keep_best's)
+    budgets: tuple[int | str, ...] = ()
 
 
-def lora_of(task: Task, out: Path, budget: Optional[int] = None) -> Path:
-    """The folder of a task's LoRA: final/, or the checkpoint at ``budget`` iterations (each holds one)."""
+def lora_of(task: Task, out: Path, budget: Optional[int | str] = None) -> Path:
+    """The folder of a task's LoRA: final/, the checkpoint at ``budget`` iterations (each holds one), or the
+    exported folder named ``budget`` (e.g. best/)."""
     run_dir = out / "runs" / task.name
-    return run_dir / "final" if budget is None else run_dir / "checkpoints" / f"checkpoint-{budget:06d}"
+    if budget is None or isinstance(budget, str):
+        return run_dir / (budget or "final")
+    return run_dir / "checkpoints" / f"checkpoint-{budget:06d}"
 
 
-def eval_dir(task: Task, out: Path, budget: Optional[int] = None) -> Path:
-    return out / "eval" / (task.name if budget is None else f"{task.name}_it{budget}")
+def eval_dir(task: Task, out: Path, budget: Optional[int | str] = None) -> Path:
+    suffix = "" if budget is None else f"_{budget}" if isinstance(budget, str) else f"_it{budget}"
+    return out / "eval" / f"{task.name}{suffix}"
 
 
 def plan(args, base_cfg) -> tuple[dict[str, Task], dict[str, list[str]], dict[str, list[str]]]:
@@ -163,7 +169,7 @@ def refuse_stale(tasks: dict[str, Task], args, base_cfg, out: Path) -> None:
                          "--out; runs are never overwritten.")
 
 
-def eval_stamp(task: Task, args, base_cfg, out: Path, budget: Optional[int] = None) -> dict:
+def eval_stamp(task: Task, args, base_cfg, out: Path, budget: Optional[int | str] = None) -> dict:
     """A task's evaluation (of its final LoRA, or of its checkpoint at ``budget``): {"command": the Table 1 CLI's
     command line, "inputs": the sha256 of the files behind the base model, the held-out prompts and the CLIP}; the
     evaluation is redone when either changes."""
@@ -206,7 +212,8 @@ def record_problems(task: Task, record: Optional[dict], result: Optional[dict], 
     stamps = [(None, record.get("eval", {}))] + [(b, record.get("budget_evals", {}).get(str(b), {}))
                                                  for b in task.budgets]
     for budget, have in stamps:
-        what = "evaluation" if budget is None else f"evaluation at iteration {budget}"
+        what = ("evaluation" if budget is None else f"evaluation of {budget}/" if isinstance(budget, str)
+                else f"evaluation at iteration {budget}")
         want = eval_stamp(task, args, base_cfg, out, budget)
         if have.get("command") != want["command"]:
             keys.append(f"the {what}'s command")
@@ -246,8 +253,8 @@ def committed_and_current(tasks: dict[str, Task], previous: dict, records: dict,
 
 def run_task(task: Task, args, base_cfg, out: Path) -> dict:
     """Train (unless its LoRA exists) and evaluate (unless the same evaluation exists) one task, each in a
-    subprocess: its final LoRA, and its checkpoint at each of ``task.budgets``. Returns {"metrics": {metric: value at
-    this seed}, "budgets": {iteration: metrics} (if any), "trajectory": its held-out trajectory (trained runs),
+    subprocess: its final LoRA, and each other LoRA of ``task.budgets``. Returns {"metrics": {metric: value at
+    this seed}, "budgets": {iteration or folder: metrics} (if any), "trajectory": its held-out trajectory (trained runs),
     "seconds": time spent on it by this invocation, "worked": whether it trained or evaluated anything, "trained":
     whether it trained}."""
     t0, worked, trained = time.perf_counter(), False, False
@@ -262,7 +269,7 @@ def run_task(task: Task, args, base_cfg, out: Path) -> dict:
         atomic_write_json(run_dir / "inputs.json", train_inputs(argv))
         worked = trained = True
 
-    def evaluate(budget: Optional[int]) -> dict:
+    def evaluate(budget: Optional[int | str]) -> dict:
         nonlocal worked
         ev = eval_dir(task, out, budget)
         result = ev / "runs" / ("Base.json" if task.overrides is None else "run.json")

@@ -1,0 +1,117 @@
+"""The alarm calibration (experiments/alarms_tinyworld.py): its design, the threshold choice and the lead on scripted
+trajectories, and the driver end to end at a reduced size."""
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import alarms_tinyworld as A  # noqa: E402
+
+
+def _trajectory(oracle, w2, diversity):
+    """Rows as eval_metrics.jsonl holds them, every 10 iterations from the base at 0."""
+    return [{"iteration": 10 * i, "oracle_accuracy": o, "w2_divergence": w, "clip_diversity": d}
+            for i, (o, w, d) in enumerate(zip(oracle, w2, diversity))]
+
+
+# healthy: W2 grows to 0.01, diversity falls by 10%; collapsing: W2 already 0.04 at iteration 10, the oracle drops by
+# more than 0.02 at iteration 20, diversity falls by only 5% before that
+HEALTHY = _trajectory([0.20, 0.21, 0.19, 0.20], [0.0, 0.004, 0.008, 0.01], [30.0, 29.0, 28.0, 27.0])
+HEALTHY_2 = _trajectory([0.18, 0.18, 0.19, 0.175], [0.0, 0.005, 0.009, 0.009], [32.0, 31.0, 30.0, 29.5])
+COLLAPSE = _trajectory([0.20, 0.19, 0.15, 0.08], [0.0, 0.04, 0.09, 0.2], [30.0, 28.5, 26.0, 20.0])
+COLLAPSE_2 = _trajectory([0.20, 0.195, 0.19, 0.10], [0.0, 0.02, 0.06, 0.15], [30.0, 29.0, 29.0, 24.0])
+
+
+def test_damage_is_the_first_evaluation_more_than_the_margin_below_the_base():
+    pts = A.points(COLLAPSE)
+    assert A.damage_iteration(pts, 0.02) == 20  # 0.19 is only 0.01 below 0.20; 0.15 is 0.05 below
+    assert A.damage_iteration(pts, 0.06) == 30
+    assert A.damage_iteration(A.points(HEALTHY), 0.02) is None  # 0.19 at iteration 20 is exactly 0.01 below
+
+
+def test_a_threshold_is_placed_between_the_healthy_extreme_and_the_least_a_collapse_reached_before_its_damage():
+    tune = {"tune_main_s0": A.points(HEALTHY), "tune_main_s1": A.points(HEALTHY_2),
+            "tune_raft_lr1e-3_s0": A.points(COLLAPSE), "tune_dpo_b125_s0": A.points(COLLAPSE_2)}
+    rows = {(r["signal"], r["op"]): r for r in A.choose(tune, 0.02)}
+    w2 = rows["w2_divergence", ">"]
+    # healthy extreme 0.01; before damage RAFT reached 0.04 (iteration 10), DPO 0.06 (iterations 10, 20; damage at 30)
+    assert w2["healthy_extreme"] == 0.01 and w2["collapsing_before_damage"] == {"tune_raft_lr1e-3_s0": 0.04,
+                                                                                "tune_dpo_b125_s0": 0.06}
+    assert w2["separable"] and w2["threshold"] == pytest.approx(math.sqrt(0.01 * 0.04))  # geometric, the nearer one
+    div = rows["clip_diversity_rel_change", "<"]
+    # healthy runs lose 10% (-3/30) and 7.8%; before damage RAFT lost 5%, DPO 3.3%: the healthy loss is larger
+    assert div["healthy_extreme"] == pytest.approx(-0.1) and not div["separable"] and div["rule"] is None
+    assert rows["colour_entropy_rel_change", "<"]["healthy_extreme"] is None  # not recorded: not a candidate
+
+
+def test_the_lead_is_iterations_from_the_first_firing_to_the_damage_and_a_healthy_firing_is_a_false_alarm():
+    runs = {"heldout_raft_lr1e-3_s3": A.points(COLLAPSE), "heldout_main_s3": A.points(HEALTHY),
+            "heldout_dpo_b125_s3": A.points(COLLAPSE_2)}
+    results = A.evaluate_rules(["w2_divergence > 0.05", "clip_diversity_rel_change < -0.09"], runs, 0.02)
+    raft = results["heldout_raft_lr1e-3_s3"]
+    # W2 crosses 0.05 at 20 (0.09), diversity at 20 (-13%); the damage is at 20: no lead
+    assert raft["fires"] == {"w2_divergence > 0.05": 20, "clip_diversity_rel_change < -0.09": 20}
+    assert raft["damage"] == 20 and raft["lead"] == 0
+    dpo = results["heldout_dpo_b125_s3"]
+    assert dpo["first"] == 20 and dpo["damage"] == 30 and dpo["lead"] == 10
+    healthy = results["heldout_main_s3"]
+    assert healthy["fires"]["clip_diversity_rel_change < -0.09"] == 30 and healthy["damage"] is None  # a false alarm
+    table = "\n".join(A.runs_table(results, list(raft["fires"])))
+    assert "| heldout_main_s3 | no | – | – | 30 | false alarm |" in table
+    assert "| heldout_raft_lr1e-3_s3 | yes | 20 | 20 | 20 | missed |" in table
+    assert "| heldout_dpo_b125_s3 | yes | 30 | 20 | 30 | 10 |" in table
+
+
+def test_the_default_design_monitors_each_group_on_its_own_split_and_keeps_best(tmp_path):
+    args = argparse.Namespace(configs=list(A.CONFIGS), tune_seeds=[0, 1, 2], heldout_seeds=[3, 4, 5], collapse_seeds=2,
+                              every=10, monitor_prompts=64)
+    base = A.parse_args(["--config", "configs/tiny.yaml"])
+    tasks = A.plan(args, base)
+    assert len(tasks) == 2 * (3 + 2 + 2)
+    assert {n for n in tasks if n.startswith("heldout_dpo")} == {"heldout_dpo_b125_s3", "heldout_dpo_b125_s4"}
+    tune, held = tasks["tune_raft_lr1e-3_s1"].overrides, tasks["heldout_main_s5"].overrides
+    assert tune["eval_prompts"] == "prompts/tinyworld_tune.txt" and held["eval_prompts"] == "prompts/tinyworld_heldout.txt"
+    assert tune["learning_rate"] == 1e-3 and tune["method"] == "raft" and "method" not in held
+    assert tasks["heldout_dpo_b125_s3"].overrides["inner_epochs"] == base.inner_epochs * base.samples_per_prompt // 2
+    assert all(t.budgets == ("best",) and t.overrides["keep_best"] == "oracle_accuracy" and t.overrides["alarms"] == []
+               and t.overrides["eval_every"] == 10 and t.overrides["eval_num_prompts"] == 64 for t in tasks.values())
+
+
+def test_alarm_driver_at_reduced_size_evaluates_best_and_final_and_resumes_from_its_record(tmp_path):
+    out = tmp_path / "alarms"
+    args = [sys.executable, str(ROOT / "experiments/alarms_tinyworld.py"), "--tune_seeds", "0", "--heldout_seeds", "1",
+            "--configs", "main", "raft_lr1e-3", "--collapse_seeds", "1", "--every", "1", "--monitor_prompts", "4", "--eval_num_prompts", "4",
+            "--images_per_prompt", "2", "--jobs", "2", "--threads", "1", "--out", str(out), "--",
+            "--num_iterations", "2", "--prompts_per_iteration", "2", "--samples_per_prompt", "2",
+            "--train_batch_size", "2", "--num_inference_steps", "2", "--eval_images_per_prompt", "2"]
+    result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tasks = json.loads((out / "tasks.json").read_text())
+    assert set(tasks) == {f"{g}_{c}_s{s}" for g, s in (("tune", 0), ("heldout", 1)) for c in ("main", "raft_lr1e-3")}
+    records = json.loads((out / "run_records.json").read_text())
+    for name, record in records.items():
+        # final/ and best/ (exported by keep_best at the first monitored iteration) each evaluated on held-out prompts
+        assert f"run={out / 'runs' / name / 'best'}" in record["budget_evals"]["best"]["command"]
+        assert f"run={out / 'runs' / name / 'final'}" in record["eval"]["command"]
+        assert "oracle_accuracy" in tasks[name]["budgets"]["best"]
+        # the monitor ran at iterations 0, 1, 2 on the group's own split
+        assert [r["iteration"] for r in tasks[name]["trajectory"]] == [0, 1, 2]
+        assert record["settings"]["eval_prompts"] == A.SPLITS[name.split("_")[0]]
+        assert "colour_entropy" in tasks[name]["trajectory"][0]
+    report = json.loads((out / "alarms.json").read_text())
+    assert {(r["signal"], r["op"]) for r in report["candidates"]} == set(A.CANDIDATES)
+    assert set(report["runs"]["heldout"]) == {n for n in tasks if n.startswith("heldout_")}
+    assert "## keep-best" in (out / "README.md").read_text() and (out / "monitor.png").is_file()
+    # a fresh clone (no runs/, eval/, logs/) reuses every finished run from the record
+    for d in ("runs", "eval", "logs"):
+        (out / d).rename(tmp_path / d)
+    check = subprocess.run([*args[:2], "--check", *args[2:]], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert check.returncode == 0 and "all 4 run(s)" in check.stdout, check.stderr[-2000:]
