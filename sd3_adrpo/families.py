@@ -70,7 +70,22 @@ class ModelFamily:
         return self.forward(transformer, x_t.to(embeds.dtype), sigmas * 1000, embeds, pooled).float()
 
     # -- sampling -------------------------------------------------------------------------------------------
+    def resolution_multiple(self, pipe) -> int:
+        """What an image side must be a multiple of: the VAE's downsampling times the transformer's patch (SD3: 8 x 2;
+        FLUX: 8 x its 2 x 2 packing; SANA's DC-AE: 32 x 1)."""
+        return pipe.vae_scale_factor * pipe.transformer.config.patch_size
+
+    def check_resolution(self, pipe, resolution: int) -> None:
+        """ValueError saying what to use when ``resolution`` does not divide into whole latent patches (the latent
+        would otherwise be rounded down and the images come out smaller than asked)."""
+        k = self.resolution_multiple(pipe)
+        if resolution < k or resolution % k:
+            raise ValueError(f"resolution {resolution} does not suit this {type(pipe).__name__}: it must be a multiple "
+                             f"of {k} (its VAE's x{pipe.vae_scale_factor} times the transformer's patch), e.g. "
+                             f"{max(k, resolution // k * k)}")
+
     def latent_shape(self, pipe, resolution: int) -> tuple[int, int, int]:
+        self.check_resolution(pipe, resolution)
         size = resolution // pipe.vae_scale_factor
         return (pipe.transformer.config.in_channels, size, size)
 
@@ -174,7 +189,11 @@ class FluxFamily(ModelFamily):
                         return_dict=False)[0]
         return v.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
+    def resolution_multiple(self, pipe):
+        return pipe.vae_scale_factor * 2  # latents are packed in 2 x 2 patches (the transformer's own patch is 1)
+
     def latent_shape(self, pipe, resolution):
+        self.check_resolution(pipe, resolution)
         size = 2 * (resolution // (pipe.vae_scale_factor * 2))
         return (pipe.transformer.config.in_channels // 4, size, size)
 

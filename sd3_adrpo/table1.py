@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from sd3_adrpo.evaluation import (DIVERSITY_DEFAULT, EVAL_NOISE, W2_NOISE, build_judges, clip_diversity, clip_scores,
                                   w2_divergence)
+from sd3_adrpo.families import family_for_pipeline
 from sd3_adrpo.io import atomic_write_bytes, atomic_write_json, save_png
 from sd3_adrpo.models import DTYPES, load_pipeline
 from sd3_adrpo.prompts import load_prompt_records, prompt_metadata, seeded_subset
@@ -395,6 +396,10 @@ def main(argv: Optional[list[str]] = None) -> Table:
     common = dict(prompts=tuple(prompts), seeds=tuple(args.seeds), images_per_prompt=args.images_per_prompt,
                   steps=args.steps, guidance_scale=args.guidance_scale, resolution=args.resolution)
     base_pipe = load_pipeline(args.base, drop_t5=args.drop_t5, dtype=DTYPES[args.dtype])
+    try:  # before anything is generated
+        family_for_pipeline(base_pipe).check_resolution(base_pipe, args.resolution)
+    except ValueError as e:
+        raise SystemExit(f"error: --{e}") from None
     rows_spec = [] if args.skip_base else [(args.base_label, Settings(args.base, None, **common), base_pipe)]
     rows_spec += [(label, Settings(args.base, str(lora), **common), base_pipe) for label, lora, _ in runs]
     rows_spec += [(label, Settings(src, None, **common), None) for label, src in map(_spec, args.pipeline)]

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from sd3_adrpo.advantages import group_advantages
 from sd3_adrpo.checkpoint import list_checkpoints, load_checkpoint, restore, save_checkpoint, snapshot, truncate_metrics
 from sd3_adrpo.config import ConfigError, TrainConfig
+from sd3_adrpo.families import family_for_pipeline
 from sd3_adrpo.grids import comparison_grid, prompt_categories, sample_grid, select_grid_prompts
 from sd3_adrpo.io import append_jsonl, atomic_write_bytes, atomic_write_json, read_jsonl, replace_folder, save_png
 from sd3_adrpo.guards import (AlarmStop, NonFiniteError, RewardUnavailable, StopOnSignal, TrainingInterrupted,
@@ -273,6 +274,10 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
     set_seed(cfg.seed)
 
     pipe = _load_pipeline(cfg)
+    try:  # SANA's DC-AE needs multiples of 32, not the 16 the config checks
+        family_for_pipeline(pipe, cfg.guidance_scale).check_resolution(pipe, cfg.resolution)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     pipe.to(device)
     if accelerator.is_main_process:  # only once the models load: a failed start leaves no config.yaml behind
         _prepare_output_dir(run_cfg)

@@ -113,3 +113,33 @@ def test_t5_settings_on_sana_exit_2_before_loading(tiny_sana, tiny_models, tmp_p
     args = _run_args(tiny_sana, tiny_models, tmp_path, "adrpo")
     assert train_sd3_adrpo.main([*args, "--drop_t5", "--output_dir", str(tmp_path / "a")]) == 2
     assert "do not apply to SANA" in capsys.readouterr().err
+
+
+def test_a_resolution_the_dc_ae_cannot_divide_exits_2_before_the_run_starts(tiny_sana, tiny_models, tmp_path, capsys,
+                                                                            monkeypatch):
+    """SANA's DC-AE downsamples x32 (patch 1), more than the x16 the config checks: 48 px would round the latent down
+    to one token a side and sample 32 px images. The tiny stand-in's DC-AE is x4, so its factor is raised here."""
+    from types import SimpleNamespace
+
+    from sd3_adrpo.families import SD3, FluxFamily, SanaFamily
+    from sd3_adrpo.models import load_pipeline
+
+    SANA, FLUX = SanaFamily(), FluxFamily()
+    pipe = load_pipeline(str(tiny_sana))
+    assert SANA.resolution_multiple(pipe) == 4  # 64 px -> 16 x 16 latents of patch 1 (its three DC-AE blocks)
+    real = lambda k, patch: SimpleNamespace(vae_scale_factor=k, transformer=SimpleNamespace(  # noqa: E731
+        config=SimpleNamespace(patch_size=patch)))
+    with pytest.raises(ValueError, match="multiple of 32.*e.g. 32"):
+        SANA.check_resolution(real(32, 1), 48)
+    SANA.check_resolution(real(32, 1), 1024)
+    SD3.check_resolution(real(8, 2), 1024)
+    with pytest.raises(ValueError, match="multiple of 16.*e.g. 1008"):
+        SD3.check_resolution(real(8, 2), 1020)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        FLUX.check_resolution(real(8, 1), 1000)  # FLUX's transformer patch is 1, its 2 x 2 packing makes it 16
+
+    monkeypatch.setattr(SanaFamily, "resolution_multiple", lambda self, pipe: 32)
+    args = _run_args(tiny_sana, tiny_models, tmp_path, "adrpo")
+    assert train_sd3_adrpo.main([*args, "--resolution", "48", "--output_dir", str(tmp_path / "run")]) == 2
+    assert "resolution 48 does not suit this SanaPipeline: it must be a multiple of 32" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "config.yaml").exists()  # a failed start leaves no run behind
