@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -211,6 +212,24 @@ def _subset(path: Optional[str], n: int, seed: int) -> list[str]:
     return seeded_subset(load_prompts(path), n, seed) if path else []
 
 
+def set_aside_best(out: Path, keep_best: Optional[str], monitor: Monitor) -> None:
+    """On resume with another keep_best signal: the best/ chosen by the old one is kept, renamed
+    best_by_<old>_it<its iteration>/, and best/ is chosen anew from the resume point on (the earlier policies the new
+    signal would pick are not on disk)."""
+    chosen = out / "best" / "best.json"
+    if keep_best is None or not chosen.is_file():
+        return
+    kept = json.loads(chosen.read_text())
+    old = kept["signal"]
+    if old == keep_best:
+        return
+    aside = out / f"best_by_{old.lstrip('-')}{'_lowest' if old.startswith('-') else ''}_it{kept['iteration']}"
+    replace_folder(out / "best", aside)
+    monitor.best = None
+    print(f"keep_best is now {keep_best!r}: the best/ chosen by {old!r} is kept as {aside}; best/ is chosen again "
+          "from the evaluations after this resume")
+
+
 def _warn_long_prompts(pipe, prompts: list[str]) -> None:
     limit = getattr(pipe, "tokenizer_max_length", None)  # the CLIP context (SD3, FLUX); SANA's Gemma has none
     if limit is None:
@@ -330,6 +349,7 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
             truncate_metrics(out / "eval_metrics.jsonl", start + 1)
             if (out / "eval_metrics.jsonl").is_file():  # the monitor's best so far (and base, replaced below)
                 monitor.resume(read_jsonl(out / "eval_metrics.jsonl"))
+            set_aside_best(out, cfg.keep_best, monitor)
         print(f"resumed from {resume} at iteration {start}")
     elif run_start.start_over and accelerator.is_main_process:  # a requeued run with no checkpoint yet: from scratch
         truncate_metrics(out / "metrics.jsonl", 0)

@@ -215,3 +215,28 @@ def test_a_resumed_run_compares_with_the_base_evaluated_as_it_now_evaluates(tiny
     resumed = rows(out)[-1]
     assert resumed["iteration"] == 2 and rows(out)[0]["brightness"] != pytest.approx(base_on_3["brightness"])
     assert resumed["brightness_change"] == pytest.approx(resumed["brightness"] - base_on_3["brightness"])
+
+
+def test_a_resume_with_another_keep_best_signal_keeps_the_old_best_aside_and_chooses_anew(tiny_run_args, tmp_path):
+    """best/ chosen by clip_score at iteration 1; resumed with keep_best -w2_divergence, that folder is kept as
+    best_by_clip_score_it1/ and best/ is chosen by the new signal among the evaluations after the resume only."""
+    import json
+
+    import train_sd3_adrpo
+
+    out = tmp_path / "run"
+    common = [*tiny_run_args, "--output_dir", str(out), "--num_iterations", "3", "--eval_every", "1",
+              "--eval_num_prompts", "2", "--eval_images_per_prompt", "2", "--sample_every", "0"]
+    assert train_sd3_adrpo.main([*common, "--keep_best", "clip_score", "--alarms", "brightness_change > -2 stop"]) == 3
+    first = json.loads((out / "best" / "best.json").read_text())
+    assert first["iteration"] == 1 and first["signal"] == "clip_score"
+    assert train_sd3_adrpo.main([*common, "--keep_best=-w2_divergence", "--resume_from", "latest"]) == 0
+    aside = out / "best_by_clip_score_it1"
+    assert json.loads((aside / "best.json").read_text()) == first
+    assert (aside / "pytorch_lora_weights.safetensors").is_file()
+    rows = [json.loads(line) for line in (out / "eval_metrics.jsonl").read_text().splitlines()]
+    best = json.loads((out / "best" / "best.json").read_text())
+    after = [r for r in rows if r["iteration"] >= 2]  # the resume was at iteration 1
+    lowest = min(after, key=lambda r: r["w2_divergence"])
+    assert best == {"iteration": lowest["iteration"], "signal": "-w2_divergence",
+                    "value": pytest.approx(lowest["w2_divergence"])}
