@@ -35,6 +35,7 @@ class ModelFamily:
     pipeline_class = "StableDiffusion3Pipeline"
     transformer_class = "SD3Transformer2DModel"
     text_encoders: tuple[str, ...] = ("text_encoder", "text_encoder_2", "text_encoder_3")
+    sequence_tokenizer = "tokenizer_3"  # the long-sequence encoder's (T5, Gemma): max_sequence_length truncates it
     true_cfg = True  # guidance_scale > 1: v_u + w (v_c - v_u) from the empty prompt's branch
     euler = True  # the sampler's own Euler step on ``schedule``'s sigmas; else a fresh copy of the pipeline's scheduler
 
@@ -154,6 +155,7 @@ class FluxFamily(ModelFamily):
     pipeline_class = "FluxPipeline"
     transformer_class = "FluxTransformer2DModel"
     text_encoders = ("text_encoder", "text_encoder_2")
+    sequence_tokenizer = "tokenizer_2"
     true_cfg = False
 
     def __init__(self, guidance: Optional[float] = None):
@@ -227,6 +229,7 @@ class SanaFamily(ModelFamily):
     pipeline_class = "SanaPipeline"
     transformer_class = "SanaTransformer2DModel"
     text_encoders = ("text_encoder",)
+    sequence_tokenizer = "tokenizer"  # Gemma-2's (its prompt after the instruction prefix gets about as many)
     euler = False
 
     def load(self, pretrained_model: str, *, dtype=None, revision=None, drop_t5=False, t5_8bit=False):

@@ -230,14 +230,24 @@ def set_aside_best(out: Path, keep_best: Optional[str], monitor: Monitor) -> Non
           "from the evaluations after this resume")
 
 
-def _warn_long_prompts(pipe, prompts: list[str]) -> None:
-    limit = getattr(pipe, "tokenizer_max_length", None)  # the CLIP context (SD3, FLUX); SANA's Gemma has none
-    if limit is None:
-        return
-    long = [p for p in prompts if len(pipe.tokenizer(p).input_ids) > limit]
-    if long:
-        print(f"warning: {len(long)} of {len(prompts)} prompts exceed the CLIP context of {limit} tokens and will be "
-              f"truncated, e.g. {long[0][:80]!r}")
+def _warn_long_prompts(pipe, prompts: list[str], max_sequence_length: Optional[int] = None) -> None:
+    """Say how many prompts the text encoders will cut short: CLIP's context (SD3, FLUX) and the long-sequence
+    encoder's max_sequence_length (T5 of SD3 and FLUX, SANA's Gemma-2), each the tokens it keeps, its specials
+    included."""
+    family = family_for_pipeline(pipe)
+    checks = []
+    if family.sequence_tokenizer != "tokenizer":  # the CLIP context (SD3, FLUX); SANA's Gemma has none
+        checks.append(("the CLIP context", getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_max_length", None)))
+    if max_sequence_length is not None:
+        name = "max_sequence_length of " + ("Gemma-2" if family.sequence_tokenizer == "tokenizer" else "T5")
+        checks.append((name, getattr(pipe, family.sequence_tokenizer, None), max_sequence_length))
+    for what, tokenizer, limit in checks:
+        if tokenizer is None or limit is None:  # dropped (drop_t5) or not there
+            continue
+        long = [p for p in prompts if len(tokenizer(p).input_ids) > limit]
+        if long:
+            print(f"warning: {len(long)} of {len(prompts)} prompts exceed {what} ({limit} tokens) and will be "
+                  f"truncated, e.g. {long[0][:80]!r}")
 
 
 def train(cfg: TrainConfig) -> Path:
@@ -301,7 +311,7 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
     if accelerator.is_main_process:  # only once the models load: a failed start leaves no config.yaml behind
         _prepare_output_dir(run_cfg)
     accelerator.wait_for_everyone()
-    _warn_long_prompts(pipe, train_prompts + grid_prompts + final_prompts + traj_prompts)
+    _warn_long_prompts(pipe, train_prompts + grid_prompts + final_prompts + traj_prompts, cfg.t5_length)
     base_transformer = pipe.transformer
     if cfg.gradient_checkpointing:
         base_transformer.enable_gradient_checkpointing()

@@ -182,3 +182,18 @@ def test_table1_takes_a_flux_base_and_its_lora(tiny_flux, tiny_models, tmp_path)
     runs = {label: json.loads((out / "runs" / f"{label}.json").read_text())["metrics"] for label in table.rows}
     assert runs["Base"]["w2_divergence"]["mean"] == 0 and runs["LoRA"]["w2_divergence"]["mean"] > 0
     assert runs["Base"]["clip_score"]["mean"] != runs["LoRA"]["clip_score"]["mean"]
+
+
+def test_prompts_longer_than_t5s_max_sequence_length_are_said_to_be_truncated(tiny_flux, capsys):
+    from sd3_adrpo.models import load_pipeline
+    from sd3_adrpo.trainer import _warn_long_prompts
+
+    pipe = load_pipeline(str(tiny_flux["dev"]))
+    short, long = "a red circle", "a red circle to the left of a blue square above a green triangle"
+    n_long = len(pipe.tokenizer_2(long).input_ids)
+    assert len(pipe.tokenizer_2(short).input_ids) < n_long  # T5 tokens, </s> included
+    _warn_long_prompts(pipe, [short, long], max_sequence_length=n_long - 1)
+    out = capsys.readouterr().out
+    assert f"1 of 2 prompts exceed max_sequence_length of T5 ({n_long - 1} tokens)" in out and repr(long[:80]) in out
+    _warn_long_prompts(pipe, [short, long], max_sequence_length=n_long)  # exactly fits: nothing cut
+    assert "max_sequence_length" not in capsys.readouterr().out

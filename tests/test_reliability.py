@@ -183,7 +183,7 @@ def test_long_prompts_warn(tiny_pipe, capsys):
     from sd3_adrpo.trainer import _warn_long_prompts
 
     _warn_long_prompts(tiny_pipe, ["a red circle", "a " + "very " * 30 + "long prompt"])
-    assert "1 of 2 prompts exceed the CLIP context of 16 tokens" in capsys.readouterr().out
+    assert "1 of 2 prompts exceed the CLIP context (16 tokens)" in capsys.readouterr().out
 
 
 def test_a_second_sigterm_stops_at_once_with_its_own_exit_code_and_no_traceback(run_args, tmp_path):

@@ -143,3 +143,13 @@ def test_a_resolution_the_dc_ae_cannot_divide_exits_2_before_the_run_starts(tiny
     assert train_sd3_adrpo.main([*args, "--resolution", "48", "--output_dir", str(tmp_path / "run")]) == 2
     assert "resolution 48 does not suit this SanaPipeline: it must be a multiple of 32" in capsys.readouterr().err
     assert not (tmp_path / "run" / "config.yaml").exists()  # a failed start leaves no run behind
+
+
+def test_prompts_longer_than_gemmas_max_sequence_length_are_said_to_be_truncated(tiny_sana, capsys):
+    from sd3_adrpo.models import load_pipeline
+    from sd3_adrpo.trainer import _warn_long_prompts
+
+    pipe = load_pipeline(str(tiny_sana))
+    _warn_long_prompts(pipe, ["a red circle", "a blue square to the left of a red circle"], max_sequence_length=20)
+    out = capsys.readouterr().out  # the tiny Gemma tokenizer is one token a character, plus <bos>
+    assert "1 of 2 prompts exceed max_sequence_length of Gemma-2 (20 tokens)" in out and "CLIP" not in out
