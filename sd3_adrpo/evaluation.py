@@ -139,26 +139,23 @@ def w2_divergence(transformer, rollout, generator: torch.Generator, first: int =
     - ``w2_divergence_unconditional``: of the empty-prompt branch v_u (with CFG only).
     """
     from sd3_adrpo.losses import noised, per_sample_mse
-    from sd3_adrpo.models import guide, reference_mode, velocity_fields
+    from sd3_adrpo.update import policy_and_reference
 
     latents = rollout.latents.float()
     n, total = len(latents), total or len(latents)
     noise = torch.randn((total, *latents.shape[1:]), generator=generator)[first : first + n].to(latents)
     sigmas = torch.rand(total, generator=generator)[first : first + n].to(latents.device)
     x_t, _ = noised(latents, noise, sigmas)
-    args = (x_t, sigmas, rollout.prompt_embeds, rollout.pooled_embeds, rollout.uncond_embeds, rollout.family)
-    theta = velocity_fields(transformer, *args)
-    with reference_mode(transformer):
-        ref = velocity_fields(transformer, *args)
-    w = rollout.guidance_scale
-
-    def w2(a, b):
-        return per_sample_mse(a, b).cpu().numpy()
-
-    out = {"w2_divergence": w2(guide(*theta, w), guide(*ref, w)), "w2_divergence_conditional": w2(theta[0], ref[0])}
-    if theta[1] is not None:
-        out["w2_divergence_unconditional"] = w2(theta[1], ref[1])
-    return out
+    # the fields the guided loss compares (loss_guidance: guided), with its per-branch W2 terms
+    with torch.no_grad():
+        v_theta, v_ref, terms = policy_and_reference(transformer, transformer, x_t, sigmas, rollout.prompt_embeds,
+                                                     rollout.pooled_embeds,
+                                                     (rollout.uncond_embeds, rollout.guidance_scale), rollout.family)
+    guided = per_sample_mse(v_theta, v_ref)
+    out = {"w2_divergence": guided, "w2_divergence_conditional": terms.get("w2_conditional", guided)}
+    if "w2_unconditional" in terms:
+        out["w2_divergence_unconditional"] = terms["w2_unconditional"]
+    return {k: v.cpu().numpy() for k, v in out.items()}
 
 
 def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
