@@ -110,8 +110,9 @@ class OpenClipScore(Metric):
 
 
 @register_metric("pickscore")
-class PickScore(Metric):
-    """exp(logit_scale) * cos(image, text), raw (neither divided nor softmaxed), with a transformers CLIPModel.
+class PickScore(ClipScore):
+    """exp(logit_scale) * cos(image, text), raw (neither divided nor softmaxed), with a transformers CLIPModel (its
+    embeddings are ClipScore's, batch by batch).
 
     ``processor``: where the CLIPProcessor comes from; by default the weights' own folder when it has one, else the
     LAION ViT-H-14 processor PickScore was trained with."""
@@ -136,18 +137,10 @@ class PickScore(Metric):
 
     @torch.no_grad()
     def __call__(self, images, prompts: list[str]) -> np.ndarray:
-        images = as_uint8_images(images, prompts)
-        out = []
-        for s in batches(len(images), self.batch_size):
-            px = self.processor(images=list(images[s]), return_tensors="pt")["pixel_values"].to(self.device)
-            tok = self.processor(text=prompts[s], padding=True, truncation=True, max_length=77,
-                                 return_tensors="pt").to(self.device)
-            img = F.normalize(_embedding(self.model.get_image_features(pixel_values=px)).float(), dim=-1)
-            txt = F.normalize(_embedding(self.model.get_text_features(input_ids=tok["input_ids"],
-                                                                      attention_mask=tok["attention_mask"])).float(),
-                              dim=-1)
-            out.append(self.model.logit_scale.exp().float() * (img * txt).sum(-1))
-        return torch.cat(out).double().cpu().numpy()
+        as_uint8_images(images, prompts)
+        img = F.normalize(self.embed_images(images), dim=-1)
+        txt = F.normalize(self.embed_texts(prompts), dim=-1)
+        return (self.model.logit_scale.exp().float() * (img * txt).sum(-1)).double().cpu().numpy()
 
 
 @register_metric("aesthetic")
