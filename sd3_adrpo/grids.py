@@ -67,11 +67,12 @@ def select_grid_prompts(cfg: TrainConfig) -> list[str]:
 def prompt_categories(judge_specs: list[str], prompts: list[str]) -> Optional[list[str]]:
     """Prompt categories from the first judge that sorts prompts into any and needs no weights for it (categories
     are asked of a judge built without weights only where its class defines them, so no model is loaded)."""
-    from sd3_adrpo.metrics import Metric, metric_class, parse_metric_spec
+    from sd3_adrpo.metrics import Metric, metric_class
+    from sd3_adrpo.reward_spec import judge_term
 
     for spec in judge_specs:
-        try:
-            cls = metric_class(parse_metric_spec(spec)[0])
+        try:  # read as the judges setting reads it (NAME[@WEIGHTS] or a one-entry YAML mapping with options)
+            cls = metric_class(judge_term(spec).spec)
             if cls.categories is Metric.categories:
                 continue
             categories = cls().categories(prompts)

@@ -65,3 +65,14 @@ def test_the_periodic_grid_prompts_cover_the_tiny_worlds_categories(monkeypatch)
     assert len(set(Oracle().categories(prompts))) == 4  # the first four held-out prompts were all of one category
     cfg.judges = []
     assert select_grid_prompts(cfg) == seeded_subset(Path(cfg.eval_prompts).read_text().splitlines(), 4, cfg.seed)
+
+
+def test_a_judge_written_as_a_yaml_mapping_sorts_prompts_as_its_short_form_does():
+    from sd3_adrpo.grids import prompt_categories
+    from tinyworld.scorers import Oracle
+
+    prompts = ["a red circle", "two blue squares", "a red circle to the left of a blue square"]
+    expected = Oracle().categories(prompts)
+    assert prompt_categories(["tinyworld.scorers:Oracle"], prompts) == expected
+    assert prompt_categories(["{tinyworld.scorers:Oracle: {}}"], prompts) == expected
+    assert prompt_categories(["clip_score"], prompts) is None  # a judge without categories sorts nothing
