@@ -508,8 +508,14 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
                         pictures["tradeoff"] = figure_array(tradeoff_figure({cfg.method: load_trajectory(out)}))
                 row["time_total"] = time.perf_counter() - t0
                 append_jsonl(out / "metrics.jsonl", row)  # before the checkpoint: a checkpoint implies its rows
-                log_images(accelerator, pictures, step=iteration)
-                accelerator.log(row, step=iteration)
+                # trackers: what was measured of the policy after `done` iterations (the periodic evaluation, its
+                # alarms, the grids, named iter_<done>) at step `done`, as eval_metrics.jsonl and samples/ number
+                # it, and the base's at 0; this iteration's rollout and update statistics at its own index
+                after = {k: v for k, v in row.items() if k.startswith(("eval_", "alarm_"))}
+                accelerator.log({k: v for k, v in row.items() if k not in after}, step=iteration)
+                if after:
+                    accelerator.log(after, step=done)
+                log_images(accelerator, pictures, step=done)
                 if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.num_iterations:
                     checkpoint(done)
             bar.set_postfix(reward=f"{row.get('reward_mean', float('nan')):.2f}", w2=f"{row.get('w2', 0.0):.2e}")

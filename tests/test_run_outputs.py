@@ -79,7 +79,11 @@ def test_tensorboard_events_hold_the_scalars_and_the_pictures(finished_run):
     assert [e.step for e in logged] == [0, 1]  # one point per iteration, the same numbers as metrics.jsonl
     assert [e.value for e in logged] == pytest.approx([r["reward_mean"] for r in rows])
     assert {"samples", "tradeoff", "final_eval/base_vs_trained"} <= set(tags["images"])
-    assert [e.step for e in events.Images("samples")] == [0, 0, 1]  # the base's grid, then after each iteration
+    # the base's grid at 0, then the grid after iteration k at k, as samples/iter_<k>.png; the periodic evaluation
+    # after k iterations at k too, as eval_metrics.jsonl numbers it
+    assert [e.step for e in events.Images("samples")] == [0, 1, 2]
+    evals = [json.loads(line) for line in (out / "eval_metrics.jsonl").read_text().splitlines()]
+    assert [e.step for e in events.Scalars("eval_clip_score")] == [r["iteration"] for r in evals if r["iteration"]]
     from PIL import Image
 
     for tag in ("samples", "tradeoff", "final_eval/base_vs_trained"):
