@@ -76,6 +76,10 @@ def test_parse_reward_forms():
     assert parse_reward("http://127.0.0.1:8765=0.5,open_clip", "ViT-B-32", "openai") == [
         RewardTerm("http://127.0.0.1:8765", 0.5), RewardTerm("open_clip", 1.0, "ViT-B-32", {"pretrained": "openai"},
                                                              model_from="reward_model")]
+    # the reward's CLIP (reward_model) is the weights of a CLIP score only: PickScore keeps its own default
+    from sd3_adrpo.rewards import check_reward
+
+    assert check_reward("pickscore", "CLIP")[0].model is None and check_reward("clip", "CLIP")[0].model == "CLIP"
     for bad, says in [("clip=lots", "the weight after '=' must be a finite number"), ("clip=0", "every weight is 0"),
                       ("clip,clip", "names a scorer twice"), (5, "must be a scorer name"), ("", "names no scorer"),
                       ({"clip": "high"}, "the weight must be a finite number")]:

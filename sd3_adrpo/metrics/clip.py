@@ -30,8 +30,38 @@ def clip_scores(img_emb: torch.Tensor, txt_emb: torch.Tensor, clamp: bool = True
     return score.clamp(min=0) if clamp else score
 
 
+class _ClipEmbeddings:
+    """Raw (unnormalised) embeddings of a transformers ``CLIPModel`` and its ``CLIPProcessor`` (``self.model``,
+    ``self.processor``), ``batch_size`` at a time, float32 on ``self.device``: what ClipScore and PickScore share."""
+
+    @property
+    def projection_dim(self) -> int:
+        return self.model.config.projection_dim
+
+    @torch.no_grad()
+    def embed_images(self, images) -> torch.Tensor:
+        """(B, D) image embeddings."""
+        images = as_uint8_images(images)
+        out = []
+        for s in batches(len(images), self.batch_size):
+            px = self.processor(images=list(images[s]), return_tensors="pt")["pixel_values"].to(self.device)
+            out.append(_embedding(self.model.get_image_features(pixel_values=px)).float())
+        return torch.cat(out) if out else torch.zeros(0, self.projection_dim, device=self.device)
+
+    @torch.no_grad()
+    def embed_texts(self, prompts: list[str]) -> torch.Tensor:
+        """(B, D) text embeddings, each prompt cut at the text model's context (77 tokens for CLIP)."""
+        context = min(self.processor.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
+        out = []
+        for s in batches(len(prompts), self.batch_size):
+            tok = self.processor.tokenizer(prompts[s], padding=True, truncation=True, max_length=context,
+                                           return_tensors="pt")
+            out.append(_embedding(self.model.get_text_features(**tok.to(self.device))).float())
+        return torch.cat(out) if out else torch.zeros(0, self.projection_dim, device=self.device)
+
+
 @register_metric("clip_score")
-class ClipScore(Metric):
+class ClipScore(_ClipEmbeddings, Metric):
     """100 * cos(image, text) with a transformers ``CLIPModel`` (hub id, e.g. openai/clip-vit-large-patch14, or a
     local folder) and its ``CLIPProcessor``, clamped at 0 per pair (``clip_scores``). The project's one CLIP score:
     the ``clip`` reward, the evaluation's ClipScore and ClipDiversity (``embed_images``) and the aesthetic predictor's
@@ -48,28 +78,6 @@ class ClipScore(Metric):
         self.model = load_pretrained(lambda w: CLIPModel.from_pretrained(w, dtype=torch.float32), weights,
                                      self.name or "clip_score", expects).to(self.device).eval().requires_grad_(False)
         self.processor = load_pretrained(CLIPProcessor.from_pretrained, weights, self.name or "clip_score", expects)
-
-    @property
-    def projection_dim(self) -> int:
-        return self.model.config.projection_dim
-
-    @torch.no_grad()
-    def embed_images(self, images) -> torch.Tensor:
-        """Raw (unnormalised) CLIP image embeddings (B, D), float32 on the scorer's device."""
-        images = as_uint8_images(images)
-        out = []
-        for s in batches(len(images), self.batch_size):
-            px = self.processor(images=list(images[s]), return_tensors="pt")["pixel_values"].to(self.device)
-            out.append(_embedding(self.model.get_image_features(pixel_values=px)).float())
-        return torch.cat(out) if out else torch.zeros(0, self.projection_dim, device=self.device)
-
-    @torch.no_grad()
-    def embed_texts(self, prompts: list[str]) -> torch.Tensor:
-        out = []
-        for s in batches(len(prompts), self.batch_size):
-            tok = self.processor.tokenizer(prompts[s], padding=True, truncation=True, return_tensors="pt")
-            out.append(_embedding(self.model.get_text_features(**tok.to(self.device))).float())
-        return torch.cat(out) if out else torch.zeros(0, self.projection_dim, device=self.device)
 
     def __call__(self, images, prompts: list[str]) -> np.ndarray:
         as_uint8_images(images, prompts)
@@ -110,9 +118,9 @@ class OpenClipScore(Metric):
 
 
 @register_metric("pickscore")
-class PickScore(ClipScore):
-    """exp(logit_scale) * cos(image, text), raw (neither divided nor softmaxed), with a transformers CLIPModel (its
-    embeddings are ClipScore's, batch by batch).
+class PickScore(_ClipEmbeddings, Metric):
+    """exp(logit_scale) * cos(image, text), raw (neither divided nor softmaxed), with a transformers CLIPModel (the
+    embeddings ClipScore computes; not a ClipScore: it never takes the reward's CLIP as its weights).
 
     ``processor``: where the CLIPProcessor comes from; by default the weights' own folder when it has one, else the
     LAION ViT-H-14 processor PickScore was trained with."""
