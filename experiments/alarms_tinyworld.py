@@ -14,14 +14,15 @@ balanced over the oracle's categories, keeps its best policy by oracle accuracy 
 alarm: each records its whole trajectory, and every candidate rule is replayed on it afterwards
 (``sd3_adrpo.monitor``'s own alarm logic), so one set of runs answers for every threshold.
 
-Damage: the first monitored iteration at which a run's oracle accuracy is more than --damage below its base's (the
-iteration-0 evaluation of the same prompts and noise). A rule is a candidate default when, on the tune group, it
-fires strictly before the damage in every collapsing run and never in a healthy one; its threshold is then placed
-halfway (geometrically for W2) between the healthy runs' most extreme value and the least extreme value a collapsing
-run reached before its damage. The chosen rules are then reported on the held-out group: the lead (iterations from
-the first alarm to the damage) in each collapsing run, and every firing in a healthy one (false alarms). keep-best:
-each run's final/ and best/ are evaluated on --eval_num_prompts held-out prompts x 4 images (the reproduction's set;
-for the tune group best/ was chosen on tune prompts, so that comparison is on prompts the choice never saw).
+Damage: the first monitored iteration from which a run's oracle accuracy stays more than --damage below its base's
+(the iteration-0 evaluation of the same prompts and noise) for --damage_confirm evaluations in a row. A rule is a
+candidate default when, on the tune group, it fires strictly before the damage in every damaged run and never in a
+healthy one; its threshold is then placed halfway (geometrically for W2) between the healthy runs' most extreme value
+and the least extreme value a damaged run reached before its damage. The chosen rules together (an alarm is any of
+them firing) are then reported on the held-out group: the lead (iterations from the first alarm to the damage) in
+each damaged run, and every firing in a healthy one (false alarms). keep-best: each run's final/ and best/ are
+evaluated on --eval_num_prompts held-out prompts x --images_per_prompt images (the reproduction's set), compared for
+the tune group only, whose best/ was chosen on tune prompts, never on the prompts it is judged on.
 
 The runs, their records and resuming across sessions are the reproduction's (``reproduce_tinyworld.run_tasks``).
 Writes under --out: tasks.json, run_records.json, alarms.json (the chosen rules and every candidate's figures),
@@ -101,9 +102,11 @@ def points(trajectory: list[dict]) -> list[dict]:
             for r in rows]
 
 
-def damage_iteration(pts: list[dict], drop: float) -> Optional[int]:
-    """The first iteration at which the judge is more than ``drop`` below the base's; None if it never is."""
-    return next((p["iteration"] for p in pts[1:] if p.get(f"{JUDGE}_change", 0.0) < -drop), None)
+def damage_iteration(pts: list[dict], drop: float, confirm: int = 1) -> Optional[int]:
+    """The first iteration from which the judge stays more than ``drop`` below the base's for ``confirm``
+    evaluations in a row (fewer at the end of the run): one evaluation's noise is not damage. None if never."""
+    below = [p.get(f"{JUDGE}_change", 0.0) < -drop for p in pts[1:]]
+    return next((pts[1 + j]["iteration"] for j in range(len(below)) if all(below[j : j + confirm])), None)
 
 
 def first_firing(rule: str, pts: list[dict]) -> Optional[int]:
@@ -118,44 +121,75 @@ def extreme(values: list[float], op: str) -> Optional[float]:
     return (max(values) if op == ">" else min(values)) if values else None
 
 
-def choose(tune: dict[str, list[dict]], drop: float) -> list[dict]:
+def qualifies(rule: str, runs: dict[str, list[dict]], drop: float, confirm: int) -> bool:
+    """Replayed on ``runs``: ``rule`` never fires in a healthy run and fires strictly before the damage in every
+    damaged one that was evaluated at least once before its damage."""
+    for name, pts in runs.items():
+        fired, dmg = first_firing(rule, pts), damage_iteration(pts, drop, confirm)
+        if not group(name)[2] and fired is not None:
+            return False
+        if group(name)[2] and dmg is not None and dmg > pts[1]["iteration"] and (fired is None or fired >= dmg):
+            return False
+    return True
+
+
+def choose(tune: dict[str, list[dict]], drop: float, confirm: int = 1) -> list[dict]:
     """For every candidate (signal, direction): the healthy tune runs' most extreme value, each damaged tune run's
-    most extreme value before its damage (None: no evaluation before it), whether a threshold separates them, and
-    where it is put. A run of an over-optimising configuration that is never damaged constrains nothing."""
+    most extreme value before its damage, whether a threshold separates them, and where it is put (halfway,
+    geometrically for W2; written to 3 significant digits where that still separates). A run of an over-optimising
+    configuration that is never damaged constrains nothing; one damaged at its first evaluation after the base
+    (``too_fast``) cannot be warned of at this monitoring interval by any rule, and constrains nothing either."""
     rows = []
     for signal, op in CANDIDATES:
-        healthy, before = [], {}
+        healthy, before, too_fast = [], {}, []
         for name, pts in tune.items():
-            dmg = damage_iteration(pts, drop)
+            dmg = damage_iteration(pts, drop, confirm)
             if not group(name)[2]:
                 healthy += [p.get(signal) for p in pts[1:]]
+            elif dmg is not None and dmg == pts[1]["iteration"]:
+                too_fast.append(name)
             elif dmg is not None:
                 before[name] = extreme([p.get(signal) for p in pts[1:] if p["iteration"] < dmg], op)
         h = extreme(healthy, op)
         reached = [v for v in before.values() if v is not None]
         least = (min(reached) if op == ">" else max(reached)) if len(reached) == len(before) and reached else None
         separable = h is not None and least is not None and (least > h if op == ">" else least < h)
-        threshold = None
+        threshold, rule = None, None
         if separable:
             threshold = math.sqrt(h * least) if signal == "w2_divergence" and h > 0 else (h + least) / 2
+            rule = next((r for r in (f"{signal} {op} {threshold:.3g}", f"{signal} {op} {threshold!r}")
+                         if qualifies(r, tune, drop, confirm)), None)
+            separable = rule is not None
         rows.append({"signal": signal, "op": op, "healthy_extreme": h, "collapsing_before_damage": before,
-                     "separable": separable, "threshold": threshold,
-                     "rule": None if threshold is None else f"{signal} {op} {threshold:.3g}"})
+                     "too_fast": too_fast, "separable": separable, "threshold": threshold if separable else None,
+                     "rule": rule})
     return rows
 
 
-def evaluate_rules(rules: list[str], runs: dict[str, list[dict]], drop: float) -> dict[str, dict]:
-    """Per run: its damage iteration, each rule's first firing, the earliest firing of any, the lead (damage minus
-    the earliest firing; None where either is missing)."""
+def evaluate_rules(rules: list[str], runs: dict[str, list[dict]], drop: float, confirm: int = 1) -> dict[str, dict]:
+    """Per run, the chosen rules together (an alarm is any of them firing): its damage iteration, each rule's first
+    firing, the earliest firing of any, the lead (damage minus that earliest firing; None where either is missing)."""
     out = {}
     for name, pts in runs.items():
         fires = {rule: first_firing(rule, pts) for rule in rules}
         first = min((f for f in fires.values() if f is not None), default=None)
-        dmg = damage_iteration(pts, drop)
+        dmg = damage_iteration(pts, drop, confirm)
         out[name] = {"damage": dmg, "fires": fires, "first": first,
                      "lead": None if dmg is None or first is None else dmg - first,
                      "last_iteration": pts[-1]["iteration"]}
     return out
+
+
+def verdict(results: dict[str, dict]) -> dict:
+    """The issue's two figures: false alarms in the healthy runs, and the lead in each damaged over-optimising run
+    (None: missed, the alarm came at or after the damage, or never); plus how often the damage test itself marked a
+    healthy run (the noise of the damage definition)."""
+    healthy = [n for n in results if not group(n)[2]]
+    damaged = {n: r for n, r in results.items() if group(n)[2] and r["damage"] is not None}
+    return {"healthy_runs": len(healthy), "false_alarms": sorted(n for n in healthy if results[n]["first"] is not None),
+            "healthy_marked_damaged": sorted(n for n in healthy if results[n]["damage"] is not None),
+            "leads": {n: (r["lead"] if r["lead"] is not None and r["lead"] > 0 else None) for n, r in damaged.items()},
+            "undamaged_collapsing": sorted(n for n, r in results.items() if group(n)[2] and r["damage"] is None)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -166,12 +200,12 @@ def _v(x: Optional[float]) -> str:
 
 
 def candidates_table(rows: list[dict]) -> list[str]:
-    lines = ["| Signal | Fires when | Healthy runs' extreme | Collapsing runs' extreme before damage | Threshold |",
+    lines = ["| Signal | Fires when | Healthy runs' extreme | Collapsing runs' extreme before damage | Rule |",
              "|---|---|---|---|---|"]
     for r in rows:
-        before = ", ".join(f"{_v(v)}" for v in r["collapsing_before_damage"].values())
+        before = ", ".join(f"{_v(v)}" for v in r["collapsing_before_damage"].values()) or "–"
         lines.append(f"| `{r['signal']}` | {r['op']} | {_v(r['healthy_extreme'])} | {before} | "
-                     + (f"**{r['threshold']:.3g}**" if r["separable"] else "does not separate") + " |")
+                     + (f"**`{r['rule']}`**" if r["separable"] else "does not separate") + " |")
     return lines
 
 
@@ -180,7 +214,7 @@ def runs_table(results: dict[str, dict], rules: list[str]) -> list[str]:
              "|" + "---|" * (4 + len(rules))]
     for name, r in results.items():
         collapses = group(name)[2]
-        lead = ("–" if not collapses else "no damage" if r["damage"] is None else
+        lead = ("no damage" if r["damage"] is None else
                 "missed" if r["lead"] is None or r["lead"] <= 0 else f"{r['lead']}")
         if not collapses:
             lead = "false alarm" if r["first"] is not None else "none fired (correct)"
@@ -191,13 +225,25 @@ def runs_table(results: dict[str, dict], rules: list[str]) -> list[str]:
     return lines
 
 
+def verdict_lines(v: dict) -> list[str]:
+    leads = ", ".join(f"{n}: {'missed' if x is None else f'{x} iterations'}" for n, x in v["leads"].items()) or "none"
+    return [f"- False alarms: {len(v['false_alarms'])} of {v['healthy_runs']} healthy runs"
+            + (f" ({', '.join(v['false_alarms'])})" if v["false_alarms"] else "") + ".",
+            f"- Lead before the damage, per damaged over-optimising run: {leads}.",
+            f"- Over-optimising runs never damaged: {', '.join(v['undamaged_collapsing']) or 'none'}; healthy runs the "
+            f"damage test marked (its own noise): {', '.join(v['healthy_marked_damaged']) or 'none'}."]
+
+
 def keep_best_table(done: dict) -> list[str]:
+    """final/ against best/ on the held-out evaluation, tune-group runs only: their best/ was chosen on tune prompts,
+    never on the prompts it is judged on (a held-out run's monitor prompts overlap the held-out evaluation)."""
     lines = ["| Run | best/ from iteration | Held-out oracle: final/ | best/ | best − final |", "|---|---|---|---|---|"]
     for name, r in done.items():
         best = r.get("budgets", {}).get("best")
-        if best is None or JUDGE not in r["metrics"]:
+        if best is None or JUDGE not in r["metrics"] or group(name)[0] != "tune" or len(r["trajectory"]) < 2:
             continue
-        it = max(r["trajectory"][1:], key=lambda p: p.get(JUDGE, -1))["iteration"] if len(r["trajectory"]) > 1 else "–"
+        # the monitor's choice: the first evaluation after the base with the highest judge (strictly better wins)
+        it = max(r["trajectory"][1:], key=lambda p: p.get(JUDGE, -1))["iteration"]
         lines.append(f"| {name} | {it} | {r['metrics'][JUDGE]:.3f} | {best[JUDGE]:.3f} | "
                      f"{best[JUDGE] - r['metrics'][JUDGE]:+.3f} |")
     return lines
@@ -215,12 +261,14 @@ def plot_monitor(runs: dict[str, list[dict]], rules: list[str], drop: float, pat
     fig, axes = plt.subplots(1, len(signals), figsize=(4.5 * len(signals), 3.6), squeeze=False)
     colours = dict(zip([c for c, (_, bad) in CONFIGS.items() if bad], ("tab:red", "tab:purple", "tab:orange")))
     for ax, (signal, threshold) in zip(axes[0], signals):
+        labelled = set()
         for name, pts in runs.items():
             split, config, collapses = group(name)
             xs = [p["iteration"] for p in pts if signal in p]
             ax.plot(xs, [p[signal] for p in pts if signal in p], color=colours.get(config, "0.6"),
                     ls="-" if split == "heldout" else "--", lw=1, alpha=0.9 if collapses else 0.6,
-                    label=f"{config} ({split})" if name.endswith(("_s0", "_s3")) else None)
+                    label=None if (config, split) in labelled else f"{config} ({split})")
+            labelled.add((config, split))
         ax.axhline(threshold, color="k", lw=0.8, ls=":")
         ax.set_title(signal if signal != JUDGE + "_change" else f"{JUDGE}_change (damage below {-drop:g})", fontsize=9)
         ax.set_xlabel("iteration")
@@ -238,24 +286,31 @@ def report(args, argv, out: Path, tasks: dict, done: dict, t0: float, worked: bo
     missing = len(tasks) - len(done)
     status = (f"All {len(tasks)} runs are done." if not missing else
               f"**Partial**: {len(done)} of {len(tasks)} runs are done (rerun the command to continue).")
-    rows = choose(tune, args.damage) if tune else []
+    drop, confirm = args.damage, args.damage_confirm
+    rows = choose(tune, drop, confirm) if tune else []
     rules = [r["rule"] for r in rows if r["separable"]]
-    results = {"tune": evaluate_rules(rules, tune, args.damage), "heldout": evaluate_rules(rules, heldout, args.damage)}
-    atomic_write_json(out / "alarms.json", {"damage": args.damage, "every": args.every,
+    results = {g: evaluate_rules(rules, runs, drop, confirm) for g, runs in (("tune", tune), ("heldout", heldout))}
+    verdicts = {g: verdict(r) for g, r in results.items()}
+    atomic_write_json(out / "alarms.json", {"damage": drop, "damage_confirm": confirm, "every": args.every,
                                             "monitor_prompts": args.monitor_prompts, "chosen": rules,
-                                            "candidates": rows, "runs": results})
+                                            "verdict": verdicts, "candidates": rows, "runs": results})
     body = [status, "", f"Monitor: every {args.every} iterations, {args.monitor_prompts} prompts balanced over the "
-            f"oracle's categories x {args.monitor_images} images; damage: "
-            f"oracle accuracy more than {args.damage:g} below the base's. Candidates chosen on the tune group; "
-            "reported on the held-out group.", "", "## Candidates (tune group)", "", *candidates_table(rows), "",
-            "## The chosen rules on every run", "", "Iteration of each rule's first firing (– : never).", "",
+            f"oracle's categories x {args.monitor_images} images. Damage: oracle accuracy more than {drop:g} below the "
+            f"base's (the same prompts and noise at iteration 0) at {confirm} evaluation(s) in a row. Rules chosen on "
+            "the tune group, reported on the held-out group; the alarm is any chosen rule firing, its lead the "
+            "iterations from the first firing to the damage.", "",
+            "## The verdict (held-out group)", "", *verdict_lines(verdicts["heldout"]), "",
+            "## Candidates (tune group)", "", *candidates_table(rows), "",
+            "## The chosen rules on every run", "", "Iteration of each rule's first firing (–: never).", "",
             "### Held-out group (the report)", "", *runs_table(results["heldout"], rules), "",
             "### Tune group (where they were chosen)", "", *runs_table(results["tune"], rules), "",
-            "## keep-best", "", f"final/ and best/ (by {JUDGE} on the run's monitor prompts) on {args.eval_num_prompts} "
-            "held-out prompts x 4 images; in the tune group best/ was chosen on tune prompts.", "",
+            *verdict_lines(verdicts["tune"]), "",
+            "## keep-best", "", f"final/ and best/ (by {JUDGE} on the run's tune-split monitor prompts) on "
+            f"{args.eval_num_prompts or 'all'} prompts of {args.eval_prompts} (seeded) x {args.images_per_prompt} "
+            "images; tune-group runs only (a held-out run's best/ was chosen on prompts that overlap these).", "",
             *keep_best_table(done), ""]
     if trajectories:
-        plot_monitor(trajectories, rules, args.damage, out / "monitor")
+        plot_monitor(trajectories, rules, drop, out / "monitor")
         body += ["## Trajectories", "", "![monitor](monitor.png)", ""]
     R.write_readme(out, "Tiny-world alarm calibration", "alarms_tinyworld.py", argv, args, t0, done, worked, body)
 
@@ -272,6 +327,8 @@ def main(argv=None) -> None:
     ap.add_argument("--every", type=int, default=10, help="monitor every N iterations")
     ap.add_argument("--monitor_prompts", type=int, default=64)
     ap.add_argument("--damage", type=float, default=0.02, help="an oracle-accuracy drop beyond this is damage")
+    ap.add_argument("--damage_confirm", type=int, default=2,
+                    help="... at this many evaluations in a row (one evaluation's noise is not damage)")
     ap.add_argument("--eval_prompts", default=SPLITS["heldout"], help="keep-best's final evaluation: held-out prompts")
     ap.add_argument("--eval_num_prompts", type=int, default=200)
     ap.add_argument("--images_per_prompt", type=int, default=4)
@@ -282,8 +339,10 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="results/tinyworld_alarms")
     ap.add_argument("train_overrides", nargs="*", help="extra --key value pairs for every training run, after --")
     args = ap.parse_args(argv)
-    if args.collapse_seeds < 1 or args.every < 1 or args.monitor_prompts < 0 or not 0 < args.damage < 1:
-        raise SystemExit("error: --collapse_seeds and --every must be >= 1, --monitor_prompts >= 0, --damage in (0, 1)")
+    if min(args.collapse_seeds, args.every, args.damage_confirm) < 1 or args.monitor_prompts < 0 \
+            or not 0 < args.damage < 1:
+        raise SystemExit("error: --collapse_seeds, --every and --damage_confirm must be >= 1, --monitor_prompts >= 0, "
+                         "--damage in (0, 1)")
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

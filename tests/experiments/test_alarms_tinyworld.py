@@ -16,10 +16,10 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import alarms_tinyworld as A  # noqa: E402
 
 
-def _trajectory(oracle, w2, diversity):
+def _trajectory(oracle, w2, diversity, **more):
     """Rows as eval_metrics.jsonl holds them, every 10 iterations from the base at 0."""
-    return [{"iteration": 10 * i, "oracle_accuracy": o, "w2_divergence": w, "clip_diversity": d}
-            for i, (o, w, d) in enumerate(zip(oracle, w2, diversity))]
+    return [{"iteration": 10 * i, "oracle_accuracy": o, "w2_divergence": w, "clip_diversity": d,
+             **{k: v[i] for k, v in more.items()}} for i, (o, w, d) in enumerate(zip(oracle, w2, diversity))]
 
 
 # healthy: W2 grows to 0.01, diversity falls by 10%; collapsing: W2 already 0.04 at iteration 10, the oracle drops by
@@ -30,31 +30,69 @@ COLLAPSE = _trajectory([0.20, 0.19, 0.15, 0.08], [0.0, 0.04, 0.09, 0.2], [30.0, 
 COLLAPSE_2 = _trajectory([0.20, 0.195, 0.19, 0.10], [0.0, 0.02, 0.06, 0.15], [30.0, 29.0, 29.0, 24.0])
 
 
-def test_damage_is_the_first_evaluation_more_than_the_margin_below_the_base():
+def _tune(**runs):
+    return {name: A.points(t) for name, t in runs.items()}
+
+
+def test_damage_is_where_the_oracle_stays_more_than_the_margin_below_the_base():
     pts = A.points(COLLAPSE)
     assert A.damage_iteration(pts, 0.02) == 20  # 0.19 is only 0.01 below 0.20; 0.15 is 0.05 below
     assert A.damage_iteration(pts, 0.06) == 30
     assert A.damage_iteration(A.points(HEALTHY), 0.02) is None  # 0.19 at iteration 20 is exactly 0.01 below
+    blip = A.points(_trajectory([0.20, 0.17, 0.20, 0.20, 0.16], [0.0] * 5, [30.0] * 5))
+    assert A.damage_iteration(blip, 0.02, confirm=1) == 10
+    # two in a row: the blip at 10 is not damage; the drop at the last evaluation is (nothing after it to confirm)
+    assert A.damage_iteration(blip, 0.02, confirm=2) == 40
+    assert A.damage_iteration(A.points(COLLAPSE), 0.02, confirm=2) == 20
 
 
 def test_a_threshold_is_placed_between_the_healthy_extreme_and_the_least_a_collapse_reached_before_its_damage():
-    tune = {"tune_main_s0": A.points(HEALTHY), "tune_main_s1": A.points(HEALTHY_2),
-            "tune_raft_lr1e-3_s0": A.points(COLLAPSE), "tune_dpo_b125_s0": A.points(COLLAPSE_2)}
+    tune = _tune(tune_main_s0=HEALTHY, tune_main_s1=HEALTHY_2, **{"tune_raft_lr1e-3_s0": COLLAPSE,
+                                                                   "tune_dpo_b125_s0": COLLAPSE_2})
     rows = {(r["signal"], r["op"]): r for r in A.choose(tune, 0.02)}
     w2 = rows["w2_divergence", ">"]
     # healthy extreme 0.01; before damage RAFT reached 0.04 (iteration 10), DPO 0.06 (iterations 10, 20; damage at 30)
     assert w2["healthy_extreme"] == 0.01 and w2["collapsing_before_damage"] == {"tune_raft_lr1e-3_s0": 0.04,
                                                                                 "tune_dpo_b125_s0": 0.06}
     assert w2["separable"] and w2["threshold"] == pytest.approx(math.sqrt(0.01 * 0.04))  # geometric, the nearer one
+    assert w2["rule"] == "w2_divergence > 0.02"
     div = rows["clip_diversity_rel_change", "<"]
     # healthy runs lose 10% (-3/30) and 7.8%; before damage RAFT lost 5%, DPO 3.3%: the healthy loss is larger
     assert div["healthy_extreme"] == pytest.approx(-0.1) and not div["separable"] and div["rule"] is None
     assert rows["colour_entropy_rel_change", "<"]["healthy_extreme"] is None  # not recorded: not a candidate
 
 
+def test_a_falling_signal_separates_downwards_and_a_collapse_too_fast_for_the_interval_constrains_nothing():
+    # colour entropy: healthy runs lose at most 5%, RAFT 30% before its damage at 20; a third run is damaged at
+    # its first evaluation (10), before any alarm could fire, and is set aside rather than making every rule fail
+    healthy = _trajectory([0.2] * 4, [0.0, 0.01, 0.01, 0.01], [30.0] * 4, colour_entropy=[4.0, 3.9, 3.8, 3.9])
+    raft = _trajectory([0.2, 0.2, 0.1, 0.05], [0.0, 0.01, 0.01, 0.01], [30.0] * 4, colour_entropy=[4.0, 2.8, 2.0, 1.0])
+    fast = _trajectory([0.2, 0.1, 0.05, 0.05], [0.0, 0.01, 0.01, 0.01], [30.0] * 4, colour_entropy=[4.0, 4.0, 4.0, 4.0])
+    tune = _tune(tune_main_s0=healthy, **{"tune_raft_lr1e-3_s0": raft, "tune_dpo_b125_s0": fast})
+    rows = {(r["signal"], r["op"]): r for r in A.choose(tune, 0.02, confirm=2)}
+    ce = rows["colour_entropy_rel_change", "<"]
+    assert ce["too_fast"] == ["tune_dpo_b125_s0"] and ce["collapsing_before_damage"] == {
+        "tune_raft_lr1e-3_s0": pytest.approx(-0.3)}
+    assert ce["separable"] and ce["threshold"] == pytest.approx((-0.05 - 0.3) / 2)
+    assert ce["rule"] == "colour_entropy_rel_change < -0.175"
+    assert not rows["colour_entropy_rel_change", ">"]["separable"]  # nobody rose
+
+
+def test_a_threshold_rounded_onto_the_healthy_side_is_written_in_full():
+    healthy = _trajectory([0.2, 0.2], [0.0, 0.01234], [30.0, 30.0])
+    raft = _trajectory([0.2, 0.2, 0.1], [0.0, 0.01236, 0.02], [30.0] * 3)
+    rows = {(r["signal"], r["op"]): r for r in A.choose(_tune(tune_main_s0=healthy, **{"tune_raft_lr1e-3_s0": raft}),
+                                                        0.02)}
+    w2 = rows["w2_divergence", ">"]
+    # the midpoint 0.012349... to 3 digits is 0.0123, below the healthy 0.01234: it would fire in the healthy run
+    assert w2["separable"] and w2["rule"] == f"w2_divergence > {math.sqrt(0.01234 * 0.01236)!r}"
+    assert A.qualifies(w2["rule"], _tune(tune_main_s0=healthy, **{"tune_raft_lr1e-3_s0": raft}), 0.02, 1)
+    assert not A.qualifies("w2_divergence > 0.0123", _tune(tune_main_s0=healthy), 0.02, 1)
+
+
 def test_the_lead_is_iterations_from_the_first_firing_to_the_damage_and_a_healthy_firing_is_a_false_alarm():
     runs = {"heldout_raft_lr1e-3_s3": A.points(COLLAPSE), "heldout_main_s3": A.points(HEALTHY),
-            "heldout_dpo_b125_s3": A.points(COLLAPSE_2)}
+            "heldout_dpo_b125_s3": A.points(COLLAPSE_2), "heldout_main_s4": A.points(HEALTHY_2)}
     results = A.evaluate_rules(["w2_divergence > 0.05", "clip_diversity_rel_change < -0.09"], runs, 0.02)
     raft = results["heldout_raft_lr1e-3_s3"]
     # W2 crosses 0.05 at 20 (0.09), diversity at 20 (-13%); the damage is at 20: no lead
@@ -68,9 +106,20 @@ def test_the_lead_is_iterations_from_the_first_firing_to_the_damage_and_a_health
     assert "| heldout_main_s3 | no | – | – | 30 | false alarm |" in table
     assert "| heldout_raft_lr1e-3_s3 | yes | 20 | 20 | 20 | missed |" in table
     assert "| heldout_dpo_b125_s3 | yes | 30 | 20 | 30 | 10 |" in table
+    v = A.verdict(results)
+    assert v["healthy_runs"] == 2 and v["false_alarms"] == ["heldout_main_s3"] and v["healthy_marked_damaged"] == []
+    assert v["leads"] == {"heldout_raft_lr1e-3_s3": None, "heldout_dpo_b125_s3": 10}
 
 
-def test_the_default_design_monitors_each_group_on_its_own_split_and_keeps_best(tmp_path):
+def test_keep_best_compares_final_and_best_for_tune_runs_only():
+    traj = _trajectory([0.20, 0.22, 0.24, 0.10], [0.0] * 4, [30.0] * 4)
+    result = lambda final, best: {"metrics": {"oracle_accuracy": final}, "budgets": {"best": {  # noqa: E731
+        "oracle_accuracy": best}}, "trajectory": traj}
+    lines = A.keep_best_table({"tune_raft_lr1e-3_s0": result(0.06, 0.17), "heldout_raft_lr1e-3_s3": result(0.05, 0.2)})
+    assert lines[2:] == ["| tune_raft_lr1e-3_s0 | 20 | 0.060 | 0.170 | +0.110 |"]  # best/ is iteration 20's (0.24)
+
+
+def test_the_default_design_monitors_each_group_on_its_own_split_and_keeps_best():
     args = argparse.Namespace(configs=list(A.CONFIGS), tune_seeds=[0, 1, 2], heldout_seeds=[3, 4, 5], collapse_seeds=2,
                               every=10, monitor_prompts=64)
     base = A.parse_args(["--config", "configs/tiny.yaml"])
@@ -107,7 +156,10 @@ def test_alarm_driver_at_reduced_size_evaluates_best_and_final_and_resumes_from_
         assert record["settings"]["eval_prompts"] == A.SPLITS[name.split("_")[0]]
         assert "colour_entropy" in tasks[name]["trajectory"][0]
     report = json.loads((out / "alarms.json").read_text())
-    assert {(r["signal"], r["op"]) for r in report["candidates"]} == set(A.CANDIDATES)
+    # every candidate watches a signal the monitor really reports (a misspelt one would never separate)
+    seen = A.points(tasks["tune_main_s0"]["trajectory"])[1]
+    assert all(signal in seen for signal, _ in A.CANDIDATES), [s for s, _ in A.CANDIDATES if s not in seen]
+    assert report["verdict"]["heldout"]["healthy_runs"] == 1
     assert set(report["runs"]["heldout"]) == {n for n in tasks if n.startswith("heldout_")}
     assert "## keep-best" in (out / "README.md").read_text() and (out / "monitor.png").is_file()
     # a fresh clone (no runs/, eval/, logs/) reuses every finished run from the record
