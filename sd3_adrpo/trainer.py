@@ -406,6 +406,7 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
             point, _, _ = monitor.observe(0, trajectory_point(cfg, traj_prompts, sampler, eval_clip, reward_fn, judges,
                                                             held_out_metadata))
             append_jsonl(out / "eval_metrics.jsonl", {"iteration": 0, **point})
+            accelerator.log({f"eval_{k}": v for k, v in point.items()}, step=0)
     elif traj_prompts and (cfg.alarms or cfg.keep_best) and accelerator.is_main_process:
         # a resumed run's alarms compare with the base evaluated as this run evaluates (the prompt set, images per
         # prompt and judges may have changed on resume): the same seeds give the same numbers when nothing did

@@ -83,7 +83,8 @@ def test_tensorboard_events_hold_the_scalars_and_the_pictures(finished_run):
     # after k iterations at k too, as eval_metrics.jsonl numbers it
     assert [e.step for e in events.Images("samples")] == [0, 1, 2]
     evals = [json.loads(line) for line in (out / "eval_metrics.jsonl").read_text().splitlines()]
-    assert [e.step for e in events.Scalars("eval_clip_score")] == [r["iteration"] for r in evals if r["iteration"]]
+    assert [e.step for e in events.Scalars("eval_clip_score")] == [r["iteration"] for r in evals]  # the base's at 0
+    assert [e.value for e in events.Scalars("eval_clip_score")] == pytest.approx([r["clip_score"] for r in evals])
     from PIL import Image
 
     for tag in ("samples", "tradeoff", "final_eval/base_vs_trained"):
