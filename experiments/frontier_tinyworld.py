@@ -382,11 +382,7 @@ def main(argv=None) -> None:
         report_check(R.check_records(tasks, args, base_cfg, out), len(tasks), out)
         return
     if args.report:
-        results = json.loads((out / "tasks.json").read_text()) if (out / "tasks.json").is_file() else {}
-        records = R.read_records(out)
-        current = {n for n in tasks if n in results and not R.record_problems(tasks[n], records.get(n), results[n],
-                                                                             args, base_cfg, out)}
-        report(args, argv, out, points, {n: results[n] for n in current}, t0, False, len(tasks))
+        report(args, argv, out, points, R.current_results(tasks, args, base_cfg, out), t0, False, len(tasks))
         return
     R.refuse_stale(tasks, args, base_cfg, out)
     # ADRPO and fixed beta at clip +-beta first (the question), then the noise floor, then the rest; seed by seed

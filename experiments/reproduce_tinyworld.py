@@ -240,6 +240,15 @@ def check_records(tasks: dict[str, Task], args, base_cfg, out: Path) -> list[str
     return problems
 
 
+def current_results(tasks: dict[str, Task], args, base_cfg, out: Path) -> dict[str, dict]:
+    """{task: its result in out/tasks.json} for the tasks whose record and result are current (a driver's --report:
+    the tables from what is done, without running anything). Reads no run folder."""
+    results = json.loads((out / "tasks.json").read_text()) if (out / "tasks.json").is_file() else {}
+    records = read_records(out)
+    return {n: results[n] for n in tasks
+            if n in results and not record_problems(tasks[n], records.get(n), results[n], args, base_cfg, out)}
+
+
 def committed_and_current(tasks: dict[str, Task], previous: dict, records: dict, args, base_cfg, out: Path) -> set:
     """The tasks a fresh clone need not run again: no local folder of theirs (a local run folder is reused if it
     holds a finished LoRA, and trained again from scratch if not), and a committed record and result that are

@@ -167,3 +167,7 @@ def test_alarm_driver_at_reduced_size_evaluates_best_and_final_and_resumes_from_
         (out / d).rename(tmp_path / d)
     check = subprocess.run([*args[:2], "--check", *args[2:]], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert check.returncode == 0 and "all 4 run(s)" in check.stdout, check.stderr[-2000:]
+    written = (out / "alarms.json").read_text()
+    (out / "alarms.json").unlink()  # --report chooses and reports again from the record alone
+    report = subprocess.run([*args[:2], "--report", *args[2:]], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert report.returncode == 0 and (out / "alarms.json").read_text() == written, report.stderr[-2000:]

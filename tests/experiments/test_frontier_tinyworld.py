@@ -146,6 +146,9 @@ def test_frontier_driver_at_reduced_size_evaluates_each_budget_and_resumes_from_
     again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "3 of 3 task(s) are recorded as done" in again.stdout, again.stderr[-2000:]
     assert not (out / "runs").exists() and (out / "frontier.md").read_text() == table
+    (out / "frontier.md").unlink()  # --report writes the tables again from the record alone
+    report = subprocess.run([*args[:2], "--report", *args[2:]], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert report.returncode == 0 and (out / "frontier.md").read_text() == table, report.stderr[-2000:]
 
 
 def test_the_noise_floor_is_the_perturbed_twins_distance_from_its_original_per_seed():
