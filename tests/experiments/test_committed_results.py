@@ -72,7 +72,7 @@ def test_the_reproduction_figure_keeps_its_data_in_the_tables_order():
     fig = json.loads((RESULTS / "tinyworld/fig3.json").read_text())
     rows = [line.split("|")[1].strip() for line in (RESULTS / "tinyworld/table1.md").read_text().splitlines()
             if line.startswith("| ") and not line.startswith("| Method")]
-    assert list(fig) == [r for r in rows if r != "Base"] and len(fig) == 5
+    assert list(fig) == [r for r in rows if r != "Base"] and len(fig) == 10  # 5 methods x both loss_guidance
     assert all(traj and [r["iteration"] for r in traj] == sorted(r["iteration"] for r in traj) for traj in fig.values())
 
 
