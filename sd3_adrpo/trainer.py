@@ -235,14 +235,12 @@ def _warn_long_prompts(pipe, prompts: list[str], max_sequence_length: Optional[i
     encoder's max_sequence_length (T5 of SD3 and FLUX, SANA's Gemma-2), each the tokens it keeps, its specials
     included."""
     family = family_for_pipeline(pipe)
-    checks = []
-    if family.sequence_tokenizer != "tokenizer":  # the CLIP context (SD3, FLUX); SANA's Gemma has none
-        checks.append(("the CLIP context", getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_max_length", None)))
-    if max_sequence_length is not None:
-        name = "max_sequence_length of " + ("Gemma-2" if family.sequence_tokenizer == "tokenizer" else "T5")
-        checks.append((name, getattr(pipe, family.sequence_tokenizer, None), max_sequence_length))
+    # the CLIP context (SD3, FLUX; SANA's pipeline has no tokenizer_max_length), then the long-sequence encoder's
+    checks = [("the CLIP context", getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_max_length", None)),
+              (f"max_sequence_length of {'Gemma-2' if family.name == 'sana' else 'T5'}",
+               getattr(pipe, family.sequence_tokenizer, None), max_sequence_length)]
     for what, tokenizer, limit in checks:
-        if tokenizer is None or limit is None:  # dropped (drop_t5) or not there
+        if tokenizer is None or limit is None:  # dropped (drop_t5), not there, or no limit given
             continue
         long = [p for p in prompts if len(tokenizer(p).input_ids) > limit]
         if long:
