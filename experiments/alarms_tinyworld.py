@@ -6,8 +6,8 @@ has lost held-out oracle accuracy, and never in the healthy main job.
     python experiments/alarms_tinyworld.py --report                      # the report from what is done
     python experiments/alarms_tinyworld.py --check --jobs 2 --threads 1  # is the record current? seconds
 
-Runs: the healthy main job (configs/tiny.yaml as it is) and two configurations that over-optimise here (RAFT at the
-shared learning rate, configs/tiny_collapse.yaml's; DPO at beta 125), in two groups that share nothing: the *tune*
+Runs: the healthy main job (configs/tiny.yaml as it is) and three configurations that over-optimise here (RAFT at the
+shared learning rate 1e-3, fast; DPO at beta 125; RAFT at its tuned 1e-4, slow), in two groups that share nothing: the *tune*
 group's monitor watches prompts of the tune split (training seeds --tune_seeds), the *held-out* group's watches
 held-out prompts (--heldout_seeds). Every run is monitored every --every iterations on --monitor_prompts prompts
 balanced over the oracle's categories, keeps its best policy by oracle accuracy as best/ (keep_best) and acts on no
@@ -57,6 +57,8 @@ CONFIGS = {
     "main": ({}, False),
     "raft_lr1e-3": ({"method": "raft", "raft_fraction": 0.25, "learning_rate": 1e-3}, True),
     "dpo_b125": ({"method": "dpo", "dpo_beta": 125.0}, True),
+    # RAFT at its tuned rate over-optimises too, more slowly (results/tinyworld: held-out oracle 0.18 -> 0.06 by 120)
+    "raft_lr1e-4": ({"method": "raft", "raft_fraction": 0.25, "learning_rate": 1e-4}, True),
 }
 # the signals an alarm may watch without a judge (what would catch hacking on SD3 too), each with the direction(s)
 # in which it departs when a run goes wrong; the oracle is the damage being predicted, never a candidate

@@ -124,8 +124,9 @@ def test_the_default_design_monitors_each_group_on_its_own_split_and_keeps_best(
                               every=10, monitor_prompts=64)
     base = A.parse_args(["--config", "configs/tiny.yaml"])
     tasks = A.plan(args, base)
-    assert len(tasks) == 2 * (3 + 2 + 2)
+    assert len(tasks) == 2 * (3 + 2 + 2 + 2)
     assert {n for n in tasks if n.startswith("heldout_dpo")} == {"heldout_dpo_b125_s3", "heldout_dpo_b125_s4"}
+    assert tasks["heldout_raft_lr1e-4_s4"].overrides["learning_rate"] == 1e-4
     tune, held = tasks["tune_raft_lr1e-3_s1"].overrides, tasks["heldout_main_s5"].overrides
     assert tune["eval_prompts"] == "prompts/tinyworld_tune.txt" and held["eval_prompts"] == "prompts/tinyworld_heldout.txt"
     assert tune["learning_rate"] == 1e-3 and tune["method"] == "raft" and "method" not in held
