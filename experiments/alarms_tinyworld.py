@@ -15,10 +15,11 @@ alarm: each records its whole trajectory, and every candidate rule is replayed o
 (``sd3_adrpo.monitor``'s own alarm logic), so one set of runs answers for every threshold.
 
 Damage: the first monitored iteration from which a run's oracle accuracy stays more than --damage below its base's
-(the iteration-0 evaluation of the same prompts and noise) for --damage_confirm evaluations in a row. A rule is a
-candidate default when, on the tune group, it fires strictly before the damage in every damaged run and never in a
-healthy one; its threshold is then placed halfway (geometrically for W2) between the healthy runs' most extreme value
-and the least extreme value a damaged run reached before its damage. The chosen rules together (an alarm is any of
+(the iteration-0 evaluation of the same prompts and noise) for --damage_confirm evaluations in a row. A rule is
+chosen when, on the tune group, it never fires in a healthy run and fires strictly before the damage in at least one
+damaged run; its threshold is placed halfway (geometrically for W2) between the healthy runs' most extreme value and
+the least extreme value one of the runs it warns of reached before its damage (the runs it cannot warn of are listed:
+one slow collapse that no label-free signal sees must not hide the rules that see the others). The chosen rules together (an alarm is any of
 them firing) are then reported on the held-out group: the lead (iterations from the first alarm to the damage) in
 each damaged run, and every firing in a healthy one (false alarms). keep-best: each run's final/ and best/ are
 evaluated on --eval_num_prompts held-out prompts x --images_per_prompt images (the reproduction's set), compared for
@@ -137,10 +138,13 @@ def qualifies(rule: str, runs: dict[str, list[dict]], drop: float, confirm: int)
 
 def choose(tune: dict[str, list[dict]], drop: float, confirm: int = 1) -> list[dict]:
     """For every candidate (signal, direction): the healthy tune runs' most extreme value, each damaged tune run's
-    most extreme value before its damage, whether a threshold separates them, and where it is put (halfway,
-    geometrically for W2; written to 3 significant digits where that still separates). A run of an over-optimising
-    configuration that is never damaged constrains nothing; one damaged at its first evaluation after the base
-    (``too_fast``) cannot be warned of at this monitoring interval by any rule, and constrains nothing either."""
+    most extreme value before its damage, and the damaged runs it can warn of (those that went beyond every healthy
+    value before their damage). A candidate with at least one is chosen: its threshold goes halfway (geometrically
+    for W2) between the healthy extreme and the least extreme of the runs it warns of, written to 3 significant
+    digits where that still fires before their damage and never in a healthy run. The runs it cannot warn of are
+    listed, not allowed to veto it: the chosen rules together are the alarm, and the report says what none of them
+    saw. A run of an over-optimising configuration that is never damaged constrains nothing; one damaged at its
+    first evaluation after the base (``too_fast``) cannot be warned of at this monitoring interval by any rule."""
     rows = []
     for signal, op in CANDIDATES:
         healthy, before, too_fast = [], {}, []
@@ -153,30 +157,34 @@ def choose(tune: dict[str, list[dict]], drop: float, confirm: int = 1) -> list[d
             elif dmg is not None:
                 before[name] = extreme([p.get(signal) for p in pts[1:] if p["iteration"] < dmg], op)
         h = extreme(healthy, op)
-        reached = [v for v in before.values() if v is not None]
-        least = (min(reached) if op == ">" else max(reached)) if len(reached) == len(before) and reached else None
-        separable = h is not None and least is not None and (least > h if op == ">" else least < h)
+        beyond = {} if h is None else {n: v for n, v in before.items()
+                                       if v is not None and (v > h if op == ">" else v < h)}
         threshold, rule = None, None
-        if separable:
+        if beyond:
+            least = min(beyond.values()) if op == ">" else max(beyond.values())
             threshold = math.sqrt(h * least) if signal == "w2_divergence" and h > 0 else (h + least) / 2
+            judged = {n: p for n, p in tune.items() if not group(n)[2] or n in beyond}
             rule = next((r for r in (f"{signal} {op} {threshold:.3g}", f"{signal} {op} {threshold!r}")
-                         if qualifies(r, tune, drop, confirm)), None)
-            separable = rule is not None
+                         if qualifies(r, judged, drop, confirm)), None)
+        separable = rule is not None
         rows.append({"signal": signal, "op": op, "healthy_extreme": h, "collapsing_before_damage": before,
                      "too_fast": too_fast, "separable": separable, "threshold": threshold if separable else None,
-                     "rule": rule})
+                     "rule": rule, "warns_of": sorted(beyond) if separable else [],
+                     "misses": sorted(set(before) - set(beyond)) if separable else sorted(before)})
     return rows
 
 
 def evaluate_rules(rules: list[str], runs: dict[str, list[dict]], drop: float, confirm: int = 1) -> dict[str, dict]:
     """Per run, the chosen rules together (an alarm is any of them firing): its damage iteration, each rule's first
-    firing, the earliest firing of any, the lead (damage minus that earliest firing; None where either is missing)."""
+    firing, the earliest firing of any and the judge's change from the base there, the lead (damage minus that earliest firing; None where
+    either is missing)."""
     out = {}
     for name, pts in runs.items():
         fires = {rule: first_firing(rule, pts) for rule in rules}
         first = min((f for f in fires.values() if f is not None), default=None)
         dmg = damage_iteration(pts, drop, confirm)
-        out[name] = {"damage": dmg, "fires": fires, "first": first,
+        at_first = next((p.get(f"{JUDGE}_change") for p in pts if p["iteration"] == first), None)
+        out[name] = {"damage": dmg, "fires": fires, "first": first, "judge_change_at_first": at_first,
                      "lead": None if dmg is None or first is None else dmg - first,
                      "last_iteration": pts[-1]["iteration"]}
     return out
@@ -202,18 +210,25 @@ def _v(x: Optional[float]) -> str:
 
 
 def candidates_table(rows: list[dict]) -> list[str]:
-    lines = ["| Signal | Fires when | Healthy runs' extreme | Collapsing runs' extreme before damage | Rule |",
-             "|---|---|---|---|---|"]
+    lines = ["| Signal | Fires when | Healthy runs' extreme | Damaged runs' extreme before damage | Rule | Warns of | "
+             "Cannot warn of |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         before = ", ".join(f"{_v(v)}" for v in r["collapsing_before_damage"].values()) or "–"
         lines.append(f"| `{r['signal']}` | {r['op']} | {_v(r['healthy_extreme'])} | {before} | "
-                     + (f"**`{r['rule']}`**" if r["separable"] else "does not separate") + " |")
+                     + (f"**`{r['rule']}`**" if r["separable"] else "none: no damaged run went beyond the healthy")
+                     + f" | {', '.join(r['warns_of']) or '–'} | {', '.join(r['misses']) or '–'} |")
     return lines
 
 
+def judge_noise(runs: dict[str, list[dict]]) -> Optional[float]:
+    """The healthy runs' lowest judge change from their base: how far the monitor's own noise moves it (a judge
+    alarm must sit beyond it)."""
+    return extreme([p.get(f"{JUDGE}_change") for n, pts in runs.items() if not group(n)[2] for p in pts[1:]], "<")
+
+
 def runs_table(results: dict[str, dict], rules: list[str]) -> list[str]:
-    lines = ["| Run | Over-optimises | Damage at | " + " | ".join(f"`{r}`" for r in rules) + " | Lead |",
-             "|" + "---|" * (4 + len(rules))]
+    lines = ["| Run | Over-optimises | Damage at | " + " | ".join(f"`{r}`" for r in rules)
+             + f" | Lead | {JUDGE} change at the first alarm |", "|" + "---|" * (5 + len(rules))]
     for name, r in results.items():
         collapses = group(name)[2]
         lead = ("no damage" if r["damage"] is None else
@@ -223,7 +238,7 @@ def runs_table(results: dict[str, dict], rules: list[str]) -> list[str]:
         lines.append(f"| {name} | {'yes' if collapses else 'no'} | "
                      f"{'–' if r['damage'] is None else r['damage']} | "
                      + " | ".join("–" if r["fires"][rule] is None else str(r["fires"][rule]) for rule in rules)
-                     + f" | {lead} |")
+                     + f" | {lead} | {_v(r.get('judge_change_at_first'))} |")
     return lines
 
 
@@ -293,15 +308,20 @@ def report(args, argv, out: Path, tasks: dict, done: dict, t0: float, worked: bo
     rules = [r["rule"] for r in rows if r["separable"]]
     results = {g: evaluate_rules(rules, runs, drop, confirm) for g, runs in (("tune", tune), ("heldout", heldout))}
     verdicts = {g: verdict(r) for g, r in results.items()}
+    noise = {g: judge_noise(runs) for g, runs in (("tune", tune), ("heldout", heldout))}
     atomic_write_json(out / "alarms.json", {"damage": drop, "damage_confirm": confirm, "every": args.every,
                                             "monitor_prompts": args.monitor_prompts, "chosen": rules,
+                                            "healthy_lowest_judge_change": noise,
                                             "verdict": verdicts, "candidates": rows, "runs": results})
     body = [status, "", f"Monitor: every {args.every} iterations, {args.monitor_prompts} prompts balanced over the "
             f"oracle's categories x {args.monitor_images} images. Damage: oracle accuracy more than {drop:g} below the "
             f"base's (the same prompts and noise at iteration 0) at {confirm} evaluation(s) in a row. Rules chosen on "
             "the tune group, reported on the held-out group; the alarm is any chosen rule firing, its lead the "
             "iterations from the first firing to the damage.", "",
-            "## The verdict (held-out group)", "", *verdict_lines(verdicts["heldout"]), "",
+            "## The verdict (held-out group)", "", *verdict_lines(verdicts["heldout"]),
+            f"- The monitor's own noise: the healthy runs' lowest {JUDGE} change from their base was "
+            f"{_v(noise['tune'])} (tune group) and {_v(noise['heldout'])} (held-out group); a judge alarm "
+            f"(`{JUDGE}_change < ...`) must sit beyond it.", "",
             "## Candidates (tune group)", "", *candidates_table(rows), "",
             "## The chosen rules on every run", "", "Iteration of each rule's first firing (–: never).", "",
             "### Held-out group (the report)", "", *runs_table(results["heldout"], rules), "",

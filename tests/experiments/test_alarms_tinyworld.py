@@ -56,9 +56,11 @@ def test_a_threshold_is_placed_between_the_healthy_extreme_and_the_least_a_colla
                                                                                 "tune_dpo_b125_s0": 0.06}
     assert w2["separable"] and w2["threshold"] == pytest.approx(math.sqrt(0.01 * 0.04))  # geometric, the nearer one
     assert w2["rule"] == "w2_divergence > 0.02"
+    assert w2["warns_of"] == ["tune_dpo_b125_s0", "tune_raft_lr1e-3_s0"] and w2["misses"] == []
     div = rows["clip_diversity_rel_change", "<"]
     # healthy runs lose 10% (-3/30) and 7.8%; before damage RAFT lost 5%, DPO 3.3%: the healthy loss is larger
     assert div["healthy_extreme"] == pytest.approx(-0.1) and not div["separable"] and div["rule"] is None
+    assert div["warns_of"] == [] and div["misses"] == ["tune_dpo_b125_s0", "tune_raft_lr1e-3_s0"]
     assert rows["colour_entropy_rel_change", "<"]["healthy_extreme"] is None  # not recorded: not a candidate
 
 
@@ -76,6 +78,20 @@ def test_a_falling_signal_separates_downwards_and_a_collapse_too_fast_for_the_in
     assert ce["separable"] and ce["threshold"] == pytest.approx((-0.05 - 0.3) / 2)
     assert ce["rule"] == "colour_entropy_rel_change < -0.175"
     assert not rows["colour_entropy_rel_change", ">"]["separable"]  # nobody rose
+
+
+def test_a_slow_collapse_no_signal_sees_is_listed_and_does_not_veto_the_rule_that_warns_of_the_others():
+    # a slow run loses oracle accuracy at iteration 20 while its W2 (0.005) is still inside the healthy range (0.01)
+    slow = _trajectory([0.20, 0.19, 0.17, 0.15], [0.0, 0.003, 0.005, 0.02], [30.0] * 4)
+    tune = _tune(tune_main_s0=HEALTHY, **{"tune_raft_lr1e-3_s0": COLLAPSE, "tune_raft_lr1e-4_s0": slow})
+    w2 = {(r["signal"], r["op"]): r for r in A.choose(tune, 0.02)}["w2_divergence", ">"]
+    assert w2["collapsing_before_damage"] == {"tune_raft_lr1e-3_s0": 0.04, "tune_raft_lr1e-4_s0": 0.003}
+    # the threshold sits between the healthy 0.01 and the collapse it warns of (0.04), not below the healthy range
+    assert w2["rule"] == "w2_divergence > 0.02" and w2["warns_of"] == ["tune_raft_lr1e-3_s0"]
+    assert w2["misses"] == ["tune_raft_lr1e-4_s0"]
+    results = A.evaluate_rules([w2["rule"]], tune, 0.02)
+    assert results["tune_raft_lr1e-4_s0"]["first"] is None and results["tune_raft_lr1e-4_s0"]["damage"] == 20
+    assert results["tune_raft_lr1e-3_s0"]["judge_change_at_first"] == pytest.approx(-0.01)  # fired at 10: 0.19
 
 
 def test_a_threshold_rounded_onto_the_healthy_side_is_written_in_full():
@@ -103,9 +119,9 @@ def test_the_lead_is_iterations_from_the_first_firing_to_the_damage_and_a_health
     healthy = results["heldout_main_s3"]
     assert healthy["fires"]["clip_diversity_rel_change < -0.09"] == 30 and healthy["damage"] is None  # a false alarm
     table = "\n".join(A.runs_table(results, list(raft["fires"])))
-    assert "| heldout_main_s3 | no | – | – | 30 | false alarm |" in table
-    assert "| heldout_raft_lr1e-3_s3 | yes | 20 | 20 | 20 | missed |" in table
-    assert "| heldout_dpo_b125_s3 | yes | 30 | 20 | 30 | 10 |" in table
+    assert "| heldout_main_s3 | no | – | – | 30 | false alarm | 0 |" in table  # 0.20 at 30, as the base
+    assert "| heldout_raft_lr1e-3_s3 | yes | 20 | 20 | 20 | missed | -0.05 |" in table
+    assert "| heldout_dpo_b125_s3 | yes | 30 | 20 | 30 | 10 | -0.01 |" in table
     v = A.verdict(results)
     assert v["healthy_runs"] == 2 and v["false_alarms"] == ["heldout_main_s3"] and v["healthy_marked_damaged"] == []
     assert v["leads"] == {"heldout_raft_lr1e-3_s3": None, "heldout_dpo_b125_s3": 10}
