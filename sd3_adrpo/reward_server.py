@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import http.client
 import json
 import math
 import sys
@@ -189,8 +190,8 @@ class RemoteScorer(Metric):
                     raise ScorerUnavailable(f"reward server {self.url}{path} refused the request (HTTP {e.code}): "
                                             f"{detail}") from None
                 last = f"answered HTTP {e.code} ({detail})"
-            except (urllib.error.URLError, OSError) as e:  # refused, reset, timed out
-                reason = getattr(e, "reason", e)
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as e:  # refused, reset, timed out,
+                reason = getattr(e, "reason", e)                                    # or cut off mid-answer
                 last = f"did not answer ({type(reason).__name__}: {reason})"
         raise ScorerUnavailable(f"reward server {self.url} {last} after {self.retries + 1} attempt(s) with a "
                                 f"{self.timeout:g} s timeout. Is it running? Start it with python -m "

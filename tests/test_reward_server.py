@@ -131,6 +131,30 @@ def test_garbage_errors_and_timeouts_are_retried_a_bounded_number_of_times_then_
         assert server.posts == posts and time.perf_counter() - t0 < 10
 
 
+class _CutOff(_Scripted):
+    """Answers /score with a longer Content-Length than it sends, then hangs up: a server killed mid-answer."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.posts += 1
+        body = self.server.answer[1]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body) + 93))
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True
+
+
+def test_an_answer_cut_off_mid_way_is_retried_then_reported_as_a_server_that_did_not_answer():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _CutOff)
+    server.daemon_threads, server.posts, server.answer = True, 0, (200, b'{"scores": [1.0, 2.0]}', 0.0)
+    with _serving(server) as url:
+        remote = RemoteScorer(url, timeout=5, retries=2, backoff=0.01)
+        with pytest.raises(ScorerUnavailable, match="did not answer \\(IncompleteRead.* after 3 attempt"):
+            remote(_images(2), ["a", "b"])
+        assert server.posts == 3
+
+
 def test_a_scorer_error_is_reported_not_retried_and_a_down_server_is_named():
     scorer = _Counting()
     with _serving(make_server(WeightedReward([RewardTerm("x")], [scorer]))) as url:
