@@ -125,20 +125,24 @@ def at_budget(result: dict, budget: int, last: int) -> dict:
     return result["metrics"] if budget == last else result["budgets"][str(budget)]
 
 
-def paired(done: dict, point: dict, budget: int, last: int, metric: str) -> Optional[np.ndarray]:
+def paired(done: dict, point: dict, budget: int, last: int, metric: str,
+           partial: bool = False) -> Optional[np.ndarray]:
     """Per seed: the point's metric minus the base's at that seed (W2: the run's own, the base's being 0); None when
-    a seed of the point (or its base) is not done."""
+    a seed of the point (or its base) is not done, or with ``partial`` (a table of a run in progress) over the seeds
+    that are done, None when none is."""
     values = []
     for name in point["tasks"]:
         seed = name.rsplit("_s", 1)[1]
         if name not in done or f"base_s{seed}" not in done:
+            if partial:
+                continue
             return None
         v = at_budget(done[name], budget, last).get(metric)
         base = 0.0 if metric == "w2_divergence" else done[f"base_s{seed}"]["metrics"].get(metric)
         if v is None or base is None:
             return None
         values.append(v - base)
-    return np.array(values)
+    return np.array(values) if values else None
 
 
 def mean_se(x: np.ndarray) -> tuple[float, float]:
@@ -163,14 +167,18 @@ def oracle_metrics(done: dict) -> list[str]:
 def frontier_table(done: dict, points: dict, budgets: list[int]) -> list[str]:
     oracle = oracle_metrics(done)
     cols = ["Point", "Iterations", "Δ ClipScore", "Δ ClipDiversity", "W2 (guided)"] + [
-        "Δ " + ("oracle" if k == "oracle_accuracy" else k.removeprefix("oracle_accuracy_")) for k in oracle]
+        "Δ " + ("oracle" if k == "oracle_accuracy" else k.removeprefix("oracle_accuracy_")) for k in oracle] + [
+        "Seeds"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for name, point in points.items():
         for b in budgets:
-            cells = [fmt(paired(done, point, b, budgets[-1], "clip_score")),
-                     fmt(paired(done, point, b, budgets[-1], "clip_diversity")),
-                     fmt(paired(done, point, b, budgets[-1], "w2_divergence"), sci=True)]
-            cells += [fmt(paired(done, point, b, budgets[-1], k), scale=100, digits=1) for k in oracle]
+            def cell(metric, **how):  # over the seeds done so far; the last column says how many of them
+                return fmt(paired(done, point, b, budgets[-1], metric, partial=True), **how)
+
+            seeds = paired(done, point, b, budgets[-1], "clip_score", partial=True)
+            cells = [cell("clip_score"), cell("clip_diversity"), cell("w2_divergence", sci=True)]
+            cells += [cell(k, scale=100, digits=1) for k in oracle]
+            cells.append(f"{0 if seeds is None else len(seeds)} of {len(point['tasks'])}")
             lines.append(f"| {name} | {b} | " + " | ".join(cells) + " |")
     return lines
 
@@ -302,8 +310,9 @@ def report(args, argv, out: Path, points: dict, done: dict, t0: float, worked: b
     budgets = args.budgets
     missing = total - len(done)
     status = (f"All {total} runs are done." if not missing else
-              f"**Partial**: {len(done)} of {total} runs are done; the rest show as 'not run yet' (rerun the command "
-              "to continue: finished runs are reused).")
+              f"**Partial**: {len(done)} of {total} runs are done; a point's figures are over the seeds done so far (its "
+              "Seeds column), 'not run yet' where none is; the comparisons wait for every seed (rerun the command to "
+              "continue: finished runs are reused).")
     table = frontier_table(done, points, budgets)
     atomic_write_bytes(out / "frontier.md", ("\n".join(table) + "\n").encode())
     comparison = []

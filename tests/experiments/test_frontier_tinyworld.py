@@ -52,6 +52,12 @@ def test_paired_differences_are_against_the_base_at_the_same_seed():
     assert F.paired(done, point, 2, 2, "w2_divergence").tolist() == [1e-3, 3e-3]  # the run's own (the base's is 0)
     del done["base_s1"]
     assert F.paired(done, point, 2, 2, "clip_score") is None  # a seed without its base is not reported half-paired
+    # ... except in the table of a run in progress, which pairs the seeds that are done and says how many
+    assert F.paired(done, point, 2, 2, "clip_score", partial=True).tolist() == [1.0]
+    rows = F.frontier_table(done, {"adrpo_b1": point}, [2])
+    assert rows[0].endswith("| Seeds |") and rows[2] == "| adrpo_b1 | 2 | +1.00 | +0.00 | 1.00e-03 | +0.0 | 1 of 2 |"
+    done.pop("adrpo_b1_s0")
+    assert F.paired(done, point, 2, 2, "clip_score", partial=True) is None
 
 
 def test_matched_comparison_reads_both_frontiers_at_the_same_divergence_not_the_same_strength():

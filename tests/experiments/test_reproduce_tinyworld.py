@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_tinyworld_reproduction_at_reduced_size(tmp_path):
-    """The reproduction script end to end (two methods, one seed, the clipping ablation) on the shipped tiny world
-    (its default config), at a reduced size."""
+    """The reproduction script end to end (two methods, one seed; the clipping ablation's plan is checked below,
+    without training it) on the shipped tiny world (its default config), at a reduced size."""
     out = tmp_path / "repro"
     tuned = tmp_path / "tuning.json"  # a sweep's choice for RAFT: it must reach RAFT's runs and no other
     tuned.write_text(json.dumps({"chosen": {"raft": {"raft_fraction": 0.5}}}))
@@ -24,27 +24,25 @@ def test_tinyworld_reproduction_at_reduced_size(tmp_path):
     held_out.write_text((ROOT / "prompts/tinyworld_heldout.txt").read_text())
     train_prompts.write_text((ROOT / "prompts/tinyworld_train.txt").read_text())
     args = [sys.executable, str(ROOT / "experiments/reproduce_tinyworld.py"), "--quick", "--methods", "adrpo", "raft",
-            "--seeds", "0", "--jobs", "2", "--threads", "1", "--eval_num_prompts", "3", "--images_per_prompt", "2",
+            "--seeds", "0", "--no_ablation", "--jobs", "2", "--threads", "1", "--eval_num_prompts", "3", "--images_per_prompt", "2",
             "--eval_prompts", str(held_out), "--tuned", str(tuned), "--out", str(out), "--",
             "--train_prompts", str(train_prompts), "--num_iterations", "2", "--prompts_per_iteration", "2",
             "--samples_per_prompt", "2", "--train_batch_size", "2", "--num_inference_steps", "2"]
     result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    for name in ("table1.md", "table1.csv", "table1.tex", "ablation.md", "fig3.png", "fig3.pdf", "README.md"):
+    for name in ("table1.md", "table1.csv", "table1.tex", "fig3.png", "fig3.pdf", "README.md"):
         assert (out / name).is_file(), name
+    assert not (out / "ablation.md").exists()
     table = (out / "table1.md").read_text()
     assert all(f"| {label} |" in table for label in ("Base", "ADRPO", "RAFT"))
-    ablation = (out / "ablation.md").read_text()
-    assert all(f"| clip ±{m}·β0 |" in ablation for m in ("0.5", "1", "2"))
     tasks = json.loads((out / "tasks.json").read_text())
-    # configs/tiny.yaml clips at +-2 beta0: that row is the ADRPO runs themselves, the others are trained for it
-    assert set(tasks) == {"base_s0", "adrpo_s0", "raft_s0", "adrpo_clip0.5_s0", "adrpo_clip1_s0"}
+    assert set(tasks) == {"base_s0", "adrpo_s0", "raft_s0"}
     assert all(t["seconds"] > 0 and "clip_score" in t["metrics"] for t in tasks.values())
     assert "Oracle acc." in table and "W2 divergence" in table
     readme = (out / "README.md").read_text()
     assert "reproduce_tinyworld.py --quick" in readme and "Commit:" in readme and "not SD3 results" in readme
     loras = {run: out / "runs" / run / "final" / "pytorch_lora_weights.safetensors"
-             for run in ("adrpo_s0", "raft_s0", "adrpo_clip0.5_s0", "adrpo_clip1_s0")}
+             for run in ("adrpo_s0", "raft_s0")}
     assert all(f.is_file() for f in loras.values())
     configs = {run: yaml.safe_load((f.parent / "config.yaml").read_text()) for run, f in loras.items()}
     assert configs["raft_s0"]["raft_fraction"] == 0.5 and configs["adrpo_s0"]["raft_fraction"] == 0.25
@@ -70,13 +68,13 @@ def test_tinyworld_reproduction_at_reduced_size(tmp_path):
     for d, away in local.items():
         (out / d).rename(away)
     fresh = checked()
-    assert fresh.returncode == 0 and "all 5 run(s)" in fresh.stdout, fresh.stderr[-3000:]
+    assert fresh.returncode == 0 and "all 3 run(s)" in fresh.stdout, fresh.stderr[-3000:]
     assert not (out / "runs").exists() and not (out / "eval").exists()  # it trained and evaluated nothing
     # ... and the reproduction itself, run in that fresh clone, resumes from the record: every task is current, so
     # nothing is trained or evaluated and the table and figure are rebuilt from tasks.json alone
     resumed = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "5 of 5 task(s) are recorded as done and current" in resumed.stdout
+    assert "3 of 3 task(s) are recorded as done and current" in resumed.stdout
     assert not (out / "runs").exists() and not (out / "eval").exists()
     assert (out / "table1.md").read_text() == table and json.loads((out / "fig3.json").read_text()) == fig
     for d, away in local.items():
@@ -107,7 +105,7 @@ def test_tinyworld_reproduction_at_reduced_size(tmp_path):
     assert changed.returncode != 0 and "raft_s0: raft_fraction" in changed.stderr and "1 existing run" in changed.stderr
     assert {run: f.stat().st_mtime_ns for run, f in loras.items()} == stamps
     stale = checked()  # --check tells the same from the record
-    assert stale.returncode == 1 and "1 of 5 run(s)" in stale.stderr and "raft_s0: raft_fraction" in stale.stderr
+    assert stale.returncode == 1 and "1 of 3 run(s)" in stale.stderr and "raft_s0: raft_fraction" in stale.stderr
 
     # Same path, other contents. An edited held-out file is evaluated again, nothing is retrained; an edited train
     # file (like a retrained base model) makes every trained run stale, and the runs are refused, not overwritten.
@@ -115,20 +113,20 @@ def test_tinyworld_reproduction_at_reduced_size(tmp_path):
     evaluated = {p: p.stat().st_mtime_ns for p in (out / "eval").glob("*/command.json")}
     held_out.write_text("".join(reversed(held_out.read_text().splitlines(keepends=True))))
     stale = checked()  # every evaluation's record names the edited file; the trainings' records are current
-    assert stale.returncode == 1 and "5 of 5 run(s)" in stale.stderr, stale.stderr[-3000:]
-    assert stale.stderr.count(f"the file(s) behind {held_out} (evaluation)") == 5 and "train_prompts" not in stale.stderr
+    assert stale.returncode == 1 and "3 of 3 run(s)" in stale.stderr, stale.stderr[-3000:]
+    assert stale.stderr.count(f"the file(s) behind {held_out} (evaluation)") == 3 and "train_prompts" not in stale.stderr
     edited = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert edited.returncode == 0, edited.stderr[-3000:]
     assert {run: f.stat().st_mtime_ns for run, f in loras.items()} == stamps
-    assert len(evaluated) == 5 and all(p.stat().st_mtime_ns != t for p, t in evaluated.items())
+    assert len(evaluated) == 3 and all(p.stat().st_mtime_ns != t for p, t in evaluated.items())
     assert "nothing was trained or evaluated again" not in (out / "README.md").read_text()
     assert checked().returncode == 0  # the new evaluations' stamps are in the record
     train_prompts.write_text(train_prompts.read_text().replace("a red circle\n", ""))
     retrained = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert retrained.returncode != 0 and "4 existing run" in retrained.stderr and "train_prompts" in retrained.stderr
+    assert retrained.returncode != 0 and "2 existing run" in retrained.stderr and "train_prompts" in retrained.stderr
     assert {run: f.stat().st_mtime_ns for run, f in loras.items()} == stamps
     stale = checked()
-    assert stale.returncode == 1 and "4 of 5 run(s)" in stale.stderr and "train_prompts" in stale.stderr
+    assert stale.returncode == 1 and "2 of 3 run(s)" in stale.stderr and "train_prompts" in stale.stderr
 
     # A stale run deleted, as the error says, is trained again with the new choice, and only it; its time is that of
     # this invocation, not added to the discarded run's.
@@ -278,5 +276,12 @@ def test_each_loss_guidance_setting_is_a_row_of_every_method_and_conditional_run
     assert guided["loss_guidance"] == "guided" and guided["dpo_beta"] == 500.0 and guided["seed"] == 1
     assert guided["inner_epochs"] == tasks["dpo_s1"].overrides["inner_epochs"]  # the same equal-compute rule
     assert ablation["clip ±2·β0"] == ["adrpo_s0", "adrpo_s1"]  # the ablation stays the conditional ADRPO runs
+    # configs/tiny.yaml clips at +-2 beta0; the other two rows are trained for the ablation, each clip symmetric
+    assert list(ablation) == ["clip ±0.5·β0", "clip ±1·β0", "clip ±2·β0"]
+    assert ablation["clip ±0.5·β0"] == ["adrpo_clip0.5_s0", "adrpo_clip0.5_s1"]
+    for m in (0.5, 1):
+        clip = tasks[f"adrpo_clip{m:g}_s1"].overrides
+        assert clip["method"] == "adrpo" and clip["seed"] == 1
+        assert clip["adv_clip_max"] == -clip["adv_clip_min"] == pytest.approx(m * base_cfg.beta0)
     tasks, rows, _ = plan(["conditional"])
     assert list(rows) == ["Base", "ADRPO", "DPO"] and not any("guided" in name for name in tasks)
