@@ -7,8 +7,14 @@ world, where ADRPO and its fixed-coefficient ablation can differ (issue #20).
     python experiments/frontier_tinyworld.py --check --jobs 2 --threads 1          # is the record current? seconds
 
 Each method is trained over a grid of its strength at equal compute (the reproduction's rule): ADRPO's beta0 and
-fixed beta's beta on the same grid, with advantages clipped at +-beta0 (the primary setting; +-2 beta0, the poster's,
-as a variant at a few strengths); ORW-CFM-W2's alpha (alpha 0: reward-weighted CFM with no regulariser at all); DPO's
+fixed beta's beta on the same grid, in three arms: advantages clipped at +-1 whatever the strength (the fixed-clip arm,
+first), at +-beta0, and at +-2 beta0 (the poster's, at a few strengths). With group-standardised advantages and AdamW,
+clipping at +-k beta0 makes the loss beta0 * ||v - v*||^2 with v* = v_ref + (A / beta0)(u - v_ref) and |A / beta0| <= k:
+beta0 then only scales the loss, which Adam undoes, and sets how many advantages are clipped; the policy's target
+stays within k advantage-weighted steps of the reference at any strength and budget (measured: guided W2 about 3-4e-3
+from beta0 0.125 to 1 and from 60 to 240 iterations). A fixed clip lets beta0 weigh the regulariser against the
+advantages, at the price of a negative W2 weight (beta0 - A) for ADRPO's samples with A > beta0 (fixed beta: A + beta
+< 0 for A < -beta) at the small strengths; ORW-CFM-W2's alpha (alpha 0: reward-weighted CFM with no regulariser at all); DPO's
 beta; and the base. Each run is evaluated at several budgets (its checkpoints at the earlier ones, each a diffusers
 LoRA, and its final LoRA) on the same category-balanced held-out set (up to --per_category prompts of each category,
 seeded) x 4 images, with its training seed as the generation seed, so each run is paired with the base at its seed.
@@ -74,27 +80,43 @@ def budget_overrides(budgets: list[int]) -> dict:
     return {"checkpoint_every": every, "checkpoints_total_limit": max(1, max(budgets) // every - 1)}
 
 
-def point_name(method: str, strength: float, clip: float = 1.0, perturbed: bool = False) -> str:
+def point_name(method: str, strength: float, clip: float = 1.0, perturbed: bool = False,
+               fixed_clip: Optional[float] = None) -> str:
+    """adrpo_b0.5 (clip +-beta0), adrpo_b0.5_clip2 (+-2 beta0), adrpo_b0.5_fixclip1 (+-1 whatever beta0 is)."""
     name = f"{method}_{KNOB[method][1]}{strength:g}"
+    if fixed_clip is not None:
+        return name + f"_fixclip{fixed_clip:g}" + ("_perturbed" if perturbed else "")
     return name + (f"_clip{clip:g}" if clip != 1.0 else "") + ("_perturbed" if perturbed else "")
 
 
 def plan(args, base_cfg) -> tuple[dict[str, R.Task], dict[str, dict]]:
-    """(tasks by name, points: {point name: {method, strength, clip, perturbed, tasks: [one per seed]}})."""
+    """(tasks by name, points: {point name: {method, strength, clip, fixed_clip, perturbed, tasks: [one per seed]}}).
+    clip is the advantage clip as a multiple of the strength, fixed_clip (None in the other arms) the same clip as an
+    absolute value in the arm of that name; a fixed-clip point whose settings another point already trains (e.g.
+    fixed clip 1 at beta0 1 is clip +-beta0) shares that point's runs rather than training them twice."""
     tasks: dict[str, R.Task] = {}
     points: dict[str, dict] = {}
     budgets = tuple(args.budgets[:-1])
     extra = budget_overrides(args.budgets)
 
-    def add_point(method: str, strength: float, clip: float = 1.0, perturbed: bool = False) -> None:
-        name = point_name(method, strength, clip, perturbed)
+    def add_point(method: str, strength: float, clip: float = 1.0, perturbed: bool = False,
+                  fixed_clip: Optional[float] = None) -> None:
+        name = point_name(method, strength, clip, perturbed, fixed_clip)
+        if fixed_clip is not None:
+            clip = fixed_clip / strength
+            same = point_name(method, strength, clip, perturbed)
+            if same in points:  # the same runs, listed in this arm too
+                points[name] = {**points[same], "fixed_clip": fixed_clip}
+                return
         overrides = {"method": method, KNOB[method][0]: strength, **equal_compute_overrides(method, base_cfg),
                      **args.tuned_points.get(method, {}), **extra}
         if method in ("adrpo", "fixed_beta"):
-            overrides.update(adv_clip=True, adv_clip_min=-clip * strength, adv_clip_max=clip * strength)
+            bound = fixed_clip if fixed_clip is not None else clip * strength
+            overrides.update(adv_clip=True, adv_clip_min=-bound, adv_clip_max=bound)
         if perturbed:
             overrides["learning_rate"] = base_cfg.learning_rate * PERTURB_LR
-        points[name] = {"method": method, "strength": strength, "clip": clip, "perturbed": perturbed, "tasks": []}
+        points[name] = {"method": method, "strength": strength, "clip": clip, "fixed_clip": fixed_clip,
+                        "perturbed": perturbed, "tasks": []}
         for s in args.seeds:
             task = R.Task(f"{name}_s{s}", s, {**overrides, "seed": s}, budgets)
             tasks[task.name] = task
@@ -114,6 +136,10 @@ def plan(args, base_cfg) -> tuple[dict[str, R.Task], dict[str, dict]]:
     for method in ("adrpo", "fixed_beta"):
         for b in args.poster_strengths:
             add_point(method, b, clip=2.0)
+    if args.fixed_clip is not None:
+        for method in ("adrpo", "fixed_beta"):
+            for b in args.fixed_clip_strengths:
+                add_point(method, b, fixed_clip=args.fixed_clip)
     return tasks, points
 
 
@@ -193,7 +219,7 @@ def interpolate(xs: np.ndarray, ys: np.ndarray, at: np.ndarray) -> np.ndarray:
 
 
 def matched_comparison(done: dict, points: dict, budgets: list[int], strengths: list[float], clip: float,
-                       n_boot: int = 10000) -> tuple[list[str], Optional[dict]]:
+                       n_boot: int = 10000, fixed_clip: Optional[float] = None) -> tuple[list[str], Optional[dict]]:
     """ADRPO minus fixed beta at matched guided W2, per budget: for each seed, each method's frontier over its strength
     (Δ metric against log W2, piecewise linear) is read at W2 values both methods reach at that seed; the difference
     is averaged over seeds, with a bootstrap over seeds (95% interval). Returns (table lines, {metric: differences at
@@ -207,9 +233,9 @@ def matched_comparison(done: dict, points: dict, budgets: list[int], strengths: 
     for b in budgets:
         curves = {}  # (method, seed) -> (W2 per strength, {metric: Δ per strength})
         for method in ("adrpo", "fixed_beta"):
-            names = [point_name(method, s, clip) for s in strengths]
+            names = [point_name(method, s, clip, fixed_clip=fixed_clip) for s in strengths]
             if any(n not in points for n in names):
-                return [f"({method} at clip ±{clip:g}β has no full strength grid)"], None
+                return [f"({method} at {clip_label(clip, fixed_clip)} has no full strength grid)"], None
             for i, seed in enumerate(seeds):
                 w2 = [paired(done, points[n], b, budgets[-1], "w2_divergence") for n in names]
                 if any(w is None for w in w2):
@@ -236,6 +262,10 @@ def matched_comparison(done: dict, points: dict, budgets: list[int], strengths: 
             lines.append(f"| {b} | {w:.2e} | " + " | ".join(cells) + " |")
         longest = {m: diffs[m] for m in metrics}
     return lines, longest
+
+
+def clip_label(clip: float, fixed_clip: Optional[float]) -> str:
+    return f"clip ±{fixed_clip:g} at every strength" if fixed_clip is not None else f"clip ±{clip:g}β"
 
 
 def noise_floor(done: dict, points: dict, budgets: list[int], perturb: Optional[float]) -> list[str]:
@@ -271,11 +301,12 @@ def plot_frontiers(done: dict, points: dict, budgets: list[int], path: Path) -> 
     families: dict[tuple, list[str]] = {}
     for name, p in points.items():
         if not p["perturbed"]:
-            families.setdefault((p["method"], p["clip"]), []).append(name)
+            families.setdefault((p["method"], p["clip"] if p["fixed_clip"] is None else None, p["fixed_clip"]),
+                                []).append(name)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for (family, names), colour in zip(families.items(), colours * 4):
-        method, clip = family
-        label = LABELS[method] + (f" (clip ±{clip:g}β)" if clip != 1.0 else "")
+        method, clip, fixed_clip = family
+        label = LABELS[method] + (f" ({clip_label(clip, fixed_clip)})" if clip != 1.0 or fixed_clip else "")
         for b in budgets:
             final = b == budgets[-1]
             for ax, (metric, xlabel, scale) in zip(axes, xs):
@@ -316,12 +347,14 @@ def report(args, argv, out: Path, points: dict, done: dict, t0: float, worked: b
     table = frontier_table(done, points, budgets)
     atomic_write_bytes(out / "frontier.md", ("\n".join(table) + "\n").encode())
     comparison = []
-    for clip in sorted({1.0, *([2.0] if args.poster_strengths else [])}):
-        strengths = args.strengths if clip == 1.0 else args.poster_strengths
-        if clip != 1.0 and len(strengths) < 2:
+    arms = [(None, 1.0, args.strengths), (None, 2.0, args.poster_strengths)]
+    if args.fixed_clip is not None:  # first: the arm whose strength axis reaches past the near-reference regime
+        arms.insert(0, (args.fixed_clip, None, args.fixed_clip_strengths))
+    for fixed_clip, clip, strengths in arms:
+        if len(strengths) < 2 and (clip != 1.0 or fixed_clip is not None):  # the +-beta arm is always listed
             continue
-        lines, _ = matched_comparison(done, points, budgets, strengths, clip)
-        comparison += [f"## ADRPO vs fixed beta at matched divergence (clip ±{clip:g}β)", "",
+        lines, _ = matched_comparison(done, points, budgets, strengths, clip, fixed_clip=fixed_clip)
+        comparison += [f"## ADRPO vs fixed beta at matched divergence ({clip_label(clip, fixed_clip)})", "",
                        "Each method's frontier over its strength, read at the same guided W2 per seed; mean over seeds "
                        "[95% bootstrap interval over seeds; with 3 seeds it is the range of the per-seed differences, "
                        "so a conclusion that hinges on it needs 6]; oracle in accuracy points.", "", *lines, ""]
@@ -346,6 +379,11 @@ def main(argv=None) -> None:
                     help="ADRPO's beta0 and fixed beta's beta (advantages clipped at +-that value)")
     ap.add_argument("--poster_strengths", type=float, nargs="*", default=[0.25, 1.0],
                     help="strengths also trained with the poster's clip +-2 beta0, for ADRPO and fixed beta")
+    ap.add_argument("--fixed_clip", type=lambda v: None if v == "none" else float(v), default=1.0,
+                    help="the arm whose clip stays at +-this at every strength (configs/tiny.yaml's +-1), so that "
+                         "beta0 sets the regulariser against the advantages; 'none': no such arm")
+    ap.add_argument("--fixed_clip_strengths", type=float, nargs="*", default=[0.125, 0.25, 0.5, 1.0, 4.0],
+                    help="ADRPO's beta0 and fixed beta's beta in the fixed-clip arm")
     ap.add_argument("--orw_alphas", type=float, nargs="*", default=[0.0, 0.25, 1.0, 4.0],
                     help="ORW-CFM-W2's W2 coefficient (0: no regulariser)")
     ap.add_argument("--dpo_betas", type=float, nargs="*", default=[125.0, 500.0, 2000.0])
@@ -394,9 +432,9 @@ def main(argv=None) -> None:
         report(args, argv, out, points, R.current_results(tasks, args, base_cfg, out), t0, False, len(tasks))
         return
     R.refuse_stale(tasks, args, base_cfg, out)
-    # ADRPO and fixed beta at clip +-beta first (the question), then the noise floor, then the rest; seed by seed
-    first = {n for p in points.values() if p["method"] in ("adrpo", "fixed_beta") and p["clip"] == 1.0
-             for n in p["tasks"]} | {n for n in tasks if n.startswith("base_")}
+    # ADRPO and fixed beta in the fixed-clip arm first (the question), then the rest; seed by seed
+    first = {n for p in points.values() if p["fixed_clip"] is not None for n in p["tasks"]} | {
+        n for n in tasks if n.startswith("base_")}
     done, worked = R.run_tasks(tasks, args, base_cfg, out, first=first)
     report(args, argv, out, points, done, t0, worked, len(tasks))
 

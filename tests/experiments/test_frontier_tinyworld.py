@@ -69,12 +69,14 @@ def test_matched_comparison_reads_both_frontiers_at_the_same_divergence_not_the_
     for method, offset, w2s in (("adrpo", 1.0, [1e-2, 1e-3, 1e-4]), ("fixed_beta", 0.0, [3e-2, 2e-3, 5e-4])):
         for b, w2 in zip(strengths, w2s):
             name = F.point_name(method, b)
-            points[name] = {"method": method, "strength": b, "clip": 1.0, "perturbed": False,
+            points[name] = {"method": method, "strength": b, "clip": 1.0, "fixed_clip": None, "perturbed": False,
                             "tasks": [f"{name}_s{s}" for s in seeds]}
             for s in seeds:
                 gain = 10 + 2 * np.log10(w2) + offset + 0.1 * s  # + a seed effect shared by both methods
                 done[f"{name}_s{s}"] = _result(60.0 + s + gain, w2 * (1 + 0.01 * s))
     lines, longest = F.matched_comparison(done, points, [1, 2], strengths, 1.0)
+    # the fixed-clip arm is read from its own points: none here, so it says so rather than reading the +-beta ones
+    assert "has no full strength grid" in F.matched_comparison(done, points, [1, 2], strengths, None, fixed_clip=1.0)[0][0]
     rows = [line for line in lines[2:] if line.startswith("| 2 |")]
     assert len(rows) == 4 and all(row.split("|")[3].strip().startswith("+1.00 [+1.00, +1.00]") for row in rows)
     assert np.allclose(longest["clip_score"], 1.0)
@@ -96,7 +98,13 @@ def test_the_default_design_trains_every_method_over_its_strength_at_equal_compu
     F.main(["--check", "--out", str(tmp_path / "frontier")])
     tasks, points = captured["plan"]
     base = parse_args(["--config", str(ROOT / "configs/tiny.yaml")])
-    assert len(tasks) == captured["n"] == 3 * (1 + 2 * 5 + 1 + 4 + 3 + 2 * 2)  # base, grids, twin, ORW, DPO, poster
+    # base, the clip +-beta grids, twin, ORW, DPO, poster, the fixed-clip grids less beta 1 (the clip +-beta runs)
+    assert len(tasks) == captured["n"] == 3 * (1 + 2 * 5 + 1 + 4 + 3 + 2 * 2 + 2 * 4)
+    fixed = tasks["fixed_beta_b0.125_fixclip1_s2"].overrides  # the clip stays +-1 while the strength shrinks
+    assert fixed["beta0"] == 0.125 and fixed["adv_clip_min"] == -1.0 and fixed["adv_clip_max"] == 1.0
+    assert tasks["adrpo_b4_fixclip1_s0"].overrides["adv_clip_max"] == 1.0
+    assert points["adrpo_b1_fixclip1"]["tasks"] == points["adrpo_b1"]["tasks"] == [f"adrpo_b1_s{s}" for s in range(3)]
+    assert "adrpo_b1_fixclip1_s0" not in tasks and points["adrpo_b1_fixclip1"]["fixed_clip"] == 1.0
     adrpo = tasks["adrpo_b0.125_s1"].overrides
     assert adrpo["beta0"] == 0.125 and adrpo["adv_clip_min"] == -0.125 and adrpo["adv_clip_max"] == 0.125
     assert adrpo["checkpoint_every"] == 60 and adrpo["checkpoints_total_limit"] == 3 and adrpo["seed"] == 1
@@ -108,7 +116,8 @@ def test_the_default_design_trains_every_method_over_its_strength_at_equal_compu
     assert orw["orw_alpha"] == 0.0 and orw["orw_tau"] == 0.5  # the tuned tau kept, the tuned alpha is the axis
     dpo = tasks["dpo_b125_s0"].overrides
     assert dpo["dpo_beta"] == 125.0 and dpo["inner_epochs"] == base.inner_epochs * base.samples_per_prompt // 2
-    assert [points[n]["strength"] for n in points if points[n]["method"] == "fixed_beta" and points[n]["clip"] == 1] \
+    assert [points[n]["strength"] for n in points if points[n]["method"] == "fixed_beta" and points[n]["clip"] == 1
+                                                and points[n]["fixed_clip"] is None] \
         == [0.125, 0.25, 0.5, 1.0, 4.0]
 
 
@@ -116,6 +125,7 @@ def test_frontier_driver_at_reduced_size_evaluates_each_budget_and_resumes_from_
     out = tmp_path / "frontier"
     args = [sys.executable, str(ROOT / "experiments/frontier_tinyworld.py"), "--seeds", "0", "--strengths", "0.5",
             "--poster_strengths", "--orw_alphas", "--dpo_betas", "--perturb", "none", "--budgets", "1", "2",
+            "--fixed_clip", "0.5", "--fixed_clip_strengths", "0.5",  # the fixed-clip arm: the same runs, listed twice
             "--per_category", "1", "--images_per_prompt", "2", "--jobs", "2", "--threads", "1", "--out", str(out),
             "--", "--prompts_per_iteration", "2", "--samples_per_prompt", "2", "--train_batch_size", "2",
             "--num_inference_steps", "2"]
@@ -143,6 +153,7 @@ def test_frontier_driver_at_reduced_size_evaluates_each_budget_and_resumes_from_
     base = tasks["base_s0"]["metrics"]["clip_score"]
     gain = tasks["fixed_beta_b0.5_s0"]["budgets"]["1"]["clip_score"] - base
     assert f"| fixed_beta_b0.5 | 1 | {gain:+.2f} |" in table
+    assert f"| fixed_beta_b0.5_fixclip0.5 | 1 | {gain:+.2f} |" in table  # at beta 0.5, clip +-0.5 is clip +-beta
     assert (out / "frontier.png").is_file() and "ADRPO vs fixed beta" in (out / "comparison.md").read_text()
     # a fresh clone (no runs/, eval/, logs/) reuses every finished run from the record, training nothing
     for d in ("runs", "eval", "logs"):
@@ -163,7 +174,7 @@ def test_the_noise_floor_is_the_perturbed_twins_distance_from_its_original_per_s
     points = {}
     for name, perturbed, clip in ((F.point_name("adrpo", 0.5), False, [61.0, 62.0]),
                                   (F.point_name("adrpo", 0.5, perturbed=True), True, [61.5, 61.0])):
-        points[name] = {"method": "adrpo", "strength": 0.5, "clip": 1.0, "perturbed": perturbed,
+        points[name] = {"method": "adrpo", "strength": 0.5, "clip": 1.0, "fixed_clip": None, "perturbed": perturbed,
                         "tasks": [f"{name}_s{s}" for s in seeds]}
         for s, c in zip(seeds, clip):
             done[f"{name}_s{s}"] = _result(c, 1e-3)
