@@ -14,8 +14,8 @@ beta0 then only scales the loss, which Adam undoes, and sets how many advantages
 stays within k advantage-weighted steps of the reference at any strength and budget (measured: guided W2 about 3-4e-3
 from beta0 0.125 to 1 and from 60 to 240 iterations). A fixed clip lets beta0 weigh the regulariser against the
 advantages, at the price of a negative W2 weight (beta0 - A) for ADRPO's samples with A > beta0 (fixed beta: A + beta
-< 0 for A < -beta) at the small strengths; ORW-CFM-W2's alpha (alpha 0: reward-weighted CFM with no regulariser at all); DPO's
-beta; and the base. Each run is evaluated at several budgets (its checkpoints at the earlier ones, each a diffusers
+< 0 for A < -beta) at the small strengths. Then ORW-CFM-W2's alpha (alpha 0: reward-weighted CFM with no regulariser
+at all), DPO's beta, and the base. Each run is evaluated at several budgets (its checkpoints at the earlier ones, each a diffusers
 LoRA, and its final LoRA) on the same category-balanced held-out set (up to --per_category prompts of each category,
 seeded) x 4 images, with its training seed as the generation seed, so each run is paired with the base at its seed.
 A perturbation twin of one ADRPO point (learning rate x 1.0001) measures the noise floor: how far a run moves when
@@ -201,10 +201,10 @@ def frontier_table(done: dict, points: dict, budgets: list[int]) -> list[str]:
             def cell(metric, **how):  # over the seeds done so far; the last column says how many of them
                 return fmt(paired(done, point, b, budgets[-1], metric, partial=True), **how)
 
-            seeds = paired(done, point, b, budgets[-1], "clip_score", partial=True)
-            cells = [cell("clip_score"), cell("clip_diversity"), cell("w2_divergence", sci=True)]
+            gain = paired(done, point, b, budgets[-1], "clip_score", partial=True)
+            cells = [fmt(gain), cell("clip_diversity"), cell("w2_divergence", sci=True)]
             cells += [cell(k, scale=100, digits=1) for k in oracle]
-            cells.append(f"{0 if seeds is None else len(seeds)} of {len(point['tasks'])}")
+            cells.append(f"{0 if gain is None else len(gain)} of {len(point['tasks'])}")
             lines.append(f"| {name} | {b} | " + " | ".join(cells) + " |")
     return lines
 
