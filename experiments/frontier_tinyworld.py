@@ -18,8 +18,8 @@ advantages, at the price of a negative W2 weight (beta0 - A) for ADRPO's samples
 at all), DPO's beta, and the base. Each run is evaluated at several budgets (its checkpoints at the earlier ones, each a diffusers
 LoRA, and its final LoRA) on the same category-balanced held-out set (up to --per_category prompts of each category,
 seeded) x 4 images, with its training seed as the generation seed, so each run is paired with the base at its seed.
-A perturbation twin of one ADRPO point (learning rate x 1.0001) measures the noise floor: how far a run moves when
-nothing that matters changes.
+A perturbation twin of one ADRPO point in each of the fixed-clip and clip +-beta0 arms (learning rate x 1.0001)
+measures that arm's noise floor: how far a run moves when nothing that matters changes.
 
 The runs, their records and the resume-across-sessions logic are the reproduction's (``reproduce_tinyworld.run_tasks``):
 a task whose committed record and result are current is never run again, so an invocation stopped by the end of a
@@ -140,6 +140,8 @@ def plan(args, base_cfg) -> tuple[dict[str, R.Task], dict[str, dict]]:
         for method in ("adrpo", "fixed_beta"):
             for b in args.fixed_clip_strengths:
                 add_point(method, b, fixed_clip=args.fixed_clip)
+        if args.fixed_clip_perturb is not None:
+            add_point("adrpo", args.fixed_clip_perturb, perturbed=True, fixed_clip=args.fixed_clip)
     return tasks, points
 
 
@@ -268,14 +270,16 @@ def clip_label(clip: float, fixed_clip: Optional[float]) -> str:
     return f"clip ±{fixed_clip:g} at every strength" if fixed_clip is not None else f"clip ±{clip:g}β"
 
 
-def noise_floor(done: dict, points: dict, budgets: list[int], perturb: Optional[float]) -> list[str]:
+def noise_floor(done: dict, points: dict, budgets: list[int], perturb: Optional[float],
+                fixed_clip: Optional[float] = None) -> list[str]:
     """|perturbed twin - its original| per seed at the longest budget, for each metric: the size of a difference
-    that means nothing."""
+    that means nothing, in the arm of ``fixed_clip`` (None: clip +-beta0)."""
     if perturb is None:
         return []
-    twin, orig = points.get(point_name("adrpo", perturb, perturbed=True)), points.get(point_name("adrpo", perturb))
-    lines = [f"Noise floor: ADRPO beta0={perturb:g} retrained with the learning rate x {PERTURB_LR} (nothing that "
-             f"matters changed), at {budgets[-1]} iterations, |twin − original| per seed:", ""]
+    twin, orig = (points.get(point_name("adrpo", perturb, perturbed=p, fixed_clip=fixed_clip)) for p in (True, False))
+    lines = [f"Noise floor ({clip_label(1.0, fixed_clip)}): ADRPO beta0={perturb:g} retrained with the learning rate x "
+             f"{PERTURB_LR} (nothing that matters changed), at {budgets[-1]} iterations, |twin − original| per seed:",
+             ""]
     for m in METRICS + tuple(k for k in oracle_metrics(done) if k != "oracle_accuracy"):
         a, b = (paired(done, p, budgets[-1], budgets[-1], m) if p else None for p in (twin, orig))
         if a is None or b is None:
@@ -347,18 +351,18 @@ def report(args, argv, out: Path, points: dict, done: dict, t0: float, worked: b
     table = frontier_table(done, points, budgets)
     atomic_write_bytes(out / "frontier.md", ("\n".join(table) + "\n").encode())
     comparison = []
-    arms = [(None, 1.0, args.strengths), (None, 2.0, args.poster_strengths)]
+    arms = [(None, 1.0, args.strengths, args.perturb), (None, 2.0, args.poster_strengths, None)]
     if args.fixed_clip is not None:  # first: the arm whose strength axis reaches past the near-reference regime
-        arms.insert(0, (args.fixed_clip, None, args.fixed_clip_strengths))
-    for fixed_clip, clip, strengths in arms:
+        arms.insert(0, (args.fixed_clip, None, args.fixed_clip_strengths, args.fixed_clip_perturb))
+    for fixed_clip, clip, strengths, perturb in arms:
         if len(strengths) < 2 and (clip != 1.0 or fixed_clip is not None):  # the +-beta arm is always listed
             continue
         lines, _ = matched_comparison(done, points, budgets, strengths, clip, fixed_clip=fixed_clip)
         comparison += [f"## ADRPO vs fixed beta at matched divergence ({clip_label(clip, fixed_clip)})", "",
                        "Each method's frontier over its strength, read at the same guided W2 per seed; mean over seeds "
                        "[95% bootstrap interval over seeds; with 3 seeds it is the range of the per-seed differences, "
-                       "so a conclusion that hinges on it needs 6]; oracle in accuracy points.", "", *lines, ""]
-    comparison += noise_floor(done, points, budgets, args.perturb)
+                       "so a conclusion that hinges on it needs 6]; oracle in accuracy points.", "", *lines, "",
+                       *noise_floor(done, points, budgets, perturb, fixed_clip)]
     atomic_write_bytes(out / "comparison.md", ("\n".join(comparison) + "\n").encode())
     body = [status, "", f"Evaluation: {args.eval_prompts} ({args.per_category} per category at most, seeded) x "
             f"{args.images_per_prompt} images, generation seed = training seed; every Δ is against the base at the "
@@ -390,6 +394,8 @@ def main(argv=None) -> None:
     ap.add_argument("--perturb", type=lambda v: None if v == "none" else float(v), default=0.5,
                     help=f"the ADRPO beta0 whose learning-rate x {PERTURB_LR} twin measures the noise floor "
                          "(must be in --strengths; 'none': no twin)")
+    ap.add_argument("--fixed_clip_perturb", type=lambda v: None if v == "none" else float(v), default=0.25,
+                    help="the same twin in the fixed-clip arm (must be in --fixed_clip_strengths; 'none': no twin)")
     ap.add_argument("--budgets", type=int, nargs="+", default=[60, 120, 240],
                     help="iterations at which each run is evaluated; the last is its length")
     ap.add_argument("--eval_prompts", default=HELDOUT, help="held-out prompts the balanced set is drawn from")
@@ -404,9 +410,12 @@ def main(argv=None) -> None:
     ap.add_argument("train_overrides", nargs="*", help="extra --key value pairs for every training run, after --")
     args = ap.parse_args(argv)
     if sorted(args.budgets) != args.budgets or args.budgets[0] < 1:
-        raise SystemExit("error: --budgets must be increasing positive iteration counts, e.g. 60 120 240")
+        ap.error("--budgets must be increasing positive iteration counts, e.g. 60 120 240")
     if args.perturb is not None and args.perturb not in args.strengths:
-        raise SystemExit(f"error: --perturb {args.perturb:g} is not one of --strengths: its twin needs the original")
+        ap.error(f"--perturb {args.perturb:g} is not one of --strengths: its twin needs the original")
+    if args.fixed_clip is not None and args.fixed_clip_perturb not in (None, *args.fixed_clip_strengths):
+        ap.error(f"--fixed_clip_perturb {args.fixed_clip_perturb:g} is not one of "
+                 "--fixed_clip_strengths: its twin needs the original")
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -432,7 +441,7 @@ def main(argv=None) -> None:
         report(args, argv, out, points, R.current_results(tasks, args, base_cfg, out), t0, False, len(tasks))
         return
     R.refuse_stale(tasks, args, base_cfg, out)
-    # ADRPO and fixed beta in the fixed-clip arm first (the question), then the rest; seed by seed
+    # ADRPO and fixed beta in the fixed-clip arm (the question) and its twin first, then the rest; seed by seed
     first = {n for p in points.values() if p["fixed_clip"] is not None for n in p["tasks"]} | {
         n for n in tasks if n.startswith("base_")}
     done, worked = R.run_tasks(tasks, args, base_cfg, out, first=first)

@@ -98,8 +98,9 @@ def test_the_default_design_trains_every_method_over_its_strength_at_equal_compu
     F.main(["--check", "--out", str(tmp_path / "frontier")])
     tasks, points = captured["plan"]
     base = parse_args(["--config", str(ROOT / "configs/tiny.yaml")])
-    # base, the clip +-beta grids, twin, ORW, DPO, poster, the fixed-clip grids less beta 1 (the clip +-beta runs)
-    assert len(tasks) == captured["n"] == 3 * (1 + 2 * 5 + 1 + 4 + 3 + 2 * 2 + 2 * 4)
+    # base, the clip +-beta grids, twin, ORW, DPO, poster, the fixed-clip grids less beta 1 (the clip +-beta runs),
+    # the fixed-clip arm's twin
+    assert len(tasks) == captured["n"] == 3 * (1 + 2 * 5 + 1 + 4 + 3 + 2 * 2 + 2 * 4 + 1)
     fixed = tasks["fixed_beta_b0.125_fixclip1_s2"].overrides  # the clip stays +-1 while the strength shrinks
     assert fixed["beta0"] == 0.125 and fixed["adv_clip_min"] == -1.0 and fixed["adv_clip_max"] == 1.0
     assert tasks["adrpo_b4_fixclip1_s0"].overrides["adv_clip_max"] == 1.0
@@ -112,6 +113,9 @@ def test_the_default_design_trains_every_method_over_its_strength_at_equal_compu
     poster = tasks["fixed_beta_b0.25_clip2_s0"].overrides
     assert poster["method"] == "fixed_beta" and poster["adv_clip_max"] == 0.5
     assert tasks["adrpo_b0.5_perturbed_s0"].overrides["learning_rate"] == pytest.approx(base.learning_rate * 1.0001)
+    twin = tasks["adrpo_b0.25_fixclip1_perturbed_s2"].overrides  # the fixed-clip arm's twin keeps that arm's clip
+    assert twin["learning_rate"] == pytest.approx(base.learning_rate * 1.0001) and twin["adv_clip_max"] == 1.0
+    assert twin["beta0"] == 0.25 and points["adrpo_b0.25_fixclip1_perturbed"]["fixed_clip"] == 1.0
     orw = tasks["orw_cfm_w2_a0_s2"].overrides
     assert orw["orw_alpha"] == 0.0 and orw["orw_tau"] == 0.5  # the tuned tau kept, the tuned alpha is the axis
     dpo = tasks["dpo_b125_s0"].overrides
@@ -124,7 +128,8 @@ def test_the_default_design_trains_every_method_over_its_strength_at_equal_compu
 def test_frontier_driver_at_reduced_size_evaluates_each_budget_and_resumes_from_its_record(tmp_path):
     out = tmp_path / "frontier"
     args = [sys.executable, str(ROOT / "experiments/frontier_tinyworld.py"), "--seeds", "0", "--strengths", "0.5",
-            "--poster_strengths", "--orw_alphas", "--dpo_betas", "--perturb", "none", "--budgets", "1", "2",
+            "--poster_strengths", "--orw_alphas", "--dpo_betas", "--perturb", "none", "--fixed_clip_perturb", "none",
+            "--budgets", "1", "2",
             "--fixed_clip", "0.5", "--fixed_clip_strengths", "0.5",  # the fixed-clip arm: the same runs, listed twice
             "--per_category", "1", "--images_per_prompt", "2", "--jobs", "2", "--threads", "1", "--out", str(out),
             "--", "--prompts_per_iteration", "2", "--samples_per_prompt", "2", "--train_batch_size", "2",
@@ -181,3 +186,12 @@ def test_the_noise_floor_is_the_perturbed_twins_distance_from_its_original_per_s
     lines = F.noise_floor(done, points, [1, 2], 0.5)
     assert "- clip_score: 0.5, 1" in lines
     assert F.noise_floor(done, points, [1, 2], None) == []
+    # each arm reads its own twin: the fixed-clip arm has none here
+    assert F.noise_floor(done, points, [1, 2], 0.5, fixed_clip=1.0)[-2:] == ["not run yet", ""]
+
+
+def test_a_twin_whose_original_is_not_planned_is_refused_before_any_work(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "experiments/frontier_tinyworld.py"), "--fixed_clip_strengths",
+                             "0.5", "1", "--out", str(tmp_path / "f")], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 2 and "--fixed_clip_perturb 0.25 is not one of --fixed_clip_strengths" in result.stderr
+    assert not (tmp_path / "f").exists()
