@@ -11,8 +11,10 @@ shared learning rate 1e-3, fast; DPO at beta 125; RAFT at its tuned 1e-4, slow),
 group's monitor watches prompts of the tune split (training seeds --tune_seeds), the *held-out* group's watches
 held-out prompts (--heldout_seeds). Every run is monitored every --every iterations on --monitor_prompts prompts
 balanced over the oracle's categories, keeps its best policy by oracle accuracy as best/ (keep_best) and acts on no
-alarm: each records its whole trajectory, and every candidate rule is replayed on it afterwards
-(``sd3_adrpo.monitor``'s own alarm logic), so one set of runs answers for every threshold.
+alarm: each records its whole trajectory and its training statistics (metrics.jsonl, every iteration), and every
+candidate rule is replayed on them afterwards (``sd3_adrpo.monitor``'s own alarm logic: evaluation signals at each
+evaluation, ``train_`` signals, means over --alarm_window iterations, after each iteration), so one set of runs answers
+for every threshold.
 
 Damage: the first monitored iteration from which a run's oracle accuracy stays more than --damage below its base's
 (the iteration-0 evaluation of the same prompts and noise) for --damage_confirm evaluations in a row. A rule is
@@ -47,7 +49,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
 
 from sd3_adrpo.config import parse_args  # noqa: E402
 from sd3_adrpo.io import atomic_write_bytes, atomic_write_json  # noqa: E402
-from sd3_adrpo.monitor import parse_alarm, with_changes  # noqa: E402
+from sd3_adrpo.monitor import TRAINING, Monitor, parse_alarm, training_key, with_changes  # noqa: E402
 
 import reproduce_tinyworld as R  # noqa: E402
 from _launch import equal_compute_overrides, report_check  # noqa: E402
@@ -68,6 +70,10 @@ CANDIDATES = (("w2_divergence", ">"), ("clip_diversity_rel_change", "<"), ("rewa
               ("edge_density_rel_change", "<"), ("edge_density_rel_change", ">"),
               ("brightness_rel_change", "<"), ("brightness_rel_change", ">"),
               ("saturation_rel_change", "<"), ("saturation_rel_change", ">"))
+# the training statistics an alarm may watch (``train_`` signals: metrics.jsonl, every iteration, no evaluation)
+TRAIN_CANDIDATES = (("train_reward_group_std_rel_change", "<"), ("train_w2", ">"), ("train_reward_mean_change", ">"),
+                    ("train_grad_norm_rel_change", ">"))
+CANDIDATES += TRAIN_CANDIDATES
 JUDGE = "oracle_accuracy"
 
 
@@ -97,17 +103,39 @@ def group(name: str) -> tuple[str, str, bool]:
 # ---------------------------------------------------------------------------------------------------------------
 # Replaying rules on recorded trajectories
 
-def points(trajectory: list[dict]) -> list[dict]:
-    """A run's monitored points in order, each with its changes from the first (the base), as the monitor saw them."""
+def points(trajectory: list[dict], training: Optional[list[dict]] = None, window: int = 3) -> list[dict]:
+    """A run's monitored points in order, each with its changes from the first (the base), as the monitor saw them;
+    with its ``training`` rows (metrics.jsonl), also a point after every iteration holding the ``train_`` candidates
+    as the monitor computes them (marked ``"train": True``, at the iteration count after that row's update, when an
+    alarm on it would act)."""
     rows = sorted(trajectory, key=lambda r: r["iteration"])
     base = {k: v for k, v in rows[0].items() if not k.endswith(("_change", "_rel_change"))}
-    return [with_changes({k: v for k, v in r.items() if not k.endswith(("_change", "_rel_change"))}, base)
-            for r in rows]
+    pts = [with_changes({k: v for k, v in r.items() if not k.endswith(("_change", "_rel_change"))}, base)
+           for r in rows]
+    if training:
+        watch = Monitor([parse_alarm(f"{signal} {op} 0") for signal, op in TRAIN_CANDIDATES], window=window)
+        for row in sorted(training, key=lambda r: r["iteration"]):
+            pts.append({"iteration": row["iteration"] + 1, "train": True,
+                        **watch.observe_training(row["iteration"] + 1, row)[0]})
+    return sorted(pts, key=lambda p: (p["iteration"], p.get("train", False)))
+
+
+def evaluations(pts: list[dict]) -> list[dict]:
+    """The evaluation points of a run (the base first), without its training points."""
+    return [p for p in pts if not p.get("train")]
+
+
+def first_chance(rule: str, pts: list[dict]) -> Optional[int]:
+    """The first iteration after the base at which ``rule`` is checked: the first evaluation's, or for a ``train_``
+    rule the first training point's (an alarm on the training statistics can act before any evaluation)."""
+    kind = [p for p in pts[1:] if bool(p.get("train")) == parse_alarm(rule).signal.startswith(TRAINING)]
+    return kind[0]["iteration"] if kind else None
 
 
 def damage_iteration(pts: list[dict], drop: float, confirm: int = 1) -> Optional[int]:
     """The first iteration from which the judge stays more than ``drop`` below the base's for ``confirm``
     evaluations in a row (fewer at the end of the run): one evaluation's noise is not damage. None if never."""
+    pts = evaluations(pts)
     below = [p.get(f"{JUDGE}_change", 0.0) < -drop for p in pts[1:]]
     return next((pts[1 + j]["iteration"] for j in range(len(below)) if all(below[j : j + confirm])), None)
 
@@ -126,12 +154,13 @@ def extreme(values: list[float], op: str) -> Optional[float]:
 
 def qualifies(rule: str, runs: dict[str, list[dict]], drop: float, confirm: int) -> bool:
     """Replayed on ``runs``: ``rule`` never fires in a healthy run and fires strictly before the damage in every
-    damaged one that was evaluated at least once before its damage."""
+    damaged one that it was checked on at least once before its damage."""
     for name, pts in runs.items():
-        fired, dmg = first_firing(rule, pts), damage_iteration(pts, drop, confirm)
+        fired, dmg, chance = first_firing(rule, pts), damage_iteration(pts, drop, confirm), first_chance(rule, pts)
         if not group(name)[2] and fired is not None:
             return False
-        if group(name)[2] and dmg is not None and dmg > pts[1]["iteration"] and (fired is None or fired >= dmg):
+        if group(name)[2] and dmg is not None and chance is not None and dmg > chance and (
+                fired is None or fired >= dmg):
             return False
     return True
 
@@ -144,15 +173,16 @@ def choose(tune: dict[str, list[dict]], drop: float, confirm: int = 1) -> list[d
     digits where that still fires before their damage and never in a healthy run. The runs it cannot warn of are
     listed, not allowed to veto it: the chosen rules together are the alarm, and the report says what none of them
     saw. A run of an over-optimising configuration that is never damaged constrains nothing; one damaged at its
-    first evaluation after the base (``too_fast``) cannot be warned of at this monitoring interval by any rule."""
+    first evaluation after the base (``too_fast``) cannot be warned of at this monitoring interval by any evaluation
+    rule (a ``train_`` rule is checked after every iteration)."""
     rows = []
     for signal, op in CANDIDATES:
         healthy, before, too_fast = [], {}, []
         for name, pts in tune.items():
-            dmg = damage_iteration(pts, drop, confirm)
+            dmg, chance = damage_iteration(pts, drop, confirm), first_chance(f"{signal} {op} 0", pts)
             if not group(name)[2]:
                 healthy += [p.get(signal) for p in pts[1:]]
-            elif dmg is not None and dmg == pts[1]["iteration"]:
+            elif dmg is not None and (chance is None or dmg <= chance):
                 too_fast.append(name)
             elif dmg is not None:
                 before[name] = extreme([p.get(signal) for p in pts[1:] if p["iteration"] < dmg], op)
@@ -162,7 +192,7 @@ def choose(tune: dict[str, list[dict]], drop: float, confirm: int = 1) -> list[d
         threshold, rule = None, None
         if beyond:
             least = min(beyond.values()) if op == ">" else max(beyond.values())
-            threshold = math.sqrt(h * least) if signal == "w2_divergence" and h > 0 else (h + least) / 2
+            threshold = math.sqrt(h * least) if signal in ("w2_divergence", "train_w2") and h > 0 else (h + least) / 2
             judged = {n: p for n, p in tune.items() if not group(n)[2] or n in beyond}
             rule = next((r for r in (f"{signal} {op} {threshold:.3g}", f"{signal} {op} {threshold!r}")
                          if qualifies(r, judged, drop, confirm)), None)
@@ -183,7 +213,9 @@ def evaluate_rules(rules: list[str], runs: dict[str, list[dict]], drop: float, c
         fires = {rule: first_firing(rule, pts) for rule in rules}
         first = min((f for f in fires.values() if f is not None), default=None)
         dmg = damage_iteration(pts, drop, confirm)
-        at_first = next((p.get(f"{JUDGE}_change") for p in pts if p["iteration"] == first), None)
+        # the judge as last evaluated when the first alarm came (a train_ alarm may come between evaluations)
+        at_first = None if first is None else [p for p in evaluations(pts) if p["iteration"] <= first][-1].get(
+            f"{JUDGE}_change")
         out[name] = {"damage": dmg, "fires": fires, "first": first, "judge_change_at_first": at_first,
                      "lead": None if dmg is None or first is None else dmg - first,
                      "last_iteration": pts[-1]["iteration"]}
@@ -297,7 +329,8 @@ def plot_monitor(runs: dict[str, list[dict]], rules: list[str], drop: float, pat
 
 
 def report(args, argv, out: Path, tasks: dict, done: dict, t0: float, worked: bool) -> None:
-    trajectories = {n: points(r["trajectory"]) for n, r in done.items() if len(r.get("trajectory", [])) > 1}
+    trajectories = {n: points(r["trajectory"], r.get("training"), args.alarm_window) for n, r in done.items()
+                    if len(r.get("trajectory", [])) > 1}
     tune = {n: p for n, p in trajectories.items() if group(n)[0] == "tune"}
     heldout = {n: p for n, p in trajectories.items() if group(n)[0] == "heldout"}
     missing = len(tasks) - len(done)
@@ -310,11 +343,14 @@ def report(args, argv, out: Path, tasks: dict, done: dict, t0: float, worked: bo
     verdicts = {g: verdict(r) for g, r in results.items()}
     noise = {g: judge_noise(runs) for g, runs in (("tune", tune), ("heldout", heldout))}
     atomic_write_json(out / "alarms.json", {"damage": drop, "damage_confirm": confirm, "every": args.every,
+                                            "alarm_window": args.alarm_window,
                                             "monitor_prompts": args.monitor_prompts, "chosen": rules,
                                             "healthy_lowest_judge_change": noise,
                                             "verdict": verdicts, "candidates": rows, "runs": results})
     body = [status, "", f"Monitor: every {args.every} iterations, {args.monitor_prompts} prompts balanced over the "
-            f"oracle's categories x {args.monitor_images} images. Damage: oracle accuracy more than {drop:g} below the "
+            f"oracle's categories x {args.monitor_images} images; `train_` signals after every iteration, each a mean "
+            f"over {args.alarm_window} iterations (changes from the first {args.alarm_window}). Damage: oracle accuracy "
+            f"more than {drop:g} below the "
             f"base's (the same prompts and noise at iteration 0) at {confirm} evaluation(s) in a row. Rules chosen on "
             "the tune group, reported on the held-out group; the alarm is any chosen rule firing, its lead the "
             "iterations from the first firing to the damage.", "",
@@ -348,6 +384,8 @@ def main(argv=None) -> None:
                     help="the over-optimising configurations run the first N seeds of each group")
     ap.add_argument("--every", type=int, default=10, help="monitor every N iterations")
     ap.add_argument("--monitor_prompts", type=int, default=64)
+    ap.add_argument("--alarm_window", type=int, default=3,
+                    help="train_ candidates: the mean over this many iterations (the trainer's alarm_window)")
     ap.add_argument("--damage", type=float, default=0.02, help="an oracle-accuracy drop beyond this is damage")
     ap.add_argument("--damage_confirm", type=int, default=2,
                     help="... at this many evaluations in a row (one evaluation's noise is not damage)")
@@ -361,14 +399,14 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="results/tinyworld_alarms")
     ap.add_argument("train_overrides", nargs="*", help="extra --key value pairs for every training run, after --")
     args = ap.parse_args(argv)
-    if min(args.collapse_seeds, args.every, args.damage_confirm) < 1 or args.monitor_prompts < 0 \
+    if min(args.collapse_seeds, args.every, args.damage_confirm, args.alarm_window) < 1 or args.monitor_prompts < 0 \
             or not 0 < args.damage < 1:
-        raise SystemExit("error: --collapse_seeds, --every and --damage_confirm must be >= 1, --monitor_prompts >= 0, "
-                         "--damage in (0, 1)")
+        ap.error("--collapse_seeds, --every, --damage_confirm and --alarm_window must be >= 1, --monitor_prompts >= 0, "
+                 "--damage in (0, 1)")
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    args.quick = False
+    args.quick, args.training_keys = False, sorted({training_key(s) for s, _ in TRAIN_CANDIDATES})
     base_cfg = parse_args(["--config", args.config, *args.train_overrides])
     args.monitor_images = base_cfg.eval_images_per_prompt
     tasks = plan(args, base_cfg)

@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
 
 from sd3_adrpo.config import parse_args  # noqa: E402
-from sd3_adrpo.io import atomic_write_bytes, atomic_write_json  # noqa: E402
+from sd3_adrpo.io import atomic_write_bytes, atomic_write_json, read_jsonl  # noqa: E402
 from sd3_adrpo.plots import load_trajectory, plot_tradeoff  # noqa: E402
 from sd3_adrpo.tables import Table  # noqa: E402
 
@@ -223,6 +223,8 @@ def record_problems(task: Task, record: Optional[dict], result: Optional[dict], 
         keys.append("no result in tasks.json")
     elif task.overrides is not None and "trajectory" not in result:
         keys.append("no trajectory in tasks.json")
+    elif task.overrides is not None and getattr(args, "training_keys", ()) and "training" not in result:
+        keys.append("no training statistics in tasks.json")
     elif set(result.get("budgets", {})) != {str(b) for b in task.budgets}:
         keys.append("results at other budgets in tasks.json")
     return keys
@@ -264,8 +266,9 @@ def run_task(task: Task, args, base_cfg, out: Path) -> dict:
     """Train (unless its LoRA exists) and evaluate (unless the same evaluation exists) one task, each in a
     subprocess: its final LoRA, and each other LoRA of ``task.budgets``. Returns {"metrics": {metric: value at
     this seed}, "budgets": {iteration or folder: metrics} (if any), "trajectory": its held-out trajectory (trained runs),
-    "seconds": time spent on it by this invocation, "worked": whether it trained or evaluated anything, "trained":
-    whether it trained}."""
+    "training": its metrics.jsonl rows, only their iteration and ``args.training_keys`` (trained runs, when a driver
+    asks for those keys), "seconds": time spent on it by this invocation, "worked": whether it trained or evaluated
+    anything, "trained": whether it trained}."""
     t0, worked, trained = time.perf_counter(), False, False
     run_dir = out / "runs" / task.name
     if task.overrides is not None and not (lora_of(task, out) / "pytorch_lora_weights.safetensors").is_file():
@@ -295,6 +298,9 @@ def run_task(task: Task, args, base_cfg, out: Path) -> dict:
         done["budgets"] = {str(b): evaluate(b) for b in task.budgets}
     if task.overrides is not None:  # its held-out trajectory (Figure 3's data), kept for when runs/ is gone
         done["trajectory"] = load_trajectory(run_dir)
+        if keys := getattr(args, "training_keys", ()):  # e.g. the alarm calibration's training statistics
+            done["training"] = [{k: r[k] for k in ("iteration", *keys) if k in r}
+                                for r in read_jsonl(run_dir / "metrics.jsonl")]
     done.update(worked=worked, trained=trained, seconds=time.perf_counter() - t0 if worked else 0.0)
     return done
 

@@ -149,7 +149,11 @@ class TrainConfig:
                           "tinyworld.scorers:Oracle")
     alarms: list = _f([], "checked at every periodic evaluation (eval_every): 'SIGNAL < THRESHOLD [warn|stop]' or "
                           "'SIGNAL > THRESHOLD [...]', SIGNAL an eval_metrics.jsonl key, e.g. clip_diversity_rel_change "
-                          "< -0.15 stop; stop checkpoints, then exits 3 (docs/monitor.md)")
+                          "< -0.15 stop, or train_ and a metrics.jsonl key, checked every iteration (alarm_window), "
+                          "e.g. train_reward_group_std_rel_change < -0.5; stop checkpoints, then exits 3 "
+                          "(docs/monitor.md)")
+    alarm_window: int = _f(3, "a train_ alarm's signal is the mean over this many iterations; its changes are from "
+                              "the mean over the run's first this many")
     keep_best: Optional[str] = _f(None, "export the best policy so far by this periodic-evaluation signal as best/ "
                                         "(a diffusers LoRA beside final/), e.g. oracle_accuracy; a leading '-' means "
                                         "lower is better")
@@ -305,15 +309,21 @@ class TrainConfig:
                 raise ConfigError("eval_images_per_prompt must be >= 2 and eval_num_prompts >= 0 (0: all)")
             if self.eval_clip_model is None:
                 raise ConfigError("eval_every needs a CLIP for ClipDiversity: set final_eval_clip_model")
-        if (self.alarms or self.keep_best) and not self.eval_every:
-            raise ConfigError("alarms and keep_best act on the periodic evaluation: set eval_every (e.g. 10)")
-        from sd3_adrpo.monitor import parse_alarm  # numpy only
+        from sd3_adrpo.monitor import TRAINING, parse_alarm  # numpy only
 
+        parsed = []
         for spec in self.alarms:
             try:
-                parse_alarm(spec)
+                parsed.append(parse_alarm(spec))
             except ValueError as e:
                 raise ConfigError(f"alarms: {e}") from None
+        on_evaluation = [str(a) for a in parsed if not a.signal.startswith(TRAINING)]
+        if (on_evaluation or self.keep_best) and not self.eval_every:
+            what = ([f"keep_best {self.keep_best}"] if self.keep_best else []) + [f"alarm {a!r}" for a in on_evaluation]
+            raise ConfigError(f"{'; '.join(what)}: the periodic evaluation is what they watch: set eval_every (e.g. "
+                              "10); only train_ alarms watch training statistics and need none")
+        if self.alarm_window < 1:
+            raise ConfigError(f"alarm_window must be >= 1 iteration, got {self.alarm_window}")
         if self.final_eval_prompts is not None:
             if self.final_eval_images_per_prompt < 2:
                 raise ConfigError("final_eval_images_per_prompt must be >= 2: ClipDiversity compares images of a prompt")

@@ -13,6 +13,13 @@ An alarm is a string, ``SIGNAL OP THRESHOLD [ACTION]``, e.g.::
     w2_divergence > 0.05 warn                    # the sampled policy drifted this far from the reference
     oracle_accuracy_change < -0.02 stop          # a judge the policy is not trained on lost 2 points
 
+A signal named ``train_<key>`` watches a training statistic of metrics.jsonl instead (``reward_group_std``, ``w2``,
+``adv_frac_clipped``, ...), checked at every iteration with no evaluation at all: its value is the mean of ``key``
+over the last ``window`` iterations, its changes are from the mean over the run's first ``window`` (the base policy's
+rollouts, near enough), reported once the two windows no longer overlap::
+
+    train_reward_group_std_rel_change < -0.5 stop   # a group's samples scored alike: the policy stopped exploring
+
 OP is ``<`` or ``>``; ACTION is ``warn`` (console and trackers, the default) or ``stop`` (checkpoint, then exit with
 ``ALARM_EXIT_CODE`` and a message naming the signal, its value and its threshold). Keep-best (``keep_best: SIGNAL``)
 exports the best policy so far by that signal as ``best/`` beside ``final/``.
@@ -27,6 +34,7 @@ from typing import Optional
 
 import numpy as np
 
+TRAINING = "train_"  # the prefix of a signal on a training statistic (metrics.jsonl), not on the evaluation
 ALARM_EXIT_CODE = 3  # train_sd3_adrpo.py's exit code when a stop alarm fired (config errors are 2, divergence 1)
 ACTIONS = ("warn", "stop")
 _SPEC = re.compile(r"^\s*(?P<signal>[A-Za-z_][\w.]*)\s*(?P<op>[<>])\s*(?P<threshold>[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)"
@@ -144,21 +152,74 @@ class Firing:
                 f"({self.alarm.op} {self.alarm.threshold:g}); action: {self.alarm.action}")
 
 
+def training_key(signal: str) -> str:
+    """The metrics.jsonl key a ``train_`` signal averages: train_reward_group_std_rel_change -> reward_group_std."""
+    key = signal.removeprefix(TRAINING)
+    for suffix in ("_rel_change", "_change"):
+        if key.endswith(suffix):
+            return key.removesuffix(suffix)
+    return key
+
+
 class Monitor:
     """Watches each periodic evaluation: adds the changes from the first one (the base), checks the alarms, and
-    tracks the best point by ``keep_best`` (a signal; higher is better unless ``lower_is_better``)."""
+    tracks the best point by ``keep_best`` (a signal; higher is better unless ``lower_is_better``). Alarms on
+    ``train_`` signals watch the training statistics of every iteration instead (``observe_training``), each a mean
+    over ``window`` iterations."""
 
-    def __init__(self, alarms: list[Alarm], keep_best: Optional[str] = None, lower_is_better: bool = False):
-        self.alarms, self.keep_best, self.lower_is_better = list(alarms), keep_best, lower_is_better
+    def __init__(self, alarms: list[Alarm], keep_best: Optional[str] = None, lower_is_better: bool = False,
+                 window: int = 3):
+        alarms = list(alarms)
+        self.alarms = [a for a in alarms if not a.signal.startswith(TRAINING)]
+        self.training_alarms = [a for a in alarms if a.signal.startswith(TRAINING)]
+        self.keep_best, self.lower_is_better, self.window = keep_best, lower_is_better, window
         self.base: Optional[dict] = None
         self.best: Optional[tuple[int, float]] = None  # (iteration, value)
         self._checked = False  # whether the signals' names were checked against an evaluation's
+        self.history: list[dict[str, float]] = []  # the watched training statistics, one row per iteration so far
 
     def unknown_signals(self, point: dict) -> list[str]:
         """The signals of the alarms and keep_best that ``point`` (an evaluation with its changes) does not report:
         a misspelt name, a judge that is not configured, or a ``_rel_change`` of a signal whose base is 0."""
         wanted = [a.signal for a in self.alarms] + ([self.keep_best] if self.keep_best else [])
         return [s for s in dict.fromkeys(wanted) if s not in point]
+
+    def observe_training(self, done: int, row: dict) -> tuple[dict, list[Firing]]:
+        """After iteration ``done`` - 1, with its metrics.jsonl ``row``: ({train_<key>: mean over the last ``window``
+        iterations, and from iteration 2 x window on its changes from the first window's mean}, the training
+        alarms that fired). A key the row lacks is skipped that iteration (e.g. w2 when no step was taken)."""
+        if not self.training_alarms:
+            return {}, []
+        keys = list(dict.fromkeys(training_key(a.signal) for a in self.training_alarms))
+        if not self.history:  # the first row: a key it never reports would leave its alarm silent for ever
+            for key in keys:
+                if not isinstance(row.get(key), (int, float)):
+                    print(f"warning: alarms watch {TRAINING}{key}, but the training rows have no {key!r}, so they can "
+                          f"never act (a typo? keys: {', '.join(sorted(k for k in row if not k.startswith('time')))})",
+                          flush=True)
+        self.history.append({k: float(row[k]) for k in keys if isinstance(row.get(k), (int, float))})
+        point = {}
+        for key in keys:
+            def mean(rows):
+                values = [r[key] for r in rows if key in r and math.isfinite(r[key])]
+                return sum(values) / len(values) if values else None
+
+            now = mean(self.history[-self.window:])
+            if now is None:
+                continue
+            point[TRAINING + key] = now
+            base = mean(self.history[: self.window])
+            if len(self.history) >= 2 * self.window and base is not None:  # the two windows share no iteration
+                point[f"{TRAINING}{key}_change"] = now - base
+                if base != 0:
+                    point[f"{TRAINING}{key}_rel_change"] = (now - base) / abs(base)
+        return point, [Firing(a, done, point[a.signal]) for a in self.training_alarms if a.fired(point)]
+
+    def resume_training(self, rows: list[dict]) -> None:
+        """Pick the training windows up again from a resumed run's metrics.jsonl rows (those before it resumes)."""
+        self.history = []
+        for row in sorted(rows, key=lambda r: r["iteration"]):
+            self.observe_training(row["iteration"] + 1, row)
 
     def observe(self, iteration: int, point: dict) -> tuple[dict, list[Firing], bool]:
         """(the point with its changes from the base, the alarms that fired, whether this point is the new best).

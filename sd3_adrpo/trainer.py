@@ -33,7 +33,7 @@ from sd3_adrpo.methods import coefficients, dpo_pairs
 from sd3_adrpo.model_card import publish, write_model_card
 from sd3_adrpo.models import DTYPES, add_lora, load_pipeline, reference_mode, save_lora
 from sd3_adrpo.metrics import ClipScore, ScorerUnavailable
-from sd3_adrpo.monitor import Monitor, image_statistics, parse_alarm
+from sd3_adrpo.monitor import TRAINING, Monitor, image_statistics, parse_alarm
 from sd3_adrpo.prompts import (PromptSampler, balanced_subset, load_prompt_records, load_prompts, prompt_metadata,
                                seeded_subset)
 from sd3_adrpo.resume import (RunLock, RunStart, apply_optimizer_settings, clear_run_folder, open_run,
@@ -201,9 +201,15 @@ def monitor_prompts(cfg: TrainConfig) -> list[str]:
 
 
 def _plot_monitor(out: Path, monitor: Monitor, judges: dict) -> None:
+    """monitor.png: the evaluation's signals and the train_ alarms' (at the iteration after the row's, as alarms
+    act), thresholds drawn."""
     from sd3_adrpo.plots import plot_monitor
 
-    plot_monitor(read_jsonl(out / "eval_metrics.jsonl"), monitor.alarms, out / "monitor",
+    rows = read_jsonl(out / "eval_metrics.jsonl") if (out / "eval_metrics.jsonl").is_file() else []
+    if monitor.training_alarms and (out / "metrics.jsonl").is_file():
+        rows += [{"iteration": r["iteration"] + 1, **{k: v for k, v in r.items() if k.startswith(TRAINING)}}
+                 for r in read_jsonl(out / "metrics.jsonl")]
+    plot_monitor(rows, monitor.alarms + monitor.training_alarms, out / "monitor",
                  extra=tuple(judges) + ((monitor.keep_best,) if monitor.keep_best else ()))
 
 
@@ -340,7 +346,8 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
         eval_clip = reward_fn.clip_scorer(cfg.eval_clip_model) or ClipScore(cfg.eval_clip_model, device=device)
         judges = build_judges(cfg.judges, device)
     best_key = cfg.keep_best.lstrip("-") if cfg.keep_best else None
-    monitor = Monitor([parse_alarm(a) for a in cfg.alarms], best_key, bool(cfg.keep_best and cfg.keep_best[0] == "-"))
+    monitor = Monitor([parse_alarm(a) for a in cfg.alarms], best_key, bool(cfg.keep_best and cfg.keep_best[0] == "-"),
+                      window=cfg.alarm_window)
 
     start = 0
     if resume is not None:
@@ -357,6 +364,8 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
             truncate_metrics(out / "eval_metrics.jsonl", start + 1)
             if (out / "eval_metrics.jsonl").is_file():  # the monitor's best so far (and base, replaced below)
                 monitor.resume(read_jsonl(out / "eval_metrics.jsonl"))
+            if monitor.training_alarms and (out / "metrics.jsonl").is_file():  # the train_ alarms' windows
+                monitor.resume_training(read_jsonl(out / "metrics.jsonl"))
             set_aside_best(out, cfg.keep_best, monitor)
         print(f"resumed from {resume} at iteration {start}")
     elif run_start.start_over and accelerator.is_main_process:  # a requeued run with no checkpoint yet: from scratch
@@ -479,8 +488,10 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
                        images_per_s=len(rollout.prompts) * world / (t1 - t0), time_sample=t1 - t0, time_score=t2 - t1,
                        time_update=t3 - t2)
             bad_streak = bad_streak + 1 if row.get("optimizer_steps", 0) == 0 else 0
-            alarm = None  # the message of a stop alarm that fired at this iteration's evaluation
+            alarm = None  # the message of the stop alarms that fired at this iteration (training stats, evaluation)
             if accelerator.is_main_process:
+                point, firings = monitor.observe_training(done, row)  # train_ alarms: every iteration, no evaluation
+                row.update(point)
                 pictures = {}
                 if grid_prompts and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.num_iterations):
                     stats, pictures["samples"], _ = sample_grid(
@@ -489,22 +500,23 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
                         metadata=held_out_metadata)
                     row.update(stats)
                 if traj_prompts and (done % cfg.eval_every == 0 or done == cfg.num_iterations):
-                    point, firings, improved = monitor.observe(
+                    evaluated, on_evaluation, improved = monitor.observe(
                         done, trajectory_point(cfg, traj_prompts, sampler, eval_clip, reward_fn, judges,
                                                held_out_metadata))
-                    append_jsonl(out / "eval_metrics.jsonl", {"iteration": done, **point})
-                    row.update({f"eval_{k}": v for k, v in point.items()})
-                    for firing in firings:
-                        print(f"warning: {firing.message}" if firing.alarm.action == "warn" else firing.message)
-                        row[f"alarm_{firing.alarm.signal}"] = firing.value
+                    append_jsonl(out / "eval_metrics.jsonl", {"iteration": done, **evaluated})
+                    row.update({f"eval_{k}": v for k, v in evaluated.items()})
+                    point, firings = {**point, **evaluated}, firings + on_evaluation
                     if improved:
                         export_best(done, monitor.best[1])
-                    stops = [f for f in firings if f.alarm.action == "stop"]
-                    alarm = "; ".join(f"{f.alarm.describe(point)} (iteration {done})" for f in stops) or None
                     if accelerator.trackers:  # the trade-off plot so far (rendered only for a tracker)
                         from sd3_adrpo.plots import figure_array, load_trajectory, tradeoff_figure
 
                         pictures["tradeoff"] = figure_array(tradeoff_figure({cfg.method: load_trajectory(out)}))
+                for firing in firings:
+                    print(f"warning: {firing.message}" if firing.alarm.action == "warn" else firing.message)
+                    row[f"alarm_{firing.alarm.signal}"] = firing.value
+                stops = [f for f in firings if f.alarm.action == "stop"]
+                alarm = "; ".join(f"{f.alarm.describe(point)} (iteration {done})" for f in stops) or None
                 row["time_total"] = time.perf_counter() - t0
                 append_jsonl(out / "metrics.jsonl", row)  # before the checkpoint: a checkpoint implies its rows
                 # trackers: what was measured of the policy after `done` iterations (the periodic evaluation, its
@@ -579,7 +591,7 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
             final_evaluation(cfg, final_prompts, sampler, base_transformer, eval_clip, judges, out, accelerator,
                              held_out_metadata)
         if accelerator.is_main_process:
-            if traj_prompts:
+            if traj_prompts or monitor.training_alarms:
                 _plot_monitor(out, monitor, judges)
             if final_alarm is None:  # a policy a stop alarm fired on is not uploaded
                 publish(final, run_cfg, out)

@@ -165,6 +165,9 @@ def test_alarm_settings_are_checked_before_anything_loads(tiny_run_args, tmp_pat
     assert "alarms: alarm 'clip_diversity falls 3' is not" in capsys.readouterr().err
     assert train_sd3_adrpo.main([*tiny_run_args, "--output_dir", str(out), "--keep_best", "clip_score"]) == 2
     assert "set eval_every" in capsys.readouterr().err and not out.exists()
+    assert train_sd3_adrpo.main([*tiny_run_args, "--output_dir", str(out), "--alarms", "train_w2 > 0.1",
+                                 "--alarm_window", "0"]) == 2
+    assert "alarm_window must be >= 1" in capsys.readouterr().err and not out.exists()
 
 
 def test_an_alarm_on_a_signal_never_reported_is_said_at_the_first_evaluation(capsys):
@@ -240,3 +243,60 @@ def test_a_resume_with_another_keep_best_signal_keeps_the_old_best_aside_and_cho
     lowest = min(after, key=lambda r: r["w2_divergence"])
     assert best == {"iteration": lowest["iteration"], "signal": "-w2_divergence",
                     "value": pytest.approx(lowest["w2_divergence"])}
+
+
+def test_training_alarms_watch_window_means_and_their_change_from_the_first_window():
+    """train_ signals: the mean of a metrics.jsonl key over the last `window` iterations; its changes from the first
+    window only once the windows share no iteration; an evaluation never sees them, nor they the evaluation."""
+    monitor = Monitor([parse_alarm("train_reward_group_std_rel_change < -0.5 stop"),
+                       parse_alarm("train_w2 > 0.1 warn"), parse_alarm("clip_diversity_rel_change < -0.15 stop")],
+                      window=2)
+    assert [a.signal for a in monitor.alarms] == ["clip_diversity_rel_change"]
+    stds, w2s = [4.0, 2.0, 3.0, 2.0, 2.0, 0.5], [0.0, 0.02, 0.05, 0.3, 0.2, 0.1]
+    seen = [monitor.observe_training(i + 1, {"iteration": i, "reward_group_std": s, "w2": w})
+            for i, (s, w) in enumerate(zip(stds, w2s))]
+    points = [p for p, _ in seen]
+    assert points[0] == {"train_reward_group_std": 4.0, "train_w2": 0.0}
+    assert points[2]["train_reward_group_std"] == pytest.approx(2.5) and "train_w2_change" not in points[2]
+    # iteration 4: the last two (3, 2) against the first two (4, 2): 2.5 vs 3; w2 0.175 vs 0.01
+    assert points[3]["train_reward_group_std_rel_change"] == pytest.approx(-1 / 6)
+    assert points[3]["train_w2_change"] == pytest.approx(0.165)
+    assert points[3]["train_w2_rel_change"] == pytest.approx(16.5)
+    fired = [[(f.alarm.signal, f.iteration) for f in firings] for _, firings in seen]
+    # w2's mean passes 0.1 at iteration 4 (0.175) and stays (0.25, 0.15); group std falls by more than half at
+    # iteration 6 (1.25 against 3)
+    assert fired[:3] == [[], [], []] and fired[3] == [("train_w2", 4)] and fired[4] == [("train_w2", 5)]
+    assert fired[5] == [("train_reward_group_std_rel_change", 6), ("train_w2", 6)]
+    assert points[5]["train_reward_group_std_rel_change"] == pytest.approx(1.25 / 3 - 1)
+    # the evaluation's alarms ignore train_ signals
+    _, firings, _ = monitor.observe(10, {"clip_diversity": 30.0, "train_w2": 5.0})
+    assert firings == []
+    # resumed from the rows so far, the windows continue as if never stopped
+    resumed = Monitor(monitor.alarms + monitor.training_alarms, window=2)
+    resumed.resume_training([{"iteration": i, "reward_group_std": s, "w2": w}
+                             for i, (s, w) in enumerate(zip(stds, w2s))])
+    row = {"iteration": 6, "reward_group_std": 0.5, "w2": 0.0}
+    assert resumed.observe_training(7, row)[0] == pytest.approx(monitor.observe_training(7, dict(row))[0])
+
+
+def test_a_training_alarm_stops_a_run_with_no_evaluation_at_all(tiny_run_args, tmp_path, capsys):
+    """train_ alarms need no eval_every: checked after every iteration, a stop checkpoints there and exits 3, naming
+    the signal; its values are in metrics.jsonl and monitor.png. A misspelt key is said at the first iteration."""
+    import json
+
+    import train_sd3_adrpo
+
+    out = tmp_path / "run"
+    args = [*tiny_run_args, "--output_dir", str(out), "--num_iterations", "4", "--sample_every", "0",
+            "--alarm_window", "1", "--alarms", "train_reward_mean_change > -1e9 stop,train_reward_meen > 0 warn"]
+    assert train_sd3_adrpo.main(args) == 3
+    captured = capsys.readouterr()
+    assert "train_reward_meen" in captured.out and "no 'reward_meen'" in captured.out
+    # windows of 1 share no iteration from the second on: the change exists there, and trips at once
+    assert "train_reward_mean_change = " in captured.err and "(iteration 2)" in captured.err
+    assert (out / "checkpoints" / "checkpoint-000002").is_dir() and not (out / "final").exists()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and "train_reward_mean_change" not in rows[0]
+    assert rows[1]["train_reward_mean_change"] == pytest.approx(rows[1]["reward_mean"] - rows[0]["reward_mean"])
+    assert rows[1]["alarm_train_reward_mean_change"] == rows[1]["train_reward_mean_change"]
+    assert (out / "monitor.png").stat().st_size > 0 and not (out / "eval_metrics.jsonl").exists()

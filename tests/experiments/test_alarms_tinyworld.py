@@ -154,7 +154,8 @@ def test_the_default_design_monitors_each_group_on_its_own_split_and_keeps_best(
 def test_alarm_driver_at_reduced_size_evaluates_best_and_final_and_resumes_from_its_record(tmp_path):
     out = tmp_path / "alarms"
     args = [sys.executable, str(ROOT / "experiments/alarms_tinyworld.py"), "--tune_seeds", "0", "--heldout_seeds", "1",
-            "--configs", "main", "raft_lr1e-3", "--collapse_seeds", "1", "--every", "1", "--monitor_prompts", "4", "--eval_num_prompts", "4",
+            "--configs", "main", "raft_lr1e-3", "--collapse_seeds", "1", "--every", "1", "--monitor_prompts", "4",
+            "--eval_num_prompts", "4", "--alarm_window", "1",
             "--images_per_prompt", "2", "--jobs", "2", "--threads", "1", "--out", str(out), "--",
             "--num_iterations", "2", "--prompts_per_iteration", "2", "--samples_per_prompt", "2",
             "--train_batch_size", "2", "--num_inference_steps", "2", "--eval_images_per_prompt", "2"]
@@ -174,7 +175,10 @@ def test_alarm_driver_at_reduced_size_evaluates_best_and_final_and_resumes_from_
         assert "colour_entropy" in tasks[name]["trajectory"][0]
     report = json.loads((out / "alarms.json").read_text())
     # every candidate watches a signal the monitor really reports (a misspelt one would never separate)
-    seen = A.points(tasks["tune_main_s0"]["trajectory"])[1]
+    # (the training statistics too: a window of 1 has changes from the second iteration on)
+    assert [r["iteration"] for r in tasks["tune_main_s0"]["training"]] == [0, 1]
+    pts = A.points(tasks["tune_main_s0"]["trajectory"], tasks["tune_main_s0"]["training"], window=1)
+    seen = {**A.evaluations(pts)[1], **[p for p in pts if p.get("train")][-1]}
     assert all(signal in seen for signal, _ in A.CANDIDATES), [s for s, _ in A.CANDIDATES if s not in seen]
     assert report["verdict"]["heldout"]["healthy_runs"] == 1
     assert set(report["runs"]["heldout"]) == {n for n in tasks if n.startswith("heldout_")}
@@ -188,3 +192,33 @@ def test_alarm_driver_at_reduced_size_evaluates_best_and_final_and_resumes_from_
     (out / "alarms.json").unlink()  # --report chooses and reports again from the record alone
     report = subprocess.run([*args[:2], "--report", *args[2:]], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert report.returncode == 0 and (out / "alarms.json").read_text() == written, report.stderr[-2000:]
+
+
+def test_a_training_statistic_can_warn_of_a_collapse_damaged_at_the_first_evaluation():
+    """RAFT at lr 1e-3 is damaged by iteration 10, the first evaluation: no evaluation rule can warn of it, but a
+    train_ rule is checked after every iteration; its points sit at the iteration after their row's update."""
+    def training(stds):
+        return [{"iteration": i, "reward_group_std": s, "w2": 0.001, "reward_mean": 70.0, "grad_norm": 1.0}
+                for i, s in enumerate(stds)]
+
+    healthy = _trajectory([0.2, 0.2, 0.2], [0.0, 0.01, 0.01], [30.0] * 3)
+    fast = _trajectory([0.2, 0.1, 0.05], [0.0, 0.01, 0.01], [30.0] * 3)
+    # window 2: the group std's change from its first two iterations, from iteration 4 on
+    tune = {"tune_main_s0": A.points(healthy, training([4.0] * 20), window=2),
+            "tune_raft_lr1e-3_s0": A.points(fast, training([4.0, 4.0, 3.0, 2.0, 1.5, 1.0] + [0.5] * 14), window=2)}
+    assert [p["iteration"] for p in A.evaluations(tune["tune_main_s0"])] == [0, 10, 20]
+    first_train = next(p for p in tune["tune_main_s0"] if p.get("train"))
+    assert first_train["iteration"] == 1 and first_train["train_reward_group_std"] == 4.0
+    rows = {(r["signal"], r["op"]): r for r in A.choose(tune, 0.02)}
+    assert rows["clip_diversity_rel_change", "<"]["too_fast"] == ["tune_raft_lr1e-3_s0"]
+    std = rows["train_reward_group_std_rel_change", "<"]
+    assert std["too_fast"] == [] and std["separable"]
+    # healthy change 0; RAFT's least extreme before iteration 10 is its lowest over iterations 4-9: (0.5+0.5)/2 vs 4
+    assert std["collapsing_before_damage"] == {"tune_raft_lr1e-3_s0": pytest.approx(0.5 / 4 - 1)}
+    assert std["rule"] == f"train_reward_group_std_rel_change < {(0 + 0.5 / 4 - 1) / 2:.3g}"
+    results = A.evaluate_rules([std["rule"]], tune, 0.02)
+    # rows 2-3 (3, 2) are 2.5, -37.5%; rows 3-4 (2, 1.5) are 1.75, -56% (beyond -44%): it acts after row 4, at 5
+    raft = results["tune_raft_lr1e-3_s0"]
+    assert raft["first"] == 5 and raft["damage"] == 10 and raft["lead"] == 5
+    assert raft["judge_change_at_first"] == 0.0  # the base's evaluation is the last one before it
+    assert results["tune_main_s0"]["first"] is None
