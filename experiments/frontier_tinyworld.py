@@ -224,26 +224,38 @@ def matched_comparison(done: dict, points: dict, budgets: list[int], strengths: 
                        n_boot: int = 10000, fixed_clip: Optional[float] = None) -> tuple[list[str], Optional[dict]]:
     """ADRPO minus fixed beta at matched guided W2, per budget: for each seed, each method's frontier over its strength
     (Δ metric against log W2, piecewise linear) is read at W2 values both methods reach at that seed; the difference
-    is averaged over seeds, with a bootstrap over seeds (95% interval). Returns (table lines, {metric: differences at
-    the longest budget}) for the noise-floor comparison."""
-    seeds = sorted({n.rsplit("_s", 1)[1] for p in points.values() for n in p["tasks"]})
+    is averaged over seeds, with a bootstrap over seeds (95% interval). While a run is in progress, over the seeds
+    whose every run of the arm (and base) is done, said in a line above the table. Returns (table lines, {metric:
+    differences at the longest budget}) for the noise-floor comparison."""
+    names = {m: [point_name(m, s, clip, fixed_clip=fixed_clip) for s in strengths] for m in ("adrpo", "fixed_beta")}
+    if any(n not in points for ns in names.values() for n in ns):
+        missing = next(m for m, ns in names.items() if any(n not in points for n in ns))
+        return [f"({missing} at {clip_label(clip, fixed_clip)} has no full strength grid)"], None
+    arm = [points[n] for ns in names.values() for n in ns]
+    planned = sorted({n.rsplit("_s", 1)[1] for p in arm for n in p["tasks"]}, key=int)
+    seeds = [s for s in planned if f"base_s{s}" in done and all(
+        n in done for p in arm for n in p["tasks"] if n.rsplit("_s", 1)[1] == s)]
+    if not seeds:
+        return ["Not every run of one seed is done yet."], None
+    # the arm's points restricted to those seeds, so that every paired() below reads the same seeds in order
+    points = {n: {**points[n], "tasks": [t for t in points[n]["tasks"] if t.rsplit("_s", 1)[1] in seeds]}
+              for ns in names.values() for n in ns}
     metrics = ["clip_score", "clip_diversity"] + [k for k in oracle_metrics(done) if k == "oracle_accuracy"]
-    lines = ["| Iterations | W2 (guided) | " + " | ".join(f"ADRPO − fixed β: Δ {m}" for m in metrics) + " |",
-             "|" + "---|" * (2 + len(metrics))]
+    lines = [] if seeds == planned else [
+        f"**Partial**: over seed(s) {', '.join(seeds)} of {', '.join(planned)} (every run of the others is not done "
+        "yet).", ""]
+    lines += ["| Iterations | W2 (guided) | " + " | ".join(f"ADRPO − fixed β: Δ {m}" for m in metrics) + " |",
+              "|" + "---|" * (2 + len(metrics))]
     rng = np.random.default_rng(0)
     longest = None
     for b in budgets:
         curves = {}  # (method, seed) -> (W2 per strength, {metric: Δ per strength})
         for method in ("adrpo", "fixed_beta"):
-            names = [point_name(method, s, clip, fixed_clip=fixed_clip) for s in strengths]
-            if any(n not in points for n in names):
-                return [f"({method} at {clip_label(clip, fixed_clip)} has no full strength grid)"], None
             for i, seed in enumerate(seeds):
-                w2 = [paired(done, points[n], b, budgets[-1], "w2_divergence") for n in names]
-                if any(w is None for w in w2):
-                    return lines + [f"| {b} | not every run is done yet | |"], longest
+                w2 = [paired(done, points[n], b, budgets[-1], "w2_divergence") for n in names[method]]
                 curves[method, seed] = (np.array([w[i] for w in w2]), {
-                    m: np.array([paired(done, points[n], b, budgets[-1], m)[i] for n in names]) for m in metrics})
+                    m: np.array([paired(done, points[n], b, budgets[-1], m)[i] for n in names[method]])
+                    for m in metrics})
         lo = max(curves[m, s][0].min() for m in ("adrpo", "fixed_beta") for s in seeds)
         hi = min(curves[m, s][0].max() for m in ("adrpo", "fixed_beta") for s in seeds)
         if not lo < hi:
@@ -346,8 +358,8 @@ def report(args, argv, out: Path, points: dict, done: dict, t0: float, worked: b
     missing = total - len(done)
     status = (f"All {total} runs are done." if not missing else
               f"**Partial**: {len(done)} of {total} runs are done; a point's figures are over the seeds done so far (its "
-              "Seeds column), 'not run yet' where none is; the comparisons wait for every seed (rerun the command to "
-              "continue: finished runs are reused).")
+              "Seeds column), 'not run yet' where none is; each comparison is over the seeds whose every run of its arm is "
+              "done (rerun the command to continue: finished runs are reused).")
     table = frontier_table(done, points, budgets)
     atomic_write_bytes(out / "frontier.md", ("\n".join(table) + "\n").encode())
     comparison = []

@@ -84,6 +84,15 @@ def test_matched_comparison_reads_both_frontiers_at_the_same_divergence_not_the_
     at_strength = [done[f"{F.point_name('adrpo', b)}_s0"]["metrics"]["clip_score"]
                    - done[f"{F.point_name('fixed_beta', b)}_s0"]["metrics"]["clip_score"] for b in strengths]
     assert not np.allclose(at_strength, 1.0)
+    # a run in progress: seed 1 of one point is missing, so the comparison is over seed 0 alone, and says so
+    del done[f"{F.point_name('fixed_beta', 2.0)}_s1"]
+    lines, longest = F.matched_comparison(done, points, [1, 2], strengths, 1.0)
+    assert lines[0].startswith("**Partial**: over seed(s) 0 of 0, 1") and longest["clip_score"].shape[0] == 1
+    assert np.allclose(longest["clip_score"], 1.0)
+    for s in seeds:
+        del done[f"{F.point_name('adrpo', 0.5)}_s{s}"]
+    assert F.matched_comparison(done, points, [1, 2], strengths, 1.0) == (["Not every run of one seed is done yet."],
+                                                                          None)
 
 
 def test_the_default_design_trains_every_method_over_its_strength_at_equal_compute(monkeypatch, tmp_path):
