@@ -561,8 +561,11 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
                 if accelerator.is_main_process:
                     _plot_monitor(out, monitor, judges)
                 accelerator.wait_for_everyone()
-                kept = f"; best/ holds the best policy by {cfg.keep_best} (iteration {monitor.best[0]})" if (
-                    monitor.best) else ""
+                if monitor.best:
+                    kept = f"; best/ holds the best policy by {cfg.keep_best} (iteration {monitor.best[0]})"
+                else:  # e.g. a train_ alarm before the first evaluation after the base
+                    kept = f"; no best/: no evaluation after the base has reported {cfg.keep_best} yet" if (
+                        cfg.keep_best) else ""
                 raise AlarmStop(f"{alarm or 'an alarm fired (see the main process)'}. Checkpoint saved to "
                                 f"{path or out / 'checkpoints'}{kept}; the signals are in eval_metrics.jsonl and "
                                 f"monitor.png. Continue with --resume_from latest (alarms can change on resume)")

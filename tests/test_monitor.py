@@ -300,3 +300,19 @@ def test_a_training_alarm_stops_a_run_with_no_evaluation_at_all(tiny_run_args, t
     assert rows[1]["train_reward_mean_change"] == pytest.approx(rows[1]["reward_mean"] - rows[0]["reward_mean"])
     assert rows[1]["alarm_train_reward_mean_change"] == rows[1]["train_reward_mean_change"]
     assert (out / "monitor.png").stat().st_size > 0 and not (out / "eval_metrics.jsonl").exists()
+
+
+def test_a_training_alarm_before_the_first_evaluation_says_there_is_no_best_yet(tiny_run_args, tmp_path, capsys):
+    """keep_best exports best/ at evaluations after the base only: a train_ stop before the first of them leaves no
+    best/, and the message says so rather than pointing at a folder that is not there."""
+    import train_sd3_adrpo
+
+    out = tmp_path / "run"
+    args = [*tiny_run_args, "--output_dir", str(out), "--num_iterations", "4", "--sample_every", "0",
+            "--eval_every", "4", "--eval_num_prompts", "1", "--eval_images_per_prompt", "2", "--keep_best",
+            "clip_score", "--alarm_window", "1", "--alarms", "train_reward_mean_change > -1e9 stop"]
+    assert train_sd3_adrpo.main(args) == 3
+    err = capsys.readouterr().err
+    assert "(iteration 2)" in err and "no best/: no evaluation after the base has reported clip_score yet" in err
+    assert "best/ holds" not in err and not (out / "best").exists()
+    assert (out / "checkpoints" / "checkpoint-000002").is_dir()
