@@ -307,9 +307,13 @@ def plot_monitor(runs: dict[str, list[dict]], rules: list[str], drop: float, pat
     import matplotlib.pyplot as plt
 
     signals = [(JUDGE + "_change", -drop)] + [(parse_alarm(r).signal, parse_alarm(r).threshold) for r in rules]
-    fig, axes = plt.subplots(1, len(signals), figsize=(4.5 * len(signals), 3.6), squeeze=False)
+    cols = min(4, len(signals))
+    rows_n = math.ceil(len(signals) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.5 * cols, 3.4 * rows_n), squeeze=False)
     colours = dict(zip([c for c, (_, bad) in CONFIGS.items() if bad], ("tab:red", "tab:purple", "tab:orange")))
-    for ax, (signal, threshold) in zip(axes[0], signals):
+    for ax in axes.flat[len(signals):]:
+        ax.set_visible(False)
+    for ax, (signal, threshold) in zip(axes.flat, signals):
         labelled = set()
         for name, pts in runs.items():
             split, config, collapses = group(name)
@@ -319,6 +323,8 @@ def plot_monitor(runs: dict[str, list[dict]], rules: list[str], drop: float, pat
                     label=None if (config, split) in labelled else f"{config} ({split})")
             labelled.add((config, split))
         ax.axhline(threshold, color="k", lw=0.8, ls=":")
+        if "w2" in signal:  # W2 spans 1e-4 (healthy) to 10 (collapsed): on a linear axis the threshold is invisible
+            ax.set_yscale("log")
         ax.set_title(signal if signal != JUDGE + "_change" else f"{JUDGE}_change (damage below {-drop:g})", fontsize=9)
         ax.set_xlabel("iteration")
     axes[0][0].legend(fontsize=7)
