@@ -563,9 +563,10 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
                 accelerator.wait_for_everyone()
                 if monitor.best:
                     kept = f"; best/ holds the best policy by {cfg.keep_best} (iteration {monitor.best[0]})"
-                else:  # e.g. a train_ alarm before the first evaluation after the base
-                    kept = f"; no best/: no evaluation after the base has reported {cfg.keep_best} yet" if (
-                        cfg.keep_best) else ""
+                elif cfg.keep_best and accelerator.is_main_process:  # only it evaluates: the others know no best
+                    kept = f"; no best/: no evaluation after the base has reported {cfg.keep_best} yet"  # e.g. train_
+                else:
+                    kept = ""
                 raise AlarmStop(f"{alarm or 'an alarm fired (see the main process)'}. Checkpoint saved to "
                                 f"{path or out / 'checkpoints'}{kept}; the signals are in eval_metrics.jsonl and "
                                 f"monitor.png. Continue with --resume_from latest (alarms can change on resume)")

@@ -128,6 +128,7 @@ def test_a_stop_alarm_checkpoints_exits_3_and_keeps_the_best_policy(tiny_run_arg
     assert train_sd3_adrpo.main(args) == 3
     err = capsys.readouterr().err
     assert "brightness_change = " in err and "> -2" in err and "(iteration 1)" in err and "checkpoint-000001" in err
+    assert "best/ holds the best policy by clip_score (iteration 1)" in err and "no best/" not in err
     rows = [json.loads(line) for line in (out / "eval_metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in rows] == [0, 1]
     for key in ("colour_entropy", "brightness", "saturation", "edge_density", "clip_diversity", "w2_divergence"):
