@@ -315,19 +315,26 @@ def plot_monitor(runs: dict[str, list[dict]], rules: list[str], drop: float, pat
         ax.set_visible(False)
     for ax, (signal, threshold) in zip(axes.flat, signals):
         labelled = set()
+        log = signal in ("w2_divergence", "train_w2")  # 1e-6 to 100 over these runs: a linear axis hides the threshold
         for name, pts in runs.items():
             split, config, collapses = group(name)
-            xs = [p["iteration"] for p in pts if signal in p]
-            ax.plot(xs, [p[signal] for p in pts if signal in p], color=colours.get(config, "0.6"),
+            shown = [p for p in pts if signal in p and (p[signal] > 0 or not log)]  # the base's W2 is 0
+            ax.plot([p["iteration"] for p in shown], [p[signal] for p in shown], color=colours.get(config, "0.6"),
                     ls="-" if split == "heldout" else "--", lw=1, alpha=0.9 if collapses else 0.6,
                     label=None if (config, split) in labelled else f"{config} ({split})")
             labelled.add((config, split))
         ax.axhline(threshold, color="k", lw=0.8, ls=":")
-        if "w2" in signal:  # W2 spans 1e-4 (healthy) to 10 (collapsed): on a linear axis the threshold is invisible
+        if log:
             ax.set_yscale("log")
         ax.set_title(signal if signal != JUDGE + "_change" else f"{JUDGE}_change (damage below {-drop:g})", fontsize=9)
         ax.set_xlabel("iteration")
-    axes[0][0].legend(fontsize=7)
+    spare = axes.flat[len(signals)] if len(signals) < axes.size else None  # the legend off the data where there is room
+    if spare is not None:
+        spare.set_visible(True)
+        spare.axis("off")
+        spare.legend(*axes.flat[0].get_legend_handles_labels(), loc="center", fontsize=9)
+    else:
+        axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
     for ext in ("png", "pdf"):
         fig.savefig(f"{path}.{ext}", dpi=110)
