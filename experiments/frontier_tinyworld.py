@@ -279,7 +279,9 @@ def matched_comparison(done: dict, points: dict, budgets: list[int], strengths: 
 
 
 def clip_label(clip: float, fixed_clip: Optional[float]) -> str:
-    return f"clip ±{fixed_clip:g} at every strength" if fixed_clip is not None else f"clip ±{clip:g}β"
+    if fixed_clip is not None:
+        return f"clip ±{fixed_clip:g} at every strength"
+    return "clip ±β" if clip == 1.0 else f"clip ±{clip:g}β"
 
 
 def noise_floor(done: dict, points: dict, budgets: list[int], perturb: Optional[float],
