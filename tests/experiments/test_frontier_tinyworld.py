@@ -197,6 +197,10 @@ def test_the_noise_floor_is_the_perturbed_twins_distance_from_its_original_per_s
     assert F.noise_floor(done, points, [1, 2], None) == []
     # each arm reads its own twin: the fixed-clip arm has none here
     assert F.noise_floor(done, points, [1, 2], 0.5, fixed_clip=1.0)[-2:] == ["not run yet", ""]
+    # a session stopped before the twin's seed 1: the floor over seed 0 alone, said as partial (|61.5 - 61|)
+    del done[F.point_name("adrpo", 0.5, perturbed=True) + "_s1"]
+    lines = F.noise_floor(done, points, [1, 2], 0.5)
+    assert "- clip_score: 0.5" in lines and "**Partial**: seed(s) 0 only (the others are not done)." in lines
 
 
 def test_a_twin_whose_original_is_not_planned_is_refused_before_any_work(tmp_path):
