@@ -294,7 +294,7 @@ def noise_floor(done: dict, points: dict, budgets: list[int], perturb: Optional[
     lines = [f"Noise floor ({clip_label(1.0, fixed_clip)}): ADRPO beta0={perturb:g} retrained with the learning rate x "
              f"{PERTURB_LR} (nothing that matters changed), at {budgets[-1]} iterations, |twin − original| per seed:",
              ""]
-    if twin and orig:  # over the seeds done for both (and their base), as the comparison reads the seeds done so far
+    if twin and orig:  # the seeds done for both (and their base), as the comparison reads the seeds done so far
         def seed(name: str) -> str:
             return name.rsplit("_s", 1)[1]
         originals = {seed(n): n for n in orig["tasks"]}
@@ -302,7 +302,8 @@ def noise_floor(done: dict, points: dict, budgets: list[int], perturb: Optional[
                 if seed(n) in originals and {n, originals[seed(n)], f"base_s{seed(n)}"} <= done.keys()]
         twin, orig = ({**point, "tasks": [pair[i] for pair in both]} for i, point in enumerate((twin, orig)))
         if both and len(both) < len(originals):
-            lines[1:1] = ["", f"**Partial**: seed(s) {', '.join(seed(n) for n, _ in both)} only (the others are not done)."]
+            done_seeds = ", ".join(seed(n) for n, _ in both)
+            lines[1:1] = ["", f"**Partial**: seed(s) {done_seeds} only (the others are not done)."]
     for m in METRICS + tuple(k for k in oracle_metrics(done) if k != "oracle_accuracy"):
         a, b = (paired(done, p, budgets[-1], budgets[-1], m) if p and p["tasks"] else None for p in (twin, orig))
         if a is None or b is None:
