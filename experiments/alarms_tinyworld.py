@@ -311,8 +311,8 @@ def plot_monitor(runs: dict[str, list[dict]], rules: list[str], drop: float, pat
     rows_n = math.ceil(len(signals) / cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.5 * cols, 3.4 * rows_n), squeeze=False)
     colours = dict(zip([c for c, (_, bad) in CONFIGS.items() if bad], ("tab:red", "tab:purple", "tab:orange")))
-    for ax in axes.flat[len(signals):]:
-        ax.set_visible(False)
+    for ax in axes.flat[len(signals):]:  # the first spare panel holds the legend, off the data
+        ax.axis("off")
     for ax, (signal, threshold) in zip(axes.flat, signals):
         labelled = set()
         log = signal in ("w2_divergence", "train_w2")  # 1e-6 to 100 over these runs: a linear axis hides the threshold
@@ -328,11 +328,8 @@ def plot_monitor(runs: dict[str, list[dict]], rules: list[str], drop: float, pat
             ax.set_yscale("log")
         ax.set_title(signal if signal != JUDGE + "_change" else f"{JUDGE}_change (damage below {-drop:g})", fontsize=9)
         ax.set_xlabel("iteration")
-    spare = axes.flat[len(signals)] if len(signals) < axes.size else None  # the legend off the data where there is room
-    if spare is not None:
-        spare.set_visible(True)
-        spare.axis("off")
-        spare.legend(*axes.flat[0].get_legend_handles_labels(), loc="center", fontsize=9)
+    if len(signals) < axes.size:
+        axes.flat[len(signals)].legend(*axes.flat[0].get_legend_handles_labels(), loc="center", fontsize=9)
     else:
         axes.flat[0].legend(fontsize=7)
     fig.tight_layout()

@@ -160,7 +160,7 @@ def paired(done: dict, point: dict, budget: int, last: int, metric: str,
     that are done, None when none is."""
     values = []
     for name in point["tasks"]:
-        seed = name.rsplit("_s", 1)[1]
+        seed = seed_of(name)
         if name not in done or f"base_s{seed}" not in done:
             if partial:
                 continue
@@ -171,6 +171,22 @@ def paired(done: dict, point: dict, budget: int, last: int, metric: str,
             return None
         values.append(v - base)
     return np.array(values) if values else None
+
+
+def seed_of(task: str) -> str:
+    return task.rsplit("_s", 1)[1]
+
+
+def complete_seeds(done: dict, arm: list[dict]) -> tuple[list[str], list[str]]:
+    """(the seeds the points of ``arm`` plan, those whose every run of them and base are done): a table over the
+    seeds done so far reads the same seeds for every point."""
+    planned = sorted({seed_of(n) for p in arm for n in p["tasks"]}, key=int)
+    return planned, [s for s in planned if f"base_s{s}" in done and all(
+        n in done for p in arm for n in p["tasks"] if seed_of(n) == s)]
+
+
+def only_seeds(point: dict, seeds: list[str]) -> dict:
+    return {**point, "tasks": [t for t in point["tasks"] if seed_of(t) in seeds]}
 
 
 def mean_se(x: np.ndarray) -> tuple[float, float]:
@@ -231,15 +247,11 @@ def matched_comparison(done: dict, points: dict, budgets: list[int], strengths: 
     if any(n not in points for ns in names.values() for n in ns):
         missing = next(m for m, ns in names.items() if any(n not in points for n in ns))
         return [f"({missing} at {clip_label(clip, fixed_clip)} has no full strength grid)"], None
-    arm = [points[n] for ns in names.values() for n in ns]
-    planned = sorted({n.rsplit("_s", 1)[1] for p in arm for n in p["tasks"]}, key=int)
-    seeds = [s for s in planned if f"base_s{s}" in done and all(
-        n in done for p in arm for n in p["tasks"] if n.rsplit("_s", 1)[1] == s)]
+    planned, seeds = complete_seeds(done, [points[n] for ns in names.values() for n in ns])
     if not seeds:
         return ["Not every run of one seed is done yet."], None
     # the arm's points restricted to those seeds, so that every paired() below reads the same seeds in order
-    points = {n: {**points[n], "tasks": [t for t in points[n]["tasks"] if t.rsplit("_s", 1)[1] in seeds]}
-              for ns in names.values() for n in ns}
+    points = {n: only_seeds(points[n], seeds) for ns in names.values() for n in ns}
     metrics = ["clip_score", "clip_diversity"] + [k for k in oracle_metrics(done) if k == "oracle_accuracy"]
     lines = [] if seeds == planned else [
         f"**Partial**: over seed(s) {', '.join(seeds)} of {', '.join(planned)} (every run of the others is not done "
@@ -294,16 +306,11 @@ def noise_floor(done: dict, points: dict, budgets: list[int], perturb: Optional[
     lines = [f"Noise floor ({clip_label(1.0, fixed_clip)}): ADRPO beta0={perturb:g} retrained with the learning rate x "
              f"{PERTURB_LR} (nothing that matters changed), at {budgets[-1]} iterations, |twin − original| per seed:",
              ""]
-    if twin and orig:  # the seeds done for both (and their base), as the comparison reads the seeds done so far
-        def seed(name: str) -> str:
-            return name.rsplit("_s", 1)[1]
-        originals = {seed(n): n for n in orig["tasks"]}
-        both = [(n, originals[seed(n)]) for n in twin["tasks"]
-                if seed(n) in originals and {n, originals[seed(n)], f"base_s{seed(n)}"} <= done.keys()]
-        twin, orig = ({**point, "tasks": [pair[i] for pair in both]} for i, point in enumerate((twin, orig)))
-        if both and len(both) < len(originals):
-            done_seeds = ", ".join(seed(n) for n, _ in both)
-            lines[1:1] = ["", f"**Partial**: seed(s) {done_seeds} only (the others are not done)."]
+    if twin and orig:  # over the seeds done for both (and their base), as the comparison reads the seeds done so far
+        planned, seeds = complete_seeds(done, [twin, orig])
+        twin, orig = only_seeds(twin, seeds), only_seeds(orig, seeds)
+        if seeds and seeds != planned:
+            lines[1:1] = ["", f"**Partial**: seed(s) {', '.join(seeds)} only (the others are not done)."]
     for m in METRICS + tuple(k for k in oracle_metrics(done) if k != "oracle_accuracy"):
         a, b = (paired(done, p, budgets[-1], budgets[-1], m) if p and p["tasks"] else None for p in (twin, orig))
         if a is None or b is None:

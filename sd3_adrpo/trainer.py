@@ -563,8 +563,8 @@ def _train(cfg: TrainConfig, run_start: RunStart) -> Path:
                 accelerator.wait_for_everyone()
                 if monitor.best:
                     kept = f"; best/ holds the best policy by {cfg.keep_best} (iteration {monitor.best[0]})"
-                elif cfg.keep_best and accelerator.is_main_process:  # only it evaluates: the others know no best
-                    kept = f"; no best/: no evaluation after the base has reported {cfg.keep_best} yet"  # e.g. train_
+                elif cfg.keep_best and accelerator.is_main_process:  # e.g. a train_ stop; only this process evaluates
+                    kept = f"; no best/: no evaluation after the base has reported {cfg.keep_best} yet"
                 else:
                     kept = ""
                 raise AlarmStop(f"{alarm or 'an alarm fired (see the main process)'}. Checkpoint saved to "
