@@ -5,6 +5,7 @@ has lost held-out oracle accuracy, and never in the healthy main job.
     python experiments/alarms_tinyworld.py --jobs 2 --threads 1          # train, evaluate, choose, report: ~2 h
     python experiments/alarms_tinyworld.py --report                      # the report from what is done
     python experiments/alarms_tinyworld.py --check --jobs 2 --threads 1  # is the record current? seconds
+    python experiments/alarms_tinyworld.py --replay RUN_DIR ...          # the chosen rules on other runs' rows
 
 Runs: the healthy main job (configs/tiny.yaml as it is) and three configurations that over-optimise here (RAFT at the
 shared learning rate 1e-3, fast; DPO at beta 125; RAFT at its tuned 1e-4, slow), in two groups that share nothing: the *tune*
@@ -283,6 +284,29 @@ def verdict_lines(v: dict) -> list[str]:
             f"damage test marked (its own noise): {', '.join(v['healthy_marked_damaged']) or 'none'}."]
 
 
+def replay(dirs: list[str], rules: list[str], drop: float, confirm: int, window: int) -> list[str]:
+    """The rules replayed on training output directories (their eval_metrics.jsonl and, where present, metrics.jsonl):
+    per run its damage, each rule's first firing and the alarm's lead, as the report reads them. For runs trained
+    outside the driver, e.g. a record's run trained again with a larger monitor to measure its damage with less noise."""
+    from sd3_adrpo.io import read_jsonl
+
+    runs = {}
+    for d in map(Path, dirs):
+        training = read_jsonl(d / "metrics.jsonl") if (d / "metrics.jsonl").is_file() else None
+        runs[d.name] = points(read_jsonl(d / "eval_metrics.jsonl"), training, window)
+    results = evaluate_rules(rules, runs, drop, confirm)
+    lines = ["| Run | Damage at | " + " | ".join(f"`{r}`" for r in rules) + " | Lead | Lowest "
+             f"{JUDGE} change |", "|" + "---|" * (4 + len(rules))]
+    for name, r in results.items():
+        lead = ("no damage" if r["damage"] is None else
+                "missed" if r["lead"] is None or r["lead"] <= 0 else f"{r['lead']}")
+        lowest = min(p.get(f"{JUDGE}_change", 0.0) for p in evaluations(runs[name]))
+        lines.append(f"| {name} | {'–' if r['damage'] is None else r['damage']} | "
+                     + " | ".join("–" if r["fires"][rule] is None else str(r["fires"][rule]) for rule in rules)
+                     + f" | {lead} | {_v(lowest)} |")
+    return lines
+
+
 def keep_best_table(done: dict) -> list[str]:
     """final/ against best/ on the held-out evaluation, tune-group runs only: their best/ was chosen on tune prompts,
     never on the prompts it is judged on (a held-out run's monitor prompts overlap the held-out evaluation)."""
@@ -406,6 +430,10 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--check", action="store_true", help="train nothing: is every run in the record current?")
     ap.add_argument("--report", action="store_true", help="train nothing: write the report from what is done")
+    ap.add_argument("--replay", nargs="+", metavar="RUN_DIR",
+                    help="train nothing: replay the record's chosen rules (or --rules) on these training output "
+                         "directories and print each one's damage, firings and lead")
+    ap.add_argument("--rules", nargs="+", help="with --replay: these rules instead of the record's chosen ones")
     ap.add_argument("--out", default="results/tinyworld_alarms")
     ap.add_argument("train_overrides", nargs="*", help="extra --key value pairs for every training run, after --")
     args = ap.parse_args(argv)
@@ -413,6 +441,22 @@ def main(argv=None) -> None:
             or not 0 < args.damage < 1:
         ap.error("--collapse_seeds, --every, --damage_confirm and --alarm_window must be >= 1, --monitor_prompts >= 0, "
                  "--damage in (0, 1)")
+    if args.replay:
+        rules = args.rules
+        if rules is None:
+            record = Path(args.out) / "alarms.json"
+            if not record.is_file():
+                ap.error(f"--replay needs {record} (run the calibration) or --rules")
+            rules = json.loads(record.read_text())["chosen"]
+        try:
+            [parse_alarm(r) for r in rules]
+        except ValueError as e:
+            ap.error(str(e))
+        for d in args.replay:
+            if not (Path(d) / "eval_metrics.jsonl").is_file():
+                ap.error(f"{d} has no eval_metrics.jsonl: --replay reads training output directories (--output_dir)")
+        print("\n".join(replay(args.replay, rules, args.damage, args.damage_confirm, args.alarm_window)))
+        return
     t0 = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

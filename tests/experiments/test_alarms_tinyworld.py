@@ -222,3 +222,23 @@ def test_a_training_statistic_can_warn_of_a_collapse_damaged_at_the_first_evalua
     assert raft["first"] == 5 and raft["damage"] == 10 and raft["lead"] == 5
     assert raft["judge_change_at_first"] == 0.0  # the base's evaluation is the last one before it
     assert results["tune_main_s0"]["first"] is None
+
+
+def test_replay_reads_run_directories_and_reports_damage_firings_and_lead(tmp_path, capsys):
+    """--replay: the rules on a training output directory's own rows (a record's run trained again outside the driver,
+    e.g. with a larger monitor); a directory without eval_metrics.jsonl is refused with exit 2."""
+    run = tmp_path / "slow_raft"
+    run.mkdir()
+    # W2 per update 0.001 for 20 iterations, then 0.01: a 3-iteration mean beyond 0.005 after row 21, at 22
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"iteration": i, "w2": 0.001 if i < 20 else 0.01, "reward_group_std": 4.0, "reward_mean": 70.0,
+                    "grad_norm": 1.0}) + "\n" for i in range(40)))
+    # the oracle is 0.03 below the base from 30 on: damage at 30 (two evaluations in a row)
+    (run / "eval_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _trajectory(
+        [0.20, 0.20, 0.19, 0.17, 0.16], [0.0, 0.001, 0.002, 0.003, 0.004], [30.0] * 5)))
+    A.main(["--replay", str(run), "--rules", "train_w2 > 0.005", "w2_divergence > 0.0035"])
+    table = capsys.readouterr().out
+    assert "| slow_raft | 30 | 22 | 40 | 8 | -0.04 |" in table
+    with pytest.raises(SystemExit) as e:
+        A.main(["--replay", str(tmp_path), "--rules", "train_w2 > 0.005"])
+    assert e.value.code == 2 and "no eval_metrics.jsonl" in capsys.readouterr().err
