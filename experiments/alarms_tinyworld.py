@@ -259,13 +259,17 @@ def judge_noise(runs: dict[str, list[dict]]) -> Optional[float]:
     return extreme([p.get(f"{JUDGE}_change") for n, pts in runs.items() if not group(n)[2] for p in pts[1:]], "<")
 
 
+def _lead(r: dict) -> str:
+    """A run's lead as the tables write it: iterations ahead of the damage, 'missed' or 'no damage'."""
+    return "no damage" if r["damage"] is None else "missed" if r["lead"] is None or r["lead"] <= 0 else f"{r['lead']}"
+
+
 def runs_table(results: dict[str, dict], rules: list[str]) -> list[str]:
     lines = ["| Run | Over-optimises | Damage at | " + " | ".join(f"`{r}`" for r in rules)
              + f" | Lead | {JUDGE} change at the first alarm |", "|" + "---|" * (5 + len(rules))]
     for name, r in results.items():
         collapses = group(name)[2]
-        lead = ("no damage" if r["damage"] is None else
-                "missed" if r["lead"] is None or r["lead"] <= 0 else f"{r['lead']}")
+        lead = _lead(r)
         if not collapses:
             lead = "false alarm" if r["first"] is not None else "none fired (correct)"
         lines.append(f"| {name} | {'yes' if collapses else 'no'} | "
@@ -298,8 +302,7 @@ def replay(dirs: list[str], rules: list[str], drop: float, confirm: int, window:
     lines = ["| Run | Damage at | " + " | ".join(f"`{r}`" for r in rules) + " | Lead | Lowest "
              f"{JUDGE} change |", "|" + "---|" * (4 + len(rules))]
     for name, r in results.items():
-        lead = ("no damage" if r["damage"] is None else
-                "missed" if r["lead"] is None or r["lead"] <= 0 else f"{r['lead']}")
+        lead = _lead(r)
         lowest = min(p.get(f"{JUDGE}_change", 0.0) for p in evaluations(runs[name]))
         lines.append(f"| {name} | {'–' if r['damage'] is None else r['damage']} | "
                      + " | ".join("–" if r["fires"][rule] is None else str(r["fires"][rule]) for rule in rules)
@@ -449,7 +452,8 @@ def main(argv=None) -> None:
                 ap.error(f"--replay needs {record} (run the calibration) or --rules")
             rules = json.loads(record.read_text())["chosen"]
         try:
-            [parse_alarm(r) for r in rules]
+            for rule in rules:
+                parse_alarm(rule)
         except ValueError as e:
             ap.error(str(e))
         for d in args.replay:
