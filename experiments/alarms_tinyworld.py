@@ -6,6 +6,7 @@ has lost held-out oracle accuracy, and never in the healthy main job.
     python experiments/alarms_tinyworld.py --report                      # the report from what is done
     python experiments/alarms_tinyworld.py --check --jobs 2 --threads 1  # is the record current? seconds
     python experiments/alarms_tinyworld.py --replay RUN_DIR ...          # the chosen rules on other runs' rows
+    python experiments/alarms_tinyworld.py --replay RUN_DIR ... --choose_on TUNE_DIR ...  # rules chosen on those
 
 Runs: the healthy main job (configs/tiny.yaml as it is) and three configurations that over-optimise here (RAFT at the
 shared learning rate 1e-3, fast; DPO at beta 125; RAFT at its tuned 1e-4, slow), in two groups that share nothing: the *tune*
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -288,16 +290,37 @@ def verdict_lines(v: dict) -> list[str]:
             f"damage test marked (its own noise): {', '.join(v['healthy_marked_damaged']) or 'none'}."]
 
 
-def replay(dirs: list[str], rules: list[str], drop: float, confirm: int, window: int) -> list[str]:
-    """The rules replayed on training output directories (their eval_metrics.jsonl and, where present, metrics.jsonl):
-    per run its damage, each rule's first firing and the alarm's lead, as the report reads them. For runs trained
-    outside the driver, e.g. a record's run trained again with a larger monitor to measure its damage with less noise."""
+def run_name(directory: str) -> Optional[str]:
+    """The task name a training output directory's name ends with (``<split>_<configuration>_s<seed>``, after any
+    prefix such as ``lownoise_``), or None where it holds none: what says whether a replayed run is healthy."""
+    m = re.search(r"(?:^|_)((?:%s)_(%s)_s\d+)$" % ("|".join(SPLITS), "|".join(map(re.escape, CONFIGS))),
+                  Path(directory).name)
+    return m.group(1) if m else None
+
+
+def load_runs(dirs: list[str], window: int) -> dict[str, list[dict]]:
+    """Training output directories' monitored points (eval_metrics.jsonl and, where present, metrics.jsonl), by
+    directory name."""
     from sd3_adrpo.io import read_jsonl
 
     runs = {}
     for d in map(Path, dirs):
         training = read_jsonl(d / "metrics.jsonl") if (d / "metrics.jsonl").is_file() else None
         runs[d.name] = points(read_jsonl(d / "eval_metrics.jsonl"), training, window)
+    return runs
+
+
+def by_task(runs: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """The runs keyed by their task names (what ``group`` reads)."""
+    return {run_name(name): pts for name, pts in runs.items()}
+
+
+def replay(dirs: list[str], rules: list[str], drop: float, confirm: int, window: int) -> list[str]:
+    """The rules replayed on training output directories: per run its damage, each rule's first firing and the
+    alarm's lead, as the report reads them; where every directory is named after a task, the verdict too (false
+    alarms, leads). For runs trained outside the driver, e.g. a record's runs trained again with a larger monitor
+    to measure their damage with less noise."""
+    runs = load_runs(dirs, window)
     results = evaluate_rules(rules, runs, drop, confirm)
     lines = ["| Run | Damage at | " + " | ".join(f"`{r}`" for r in rules) + " | Lead | Lowest "
              f"{JUDGE} change |", "|" + "---|" * (4 + len(rules))]
@@ -307,6 +330,8 @@ def replay(dirs: list[str], rules: list[str], drop: float, confirm: int, window:
         lines.append(f"| {name} | {'–' if r['damage'] is None else r['damage']} | "
                      + " | ".join("–" if r["fires"][rule] is None else str(r["fires"][rule]) for rule in rules)
                      + f" | {lead} | {_v(lowest)} |")
+    if all(map(run_name, runs)):
+        lines += [""] + verdict_lines(verdict(by_task(results)))
     return lines
 
 
@@ -437,6 +462,10 @@ def main(argv=None) -> None:
                     help="train nothing: replay the record's chosen rules (or --rules) on these training output "
                          "directories and print each one's damage, firings and lead")
     ap.add_argument("--rules", nargs="+", help="with --replay: these rules instead of the record's chosen ones")
+    ap.add_argument("--choose_on", nargs="+", metavar="RUN_DIR",
+                    help="with --replay: choose the rules on these training output directories instead (the tune "
+                         "group trained again, each named <prefix>_tune_<configuration>_s<seed>); prints the "
+                         "candidates table, then replays the chosen rules")
     ap.add_argument("--out", default="results/tinyworld_alarms")
     ap.add_argument("train_overrides", nargs="*", help="extra --key value pairs for every training run, after --")
     args = ap.parse_args(argv)
@@ -446,6 +475,19 @@ def main(argv=None) -> None:
                  "--damage in (0, 1)")
     if args.replay:
         rules = args.rules
+        for d in args.replay + (args.choose_on or []):
+            if not (Path(d) / "eval_metrics.jsonl").is_file():
+                ap.error(f"{d} has no eval_metrics.jsonl: --replay reads training output directories (--output_dir)")
+        if args.choose_on:
+            if args.rules:
+                ap.error("--choose_on chooses the rules: give it or --rules, not both")
+            unnamed = [d for d in args.choose_on if run_name(d) is None or group(run_name(d))[0] != "tune"]
+            if unnamed:
+                ap.error(f"--choose_on needs tune-group directories named <prefix>_tune_<configuration>_s<seed> "
+                         f"(configurations: {', '.join(CONFIGS)}); not: {', '.join(unnamed)}")
+            rows = choose(by_task(load_runs(args.choose_on, args.alarm_window)), args.damage, args.damage_confirm)
+            rules = [r["rule"] for r in rows if r["separable"]]
+            print("\n".join(candidates_table(rows)) + "\n")
         if rules is None:
             record = Path(args.out) / "alarms.json"
             if not record.is_file():
@@ -456,9 +498,9 @@ def main(argv=None) -> None:
                 parse_alarm(rule)
         except ValueError as e:
             ap.error(str(e))
-        for d in args.replay:
-            if not (Path(d) / "eval_metrics.jsonl").is_file():
-                ap.error(f"{d} has no eval_metrics.jsonl: --replay reads training output directories (--output_dir)")
+        if not rules:
+            print("No rule separates the healthy runs from a damaged one before its damage: nothing to replay.")
+            return
         print("\n".join(replay(args.replay, rules, args.damage, args.damage_confirm, args.alarm_window)))
         return
     t0 = time.perf_counter()

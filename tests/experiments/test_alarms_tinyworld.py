@@ -242,3 +242,27 @@ def test_replay_reads_run_directories_and_reports_damage_firings_and_lead(tmp_pa
     with pytest.raises(SystemExit) as e:
         A.main(["--replay", str(tmp_path), "--rules", "train_w2 > 0.005"])
     assert e.value.code == 2 and "no eval_metrics.jsonl" in capsys.readouterr().err
+
+
+def test_choose_on_retrained_tune_directories_then_replays_the_chosen_rules_with_the_verdict(tmp_path, capsys):
+    """--choose_on: the choice made on tune runs trained again outside the driver (a directory's name ends with its
+    task name), the chosen rules replayed on held-out directories with the false alarms and leads."""
+    def run(name, trajectory):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in trajectory))
+        return str(tmp_path / name)
+
+    tune = [run("lownoise_tune_main_s0", HEALTHY), run("lownoise_tune_raft_lr1e-3_s0", COLLAPSE)]
+    heldout = [run("lownoise_heldout_main_s4", HEALTHY_2), run("lownoise_heldout_dpo_b125_s3", COLLAPSE_2)]
+    A.main(["--replay", *heldout, "--choose_on", *tune])
+    out = capsys.readouterr().out
+    # healthy W2 at most 0.01; the collapse reached 0.04 at 10, before its damage at 20 (0.15 and 0.08, two in a
+    # row): the geometric midpoint 0.02. Diversity fell less in the collapse (-5%) than in the healthy run (-10%)
+    assert "**`w2_divergence > 0.02`**" in out and "`clip_diversity_rel_change` | < | -0.1 | -0.05 | none" in out
+    # held out: the DPO-like run's W2 passes 0.02 at 20 (0.06), its oracle is 0.1 down at 30 (the damage, the
+    # lowest); the healthy run's W2 stays <= 0.009
+    assert "| lownoise_heldout_dpo_b125_s3 | 30 | 20 | 10 | -0.1 |" in out
+    assert "- False alarms: 0 of 1 healthy runs." in out and "heldout_dpo_b125_s3: 10 iterations" in out
+    with pytest.raises(SystemExit) as e:
+        A.main(["--replay", *heldout, "--choose_on", *heldout])
+    assert e.value.code == 2 and "tune-group directories" in capsys.readouterr().err
