@@ -116,9 +116,16 @@ def write_records(out: Path, records: dict) -> None:
 
 
 def report_check(problems: list[str], checked: int, out: Path) -> None:
-    """End a ``--check``: exit 0 with one line when every run is current, else exit 1 naming each run that is not."""
+    """End a ``--check``: exit 0 with one line when every run is current, else exit 1 naming each run that is not:
+    first those recorded with other settings or inputs (stale), then those not recorded at all (not run yet: a
+    partial record, e.g. an experiment longer than one session, is current as far as it goes)."""
+    unrun = [p.split(":", 1)[0] for p in problems if p.endswith(f": not in {RECORDS}")]
+    stale = [p for p in problems if not p.endswith(f": not in {RECORDS}")]
     if problems:
-        raise SystemExit(f"{len(problems)} of {checked} run(s) recorded in {out / RECORDS} are not what this command "
-                         "would run:\n  " + "\n  ".join(problems))
+        raise SystemExit("\n".join(
+            ([f"{len(stale)} of {checked} run(s) recorded in {out / RECORDS} are not what this command would run:\n  "
+              + "\n  ".join(stale)] if stale else
+             [f"the {checked - len(unrun)} run(s) recorded in {out / RECORDS} are current"])
+            + ([f"{len(unrun)} of {checked} run(s) are not run yet (no record): {', '.join(unrun)}"] if unrun else [])))
     print(f"all {checked} run(s) recorded in {out / RECORDS} are current: same settings and the same files behind "
           "their inputs as this command would use")

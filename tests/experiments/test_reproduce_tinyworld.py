@@ -196,7 +196,8 @@ def test_reproduction_check_compares_the_committed_record_with_the_command(tmp_p
         return plan(args, base_cfg)
 
     monkeypatch.setattr(R, "plan", keep_plan)
-    with pytest.raises(SystemExit, match=r"3 of 3 run\(s\).*\n  base_s0: not in run_records.json"):
+    with pytest.raises(SystemExit, match=r"the 0 run\(s\) recorded .* are current\n3 of 3 run\(s\) are not run yet "
+                                         r"\(no record\): .*base_s0"):
         R.main(argv)  # nothing recorded yet
     args, base_cfg, tasks = planned["args"], planned["base_cfg"], planned["tasks"]
     assert set(tasks) == {"base_s0", "adrpo_s0", "raft_s0"}
@@ -243,7 +244,7 @@ def test_reproduction_check_compares_the_committed_record_with_the_command(tmp_p
         "  base_s0: the evaluation's command"]
     assert problems(lambda r: r["raft_s0"]["eval"]["inputs"].update({args.eval_prompts: "0" * 64})) == [
         f"  raft_s0: the file(s) behind {args.eval_prompts} (evaluation)"]
-    assert problems(lambda r: r.pop("raft_s0")) == ["  raft_s0: not in run_records.json"]
+    assert problems(lambda r: r.pop("raft_s0")) == ["1 of 3 run(s) are not run yet (no record): raft_s0"]
     assert problems(lambda r: None, results=("base_s0", "raft_s0")) == ["  adrpo_s0: no result in tasks.json"]
     # a result without its trajectory (Figure 3's data, which a fresh clone cannot read from a run folder) is stale
     write(records)
@@ -285,3 +286,20 @@ def test_each_loss_guidance_setting_is_a_row_of_every_method_and_conditional_run
         assert clip["adv_clip_max"] == -clip["adv_clip_min"] == pytest.approx(m * base_cfg.beta0)
     tasks, rows, _ = plan(["conditional"])
     assert list(rows) == ["Base", "ADRPO", "DPO"] and not any("guided" in name for name in tasks)
+
+
+def test_check_tells_stale_records_from_runs_not_run_yet(tmp_path):
+    """--check's ending: a recorded run with other settings is stale (named with what differs); a run with no record
+    is only not run yet, and a partial record is current as far as it goes. Either exits 1; none exits 0."""
+    from _launch import report_check
+
+    with pytest.raises(SystemExit) as e:
+        report_check(["a_s0: num_iterations", "b_s0: not in run_records.json", "c_s0: not in run_records.json"], 4,
+                     tmp_path)
+    assert str(e.value) == (f"1 of 4 run(s) recorded in {tmp_path / 'run_records.json'} are not what this command "
+                            "would run:\n  a_s0: num_iterations\n2 of 4 run(s) are not run yet (no record): b_s0, c_s0")
+    with pytest.raises(SystemExit) as e:
+        report_check(["b_s0: not in run_records.json"], 3, tmp_path)
+    assert str(e.value) == (f"the 2 run(s) recorded in {tmp_path / 'run_records.json'} are current\n"
+                            "1 of 3 run(s) are not run yet (no record): b_s0")
+    report_check([], 3, tmp_path)  # returns: exit 0

@@ -215,7 +215,8 @@ def test_tuning_check_reads_the_committed_record_not_the_run_folders(tmp_path, m
     sweep("--num_iterations", "2", check=True)  # the original file again: current again
 
     grid.append({"raft_fraction": 0.125})  # a point added since the sweep ran
-    with pytest.raises(SystemExit, match=r"1 of 3 run\(s\).*\n  runs/raft/raft_fraction=0.125: not in run_records"):
+    with pytest.raises(SystemExit, match=r"the 2 run\(s\) recorded .* are current\n1 of 3 run\(s\) are not "
+                                         r"run yet \(no record\): runs/raft/raft_fraction=0.125$"):
         sweep("--num_iterations", "2", check=True)
     grid.pop()
     report = json.loads((out / "tuning.json").read_text())
