@@ -51,6 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
 
 from sd3_adrpo.config import parse_args  # noqa: E402
+from sd3_adrpo.plots import save_figure  # noqa: E402
 from sd3_adrpo.io import atomic_write_bytes, atomic_write_json  # noqa: E402
 from sd3_adrpo.monitor import TRAINING, Monitor, parse_alarm, training_key, with_changes  # noqa: E402
 
@@ -385,8 +386,7 @@ def plot_monitor(runs: dict[str, list[dict]], rules: list[str], drop: float, pat
     else:
         axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
-    for ext in ("png", "pdf"):
-        fig.savefig(f"{path}.{ext}", dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 

@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
 
 from sd3_adrpo.config import parse_args  # noqa: E402
+from sd3_adrpo.plots import save_figure  # noqa: E402
 from sd3_adrpo.io import atomic_write_bytes  # noqa: E402
 
 import reproduce_tinyworld as R  # noqa: E402
@@ -367,8 +368,7 @@ def plot_frontiers(done: dict, points: dict, budgets: list[int], path: Path) -> 
     fig.suptitle(f"Frontiers over each method's strength (labels) at {budgets[-1]} iterations; faint: "
                  f"{', '.join(map(str, budgets[:-1]))} iterations; mean ± s.e. over seeds", fontsize=9)
     fig.tight_layout()
-    for ext in ("png", "pdf"):
-        fig.savefig(f"{path}.{ext}", dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

@@ -54,3 +54,26 @@ def test_the_same_trajectory_gives_the_same_files(tmp_path):
     assert first == second and first[1].startswith(b"%PDF")
     assert b"/CreationDate" not in first[1]  # a date would make every rewrite a new file
     assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["fig3.pdf", "fig3.png"]  # no temporary left
+
+
+def test_a_figure_is_saved_as_a_palette_png_and_a_dated_free_pdf_in_place(tmp_path):
+    """save_figure (every committed figure): the PNG holds at most 256 colours, the stem keeps its dots
+    (``fig.v1`` is not cut to ``fig``), nothing temporary is left."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from sd3_adrpo.plots import save_figure
+
+    fig, ax = plt.subplots()
+    for k in range(12):  # anti-aliased lines of many colours: thousands of distinct RGB values before the palette
+        ax.plot([0, 1], [k, k + 1], lw=3)
+    paths = save_figure(fig, tmp_path / "fig.v1", dpi=80)
+    plt.close(fig)
+    assert [p.name for p in paths] == ["fig.v1.png", "fig.v1.pdf"]
+    image = Image.open(paths[0])
+    assert image.mode == "P" and len(image.convert("RGB").getcolors(2**16)) <= 256
+    assert paths[1].read_bytes().startswith(b"%PDF") and b"/CreationDate" not in paths[1].read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fig.v1.pdf", "fig.v1.png"]
