@@ -93,3 +93,28 @@ def test_each_sweep_record_covers_exactly_the_runs_of_its_report(sweep):
         assert settings["method"] == r["method"] and settings["seed"] == r["seed"]
         assert all(settings[k] == v for k, v in r["point"].items())
         assert set(records[key]["inputs"]) >= {"prompts/tinyworld_tune.txt", "prompts/tinyworld_train.txt"}
+
+
+def test_the_alarm_reruns_with_a_larger_monitor_trained_as_their_records_did():
+    """results/tinyworld_alarms/lownoise_<task>/: a record's run trained again with a 4x larger monitor. Its settings
+    are the record's but for the monitor's size (and the output folder), and its training rows (metrics.jsonl, kept to
+    the statistics the train_ alarms read) are the record's exactly: only the measurement changed."""
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import alarms_tinyworld as A
+
+    alarms = RESULTS / "tinyworld_alarms"
+    tasks = json.loads((alarms / "tasks.json").read_text())
+    records = json.loads((alarms / "run_records.json").read_text())
+    reruns = sorted(alarms.glob("lownoise_*"))
+    assert reruns
+    for d in reruns:
+        name = A.run_name(d.name)
+        settings = yaml.safe_load((d / "config.yaml").read_text())
+        recorded = records[name]["settings"]
+        assert settings["eval_num_prompts"] == 4 * recorded["eval_num_prompts"], d.name
+        assert {k: v for k, v in settings.items() if k not in ("eval_num_prompts", "output_dir")} == {
+            k: v for k, v in recorded.items() if k not in ("eval_num_prompts", "output_dir")}, d.name
+        rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        assert rows == tasks[name]["training"], d.name
