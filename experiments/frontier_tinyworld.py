@@ -456,7 +456,9 @@ def main(argv=None) -> None:
     prompts = "\n".join(balanced_prompts(source, args.per_category)) + "\n"
     if not Path(args.eval_prompts).is_file() or Path(args.eval_prompts).read_text() != prompts:
         atomic_write_bytes(Path(args.eval_prompts), prompts.encode())
-    args.eval_num_prompts, args.quick = 0, False
+    # the frontier reads each run's budget evaluations; of its trajectory (16 prompts every eval_every) only the
+    # headline metrics are kept, so that the 96 runs' records stay within the committed results' size bound
+    args.eval_num_prompts, args.quick, args.trajectory_keys = 0, False, METRICS
     args.train_overrides = ["--num_iterations", str(args.budgets[-1]), *args.train_overrides]
     base_cfg = parse_args(["--config", args.config, *args.train_overrides])
     args.tuned_points = {}

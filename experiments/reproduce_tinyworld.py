@@ -262,13 +262,20 @@ def committed_and_current(tasks: dict[str, Task], previous: dict, records: dict,
             and not record_problems(task, records.get(name), previous.get(name), args, base_cfg, out)}
 
 
+def trim_rows(rows: list[dict], keys) -> list[dict]:
+    """Each row with only its iteration and ``keys`` (all of it when ``keys`` is empty): what a driver keeps of a
+    run's trajectory or training rows in tasks.json, whose size is bounded (tests/experiments/test_committed_results)."""
+    return [{k: r[k] for k in ("iteration", *keys) if k in r} for r in rows] if keys else rows
+
+
 def run_task(task: Task, args, base_cfg, out: Path) -> dict:
     """Train (unless its LoRA exists) and evaluate (unless the same evaluation exists) one task, each in a
     subprocess: its final LoRA, and each other LoRA of ``task.budgets``. Returns {"metrics": {metric: value at
-    this seed}, "budgets": {iteration or folder: metrics} (if any), "trajectory": its held-out trajectory (trained runs),
-    "training": its metrics.jsonl rows, only their iteration and ``args.training_keys`` (trained runs, when a driver
-    asks for those keys), "seconds": time spent on it by this invocation, "worked": whether it trained or evaluated
-    anything, "trained": whether it trained}."""
+    this seed}, "budgets": {iteration or folder: metrics} (if any), "trajectory": its held-out trajectory (trained
+    runs; only the iteration and ``args.trajectory_keys`` where a driver names them), "training": its metrics.jsonl
+    rows, only their iteration and ``args.training_keys`` (trained runs, when a driver asks for those keys),
+    "seconds": time spent on it by this invocation, "worked": whether it trained or evaluated anything, "trained":
+    whether it trained}."""
     t0, worked, trained = time.perf_counter(), False, False
     run_dir = out / "runs" / task.name
     if task.overrides is not None and not (lora_of(task, out) / "pytorch_lora_weights.safetensors").is_file():
@@ -297,10 +304,9 @@ def run_task(task: Task, args, base_cfg, out: Path) -> dict:
     if task.budgets:
         done["budgets"] = {str(b): evaluate(b) for b in task.budgets}
     if task.overrides is not None:  # its held-out trajectory (Figure 3's data), kept for when runs/ is gone
-        done["trajectory"] = load_trajectory(run_dir)
+        done["trajectory"] = trim_rows(load_trajectory(run_dir), getattr(args, "trajectory_keys", ()))
         if keys := getattr(args, "training_keys", ()):  # e.g. the alarm calibration's training statistics
-            done["training"] = [{k: r[k] for k in ("iteration", *keys) if k in r}
-                                for r in read_jsonl(run_dir / "metrics.jsonl")]
+            done["training"] = trim_rows(read_jsonl(run_dir / "metrics.jsonl"), keys)
     done.update(worked=worked, trained=trained, seconds=time.perf_counter() - t0 if worked else 0.0)
     return done
 

@@ -159,6 +159,11 @@ def test_frontier_driver_at_reduced_size_evaluates_each_budget_and_resumes_from_
         settings = record["settings"]
         assert settings["num_iterations"] == 2 and settings["checkpoint_every"] == 1
         assert settings["adv_clip_max"] == settings["beta0"] == -settings["adv_clip_min"] == 0.5
+        # the recorded trajectory is the run's, cut to the iteration and the four headline metrics
+        rows = [json.loads(line) for line in (out / "runs" / name / "eval_metrics.jsonl").read_text().splitlines()]
+        assert len(rows[0]) > 10 and tasks[name]["trajectory"] == [
+            {k: r[k] for k in ("iteration", "clip_score", "clip_diversity", "w2_divergence", "oracle_accuracy")}
+            for r in sorted(rows, key=lambda r: r["iteration"])]
     # the same balanced prompts for every evaluation: one per category of the held-out file
     balanced = (out / "heldout_balanced.txt").read_text().splitlines()
     assert len(balanced) == 4 and all(str(out / "heldout_balanced.txt") in r["eval"]["command"] for r in records.values())
