@@ -96,8 +96,9 @@ def test_each_sweep_record_covers_exactly_the_runs_of_its_report(sweep):
 
 
 def test_the_alarm_reruns_with_a_larger_monitor_trained_as_their_records_did():
-    """results/tinyworld_alarms/lownoise_<task>/: a record's run trained again with a 4x larger monitor. Its settings
-    are the record's but for the monitor's size (and the output folder), and its training rows (metrics.jsonl, kept to
+    """results/tinyworld_alarms/lownoise_<task>/: a record's run trained again with a larger monitor (4x the record's
+    eval_num_prompts, capped at the prompt file's size). Its settings are the record's but for the monitor's size (and
+    the output folder), and its training rows (metrics.jsonl, kept to
     the statistics the train_ alarms read) are the record's exactly: only the measurement changed."""
     import yaml
 
