@@ -119,3 +119,29 @@ def test_the_alarm_reruns_with_a_larger_monitor_trained_as_their_records_did():
             k: v for k, v in recorded.items() if k not in ("eval_num_prompts", "output_dir")}, d.name
         rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
         assert rows == tasks[name]["training"], d.name
+
+
+def test_the_frontier_runs_replayed_for_the_alarms_are_trained_as_the_frontier_records_say():
+    """results/tinyworld_alarms/frontier_heldout_<task>/: a frontier configuration trained again with a dense monitor
+    (every 20 iterations on the frontier's balanced held-out set) to time its damage, with the training rows the
+    train_ alarms read. Its settings are the frontier record's but for the monitor, the length and what is saved."""
+    import yaml
+
+    records = json.loads((RESULTS / "tinyworld_frontier" / "run_records.json").read_text())
+    reruns = sorted((RESULTS / "tinyworld_alarms").glob("frontier_heldout_*"))
+    assert reruns
+    # alarm_window (3, the default) is newer than the frontier's records; with no alarm it reads nothing
+    monitor = ("num_iterations", "eval_every", "eval_num_prompts", "checkpoint_every", "keep_best", "alarms",
+               "alarm_window", "output_dir")
+    for d in reruns:
+        settings = yaml.safe_load((d / "config.yaml").read_text())
+        recorded = records[d.name.removeprefix("frontier_heldout_")]["settings"]
+        assert {k: v for k, v in settings.items() if k not in monitor} == {
+            k: v for k, v in recorded.items() if k not in monitor}, d.name
+        assert settings["eval_prompts"] == "results/tinyworld_frontier/heldout_balanced.txt"
+        assert settings["eval_num_prompts"] == 0 and settings["num_iterations"] <= recorded["num_iterations"]
+        n = settings["num_iterations"]
+        rows = [json.loads(line) for line in (d / "eval_metrics.jsonl").read_text().splitlines()]
+        assert [r["iteration"] for r in rows] == list(range(0, n + 1, 20)), d.name
+        training = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        assert [r["iteration"] for r in training] == list(range(n)) and all("w2" in r for r in training), d.name
