@@ -453,7 +453,8 @@ def write_readme(out: Path, title: str, script: str, argv, args, t0: float, done
                  body: list[str]) -> None:
     """out/README.md: the title, a header (the exact command, commit, machine, wall and summed run time), the tiny-world
     caveat, then ``body``; a reading written by hand below the KEEP marker survives. When nothing was trained or
-    evaluated, the header stays that of the invocation that did the work."""
+    evaluated, the header stays that of the invocation that did the work, and a line says how many runs the record
+    holds now (an invocation stopped before its end, e.g. by the end of a session, writes no README)."""
     commit = code_commit(out)
     command = f"python experiments/{script} " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     compute = sum(d["seconds"] for d in done.values())
@@ -468,7 +469,8 @@ def write_readme(out: Path, title: str, script: str, argv, args, t0: float, done
         # (every header line ends in a markdown line break, so the rerun line is not run into the wall time)
         header = [line.rstrip() + "  " for line in previous_header] + [
             f"Rerun on {time.strftime('%Y-%m-%d')} at commit {commit}: every run and evaluation was current, nothing "
-            "was trained or evaluated again."]
+            f"was trained or evaluated again. The record now holds {len(done)} run(s), {compute / 60:.1f} min summed "
+            "over every invocation (the wall-time line counts those done when it was written)."]
     readme = [f"# {title}", "", *header, "",
               "These are tiny-world numbers (a 64 px synthetic domain with project-trained models), not SD3 results.",
               "", *body]

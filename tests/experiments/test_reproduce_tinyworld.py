@@ -97,6 +97,8 @@ def test_tinyworld_reproduction_at_reduced_size(tmp_path):
     # ... and its header is still that of the invocation that did the work (its wall time, not the rerun's)
     wall = next(line for line in readme.splitlines() if line.startswith("Wall time"))
     assert wall in rewritten.splitlines() and "nothing was trained or evaluated again" in rewritten
+    # ... with a line counting what the record holds now (a stopped invocation wrote no header of its own)
+    assert "The record now holds 3 run(s)" in rewritten
     assert json.loads((out / "tasks.json").read_text()) == tasks
     # A new tuning choice changes what RAFT trains: its existing run is stale and refused up front (never
     # overwritten); the ADRPO runs do not read that knob, so they are not the ones named.
