@@ -274,8 +274,9 @@ def run_task(task: Task, args, base_cfg, out: Path) -> dict:
     this seed}, "budgets": {iteration or folder: metrics} (if any), "trajectory": its held-out trajectory (trained
     runs; only the iteration and ``args.trajectory_keys`` where a driver names them), "training": its metrics.jsonl
     rows, only their iteration and ``args.training_keys`` (trained runs, when a driver asks for those keys),
-    "seconds": time spent on it by this invocation, "worked": whether it trained or evaluated anything, "trained":
-    whether it trained}."""
+    "trained_with": the commit and torch threads it was trained with (when this invocation trained it), "seconds":
+    time spent on it by this invocation, "worked": whether it trained or evaluated anything, "trained": whether it
+    trained}."""
     t0, worked, trained = time.perf_counter(), False, False
     run_dir = out / "runs" / task.name
     if task.overrides is not None and not (lora_of(task, out) / "pytorch_lora_weights.safetensors").is_file():
@@ -307,6 +308,8 @@ def run_task(task: Task, args, base_cfg, out: Path) -> dict:
         done["trajectory"] = trim_rows(load_trajectory(run_dir), getattr(args, "trajectory_keys", ()))
         if keys := getattr(args, "training_keys", ()):  # e.g. the alarm calibration's training statistics
             done["training"] = trim_rows(read_jsonl(run_dir / "metrics.jsonl"), keys)
+    if trained:  # what a retraining needs to be bitwise this one: runs on other thread counts differ in float noise
+        done["trained_with"] = {"commit": code_commit(out), "torch_threads": args.threads or "default"}
     done.update(worked=worked, trained=trained, seconds=time.perf_counter() - t0 if worked else 0.0)
     return done
 
@@ -335,6 +338,8 @@ def run_tasks(tasks: dict[str, Task], args, base_cfg, out: Path, first: set = fr
                 # from scratch starts its count afresh: the earlier run's training and evaluation were discarded
                 if not done[name].pop("trained"):
                     done[name]["seconds"] += previous.get(name, {}).get("seconds", 0.0)
+                    if "trained_with" in previous.get(name, {}):
+                        done[name]["trained_with"] = previous[name]["trained_with"]
                 atomic_write_json(out / "tasks.json", {**previous, **done})
                 records[name] = task_record(tasks[name], out)
                 write_records(out, {**previous_records, **records})

@@ -38,6 +38,10 @@ def test_tinyworld_reproduction_at_reduced_size(tmp_path):
     tasks = json.loads((out / "tasks.json").read_text())
     assert set(tasks) == {"base_s0", "adrpo_s0", "raft_s0"}
     assert all(t["seconds"] > 0 and "clip_score" in t["metrics"] for t in tasks.values())
+    # each trained run records how: a retraining on another thread count is not bitwise the same run
+    assert "trained_with" not in tasks["base_s0"]
+    assert all(tasks[n]["trained_with"]["torch_threads"] == 1 and tasks[n]["trained_with"]["commit"]
+               for n in ("adrpo_s0", "raft_s0"))
     assert "Oracle acc." in table and "W2 divergence" in table
     readme = (out / "README.md").read_text()
     assert "reproduce_tinyworld.py --quick" in readme and "Commit:" in readme and "not SD3 results" in readme
@@ -142,6 +146,7 @@ def test_tinyworld_reproduction_at_reduced_size(tmp_path):
     assert redone.returncode == 0, redone.stderr[-3000:]
     after = json.loads((out / "tasks.json").read_text())
     assert 0 < after["raft_s0"]["seconds"] <= wall and after["adrpo_s0"] == before["adrpo_s0"]
+    assert after["adrpo_s0"]["trained_with"] == before["adrpo_s0"]["trained_with"]  # carried over, not re-stamped
     assert yaml.safe_load((loras["raft_s0"].parent / "config.yaml").read_text())["raft_fraction"] == 0.75
     assert json.loads((out / "run_records.json").read_text())["raft_s0"]["settings"]["raft_fraction"] == 0.75
     assert checked().returncode == 0
