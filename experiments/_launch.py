@@ -34,6 +34,23 @@ RECORDS = "run_records.json"  # under an experiment's --out: {run: its settings 
 NOT_LEARNING_SETTINGS = {"output_dir", "overwrite_output_dir", "resume_from", "split_batches", "judges"}
 
 
+def cpu_kernels() -> str:
+    """The CPU and the vector kernels torch dispatches to on it (e.g. 'AMD EPYC, AVX2'): runs with the same code,
+    settings and thread count on CPUs with other kernels (AVX-512) are not bitwise the same, and in a run that
+    drifts far from its reference float noise grows into a different run."""
+    import platform
+
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                     if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {torch.backends.cpu.get_cpu_capability()}"
+
+
 def cli_overrides(overrides: dict) -> list[str]:
     """{key: value} -> ["--key", "value", ...] as train_sd3_adrpo.py parses them (lists and booleans as JSON,
     None as null)."""

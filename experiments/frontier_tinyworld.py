@@ -403,7 +403,7 @@ def report(args, argv, out: Path, points: dict, done: dict, t0: float, worked: b
         plot_frontiers(done, points, budgets, out / "frontier")
         body += ["## Figure", "", "![frontiers](frontier.png)", ""]
     R.write_readme(out, "Tiny-world frontiers: does the adaptive coefficient help?", "frontier_tinyworld.py", argv,
-                   args, t0, done, worked, body)
+                   args, t0, done, worked, body, total)
 
 
 def main(argv=None) -> None:

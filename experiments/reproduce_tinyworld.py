@@ -49,8 +49,8 @@ from sd3_adrpo.io import atomic_write_bytes, atomic_write_json, read_jsonl  # no
 from sd3_adrpo.plots import load_trajectory, plot_tradeoff  # noqa: E402
 from sd3_adrpo.tables import Table  # noqa: E402
 
-from _launch import (RECORDS, changed_settings, cli_overrides, equal_compute_overrides, input_fingerprint,  # noqa: E402
-                     read_records, report_check, run_logged, saved_settings, write_records)
+from _launch import (RECORDS, changed_settings, cli_overrides, cpu_kernels, equal_compute_overrides,  # noqa: E402
+                     input_fingerprint, read_records, report_check, run_logged, saved_settings, write_records)
 
 METHOD_LABELS = {"adrpo": "ADRPO", "fixed_beta": "Fixed beta (ablation)", "orw_cfm_w2": "ORW-CFM-W2", "raft": "RAFT",
                  "dpo": "DPO"}
@@ -274,9 +274,9 @@ def run_task(task: Task, args, base_cfg, out: Path) -> dict:
     this seed}, "budgets": {iteration or folder: metrics} (if any), "trajectory": its held-out trajectory (trained
     runs; only the iteration and ``args.trajectory_keys`` where a driver names them), "training": its metrics.jsonl
     rows, only their iteration and ``args.training_keys`` (trained runs, when a driver asks for those keys),
-    "trained_with": the commit and torch threads it was trained with (when this invocation trained it), "seconds":
-    time spent on it by this invocation, "worked": whether it trained or evaluated anything, "trained": whether it
-    trained}."""
+    "trained_with": the commit, torch threads and CPU it was trained with (its run folder's trained_with.json),
+    "seconds": time spent on it by this invocation, "worked": whether it trained or evaluated anything, "trained":
+    whether it trained}."""
     t0, worked, trained = time.perf_counter(), False, False
     run_dir = out / "runs" / task.name
     if task.overrides is not None and not (lora_of(task, out) / "pytorch_lora_weights.safetensors").is_file():
@@ -285,8 +285,14 @@ def run_task(task: Task, args, base_cfg, out: Path) -> dict:
                 print(f"removing {ev}: it belongs to an earlier attempt at {run_dir}")
                 shutil.rmtree(ev)
         argv = train_argv(task, args, base_cfg, out)
+        # what a retraining needs to be bitwise this run, kept with the run: an invocation stopped while it
+        # evaluated leaves the next one to record it
+        how = {"commit": code_commit(out),
+               "torch_threads": args.threads or os.environ.get("OMP_NUM_THREADS") or "torch's default",
+               "cpu": cpu_kernels()}
         run_logged(["train_sd3_adrpo.py", *argv], out / "logs" / f"{task.name}.train.log", args.threads)
         atomic_write_json(run_dir / "inputs.json", train_inputs(argv))
+        atomic_write_json(run_dir / "trained_with.json", how)
         worked = trained = True
 
     def evaluate(budget: Optional[int | str]) -> dict:
@@ -308,8 +314,8 @@ def run_task(task: Task, args, base_cfg, out: Path) -> dict:
         done["trajectory"] = trim_rows(load_trajectory(run_dir), getattr(args, "trajectory_keys", ()))
         if keys := getattr(args, "training_keys", ()):  # e.g. the alarm calibration's training statistics
             done["training"] = trim_rows(read_jsonl(run_dir / "metrics.jsonl"), keys)
-    if trained:  # what a retraining needs to be bitwise this one: runs on other thread counts differ in float noise
-        done["trained_with"] = {"commit": code_commit(out), "torch_threads": args.threads or "default"}
+    if (run_dir / "trained_with.json").is_file():
+        done["trained_with"] = json.loads((run_dir / "trained_with.json").read_text())
     done.update(worked=worked, trained=trained, seconds=time.perf_counter() - t0 if worked else 0.0)
     return done
 
@@ -337,9 +343,10 @@ def run_tasks(tasks: dict[str, Task], args, base_cfg, out: Path, first: set = fr
                 # a resumed task's time is the sum over the invocations that worked on it; a run trained (again)
                 # from scratch starts its count afresh: the earlier run's training and evaluation were discarded
                 if not done[name].pop("trained"):
-                    done[name]["seconds"] += previous.get(name, {}).get("seconds", 0.0)
-                    if "trained_with" in previous.get(name, {}):
-                        done[name]["trained_with"] = previous[name]["trained_with"]
+                    before = previous.get(name, {})
+                    done[name]["seconds"] += before.get("seconds", 0.0)
+                    if "trained_with" in before and "trained_with" not in done[name]:  # a run folder that predates it
+                        done[name]["trained_with"] = before["trained_with"]
                 atomic_write_json(out / "tasks.json", {**previous, **done})
                 records[name] = task_record(tasks[name], out)
                 write_records(out, {**previous_records, **records})
@@ -455,26 +462,30 @@ def main(argv=None) -> None:
 
 
 def write_readme(out: Path, title: str, script: str, argv, args, t0: float, done: dict, worked: bool,
-                 body: list[str]) -> None:
+                 body: list[str], total: Optional[int] = None) -> None:
     """out/README.md: the title, a header (the exact command, commit, machine, wall and summed run time), the tiny-world
     caveat, then ``body``; a reading written by hand below the KEEP marker survives. When nothing was trained or
     evaluated, the header stays that of the invocation that did the work, and a line says how many runs the record
-    holds now (an invocation stopped before its end, e.g. by the end of a session, writes no README)."""
+    holds now (an invocation stopped before its end, e.g. by the end of a session, writes no README); ``total``, the
+    number of runs planned where fewer are done (a report of a partial record)."""
     commit = code_commit(out)
     command = f"python experiments/{script} " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     compute = sum(d["seconds"] for d in done.values())
     old = (out / "README.md").read_text() if (out / "README.md").is_file() else ""
     header = [f"Command: `{command}`  ", f"Commit: {commit}  ",
-              f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {args.jobs} run(s) at a time with "
-              f"{args.threads or 'default'} torch thread(s) each  ",
+              f"Machine: {platform.machine()} ({cpu_kernels()}), {os.cpu_count()} CPUs, {args.jobs} run(s) at a time "
+              f"with {args.threads or 'default'} torch thread(s) each  ",
               f"Wall time of this invocation: {(time.perf_counter() - t0) / 60:.1f} min; summed time of the "
               f"{len(done)} runs (training + evaluation, over every invocation): {compute / 60:.1f} min  "]
     previous_header = [line for line in old.splitlines() if line.startswith(HEADER_FIELDS)]
     if not worked and len(previous_header) == len(HEADER_FIELDS):
         # (every header line ends in a markdown line break, so the rerun line is not run into the wall time)
         header = [line.rstrip() + "  " for line in previous_header] + [
-            f"Rerun on {time.strftime('%Y-%m-%d')} at commit {commit}: every run and evaluation was current, nothing "
-            f"was trained or evaluated again. The record now holds {len(done)} run(s), {compute / 60:.1f} min summed "
+            f"Rerun on {time.strftime('%Y-%m-%d')} at commit {commit}: "
+            + (f"a report of the {len(done)} of {total} runs done, nothing was trained or evaluated. "
+               if total is not None and len(done) < total else
+               "every run and evaluation was current, nothing was trained or evaluated again. ")
+            + f"The record now holds {len(done)} run(s), {compute / 60:.1f} min summed "
             "over every invocation (the wall-time line counts those done when it was written)."]
     readme = [f"# {title}", "", *header, "",
               "These are tiny-world numbers (a 64 px synthetic domain with project-trained models), not SD3 results.",

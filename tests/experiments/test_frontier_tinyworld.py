@@ -185,6 +185,13 @@ def test_frontier_driver_at_reduced_size_evaluates_each_budget_and_resumes_from_
     (out / "frontier.md").unlink()  # --report writes the tables again from the record alone
     report = subprocess.run([*args[:2], "--report", *args[2:]], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert report.returncode == 0 and (out / "frontier.md").read_text() == table, report.stderr[-2000:]
+    # a report on a record that holds part of the plan (here one strength more) says so, not "every run was current"
+    wider = [*args[:2], "--report", *args[2:5], "0.5", "1.0", *args[6:]]
+    partial = subprocess.run(wider, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    readme = (out / "README.md").read_text()
+    assert partial.returncode == 0 and "**Partial**: 3 of 5 runs are done" in readme, partial.stderr[-2000:]
+    assert "a report of the 3 of 5 runs done, nothing was trained or evaluated" in readme
+    assert "every run and evaluation was current" not in readme
 
 
 def test_the_noise_floor_is_the_perturbed_twins_distance_from_its_original_per_seed():
