@@ -140,6 +140,8 @@ def test_the_frontier_runs_replayed_for_the_alarms_are_trained_as_the_frontier_r
             k: v for k, v in recorded.items() if k not in monitor}, d.name
         assert settings["eval_prompts"] == "results/tinyworld_frontier/heldout_balanced.txt"
         assert settings["eval_num_prompts"] == 0 and settings["num_iterations"] <= recorded["num_iterations"]
+        # a shorter run is the record's first iterations only while the learning rate does not depend on the length
+        assert settings["lr_scheduler"] == "constant", d.name
         n = settings["num_iterations"]
         rows = [json.loads(line) for line in (d / "eval_metrics.jsonl").read_text().splitlines()]
         assert [r["iteration"] for r in rows] == list(range(0, n + 1, 20)), d.name
