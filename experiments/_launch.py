@@ -35,20 +35,25 @@ NOT_LEARNING_SETTINGS = {"output_dir", "overwrite_output_dir", "resume_from", "s
 
 
 def cpu_kernels() -> str:
-    """The CPU and the vector kernels torch dispatches to on it (e.g. 'AMD EPYC, AVX2'): runs with the same code,
-    settings and thread count on CPUs with other kernels (AVX-512) are not bitwise the same, and in a run that
-    drifts far from its reference float noise grows into a different run."""
+    """The CPU and the vector kernels torch dispatches to on it, e.g. 'AMD EPYC, AVX2': the same code, settings and
+    thread count can train another run on another machine (the frontier's 2026-12-02 runs do not retrain bitwise on
+    later ones: results/tinyworld_frontier/README.md), so a record names the machine it was trained on."""
     import platform
 
     import torch
 
-    model = platform.processor() or platform.machine()
-    try:
-        model = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                     if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    names = [line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines()
+             if line.startswith("model name")]
+    model = names[0] if names else platform.processor() or platform.machine()
     return f"{model}, {torch.backends.cpu.get_cpu_capability()}"
+
+
+def _read(path: str) -> str:
+    """A text file's contents, '' where it cannot be read (e.g. /proc off Linux)."""
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""
 
 
 def cli_overrides(overrides: dict) -> list[str]:

@@ -480,13 +480,13 @@ def write_readme(out: Path, title: str, script: str, argv, args, t0: float, done
     previous_header = [line for line in old.splitlines() if line.startswith(HEADER_FIELDS)]
     if not worked and len(previous_header) == len(HEADER_FIELDS):
         # (every header line ends in a markdown line break, so the rerun line is not run into the wall time)
+        what = (f"a report of the {len(done)} of {total} runs done, nothing was trained or evaluated"
+                if total is not None and len(done) < total else
+                "every run and evaluation was current, nothing was trained or evaluated again")
         header = [line.rstrip() + "  " for line in previous_header] + [
-            f"Rerun on {time.strftime('%Y-%m-%d')} at commit {commit}: "
-            + (f"a report of the {len(done)} of {total} runs done, nothing was trained or evaluated. "
-               if total is not None and len(done) < total else
-               "every run and evaluation was current, nothing was trained or evaluated again. ")
-            + f"The record now holds {len(done)} run(s), {compute / 60:.1f} min summed "
-            "over every invocation (the wall-time line counts those done when it was written)."]
+            f"Rerun on {time.strftime('%Y-%m-%d')} at commit {commit}: {what}. The record now holds {len(done)} "
+            f"run(s), {compute / 60:.1f} min summed over every invocation (the wall-time line counts those done when "
+            "it was written)."]
     readme = [f"# {title}", "", *header, "",
               "These are tiny-world numbers (a 64 px synthetic domain with project-trained models), not SD3 results.",
               "", *body]
